@@ -1,0 +1,26 @@
+"""Test harness: real daemons (knot DNS, clamd, rspamd, Postfix, SMTP sinks) started by hand.
+
+See tests/harness/README.md for how to use each one.
+"""
+
+from .ca import WRONG_NAME, LeafCert, TestCA
+from .clamd import EICAR, EICAR_SIGNATURE_PREFIX, Clamd
+from .util import (
+    DaemonStartError,
+    HarnessError,
+    free_port,
+    wait_for,
+)
+
+__all__ = [
+    "EICAR",
+    "EICAR_SIGNATURE_PREFIX",
+    "WRONG_NAME",
+    "Clamd",
+    "DaemonStartError",
+    "HarnessError",
+    "LeafCert",
+    "TestCA",
+    "free_port",
+    "wait_for",
+]
