@@ -229,6 +229,7 @@ class DnsSection:
     extra_public_networks: list[Any] = _parsed(list_of(parse_network), [])
     timeout: float = _parsed(parse_duration, "5s")
     cache_size: int = 10000
+    negative_ttl_max: float = _parsed(parse_duration, "15m")
 
 
 @dataclass(frozen=True)
