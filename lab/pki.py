@@ -1,0 +1,123 @@
+"""The lab CA: the far ends' certificates (the lab's "public" CA) and each gateway's certificate
+(the fleet's internal CA for good-to-bad TLS). Everything lands under lab/run/pki/."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from lab.config import PKI_DIR
+
+CA_CERT = PKI_DIR / "ca.crt"
+CA_KEY = PKI_DIR / "ca.key"
+VALIDITY = dt.timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert: Path
+    key: Path
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Secure Mail Gateway lab"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def ensure_ca() -> None:
+    if CA_CERT.exists() and CA_KEY.exists():
+        return
+    PKI_DIR.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("Secure Mail Gateway lab CA"))
+        .issuer_name(_name("Secure Mail Gateway lab CA"))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_key(key, CA_KEY)
+    CA_CERT.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def issue(label: str, dns_names: list[str], addresses: list[str]) -> Issued:
+    """A server+client certificate for dns_names/addresses, signed by the lab CA."""
+    ensure_ca()
+    ca_key = serialization.load_pem_private_key(CA_KEY.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(CA_CERT.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    san = [x509.DNSName(n) for n in dns_names] + [
+        x509.IPAddress(ipaddress.ip_address(a)) for a in addresses
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(dns_names[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    out = PKI_DIR / "certs"
+    out.mkdir(parents=True, exist_ok=True)
+    issued = Issued(cert=out / f"{label}.crt", key=out / f"{label}.key")
+    _write_key(key, issued.key)
+    # Leaf only: the CA is a root, which clients must already trust (and servers need not send).
+    issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return issued
