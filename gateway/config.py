@@ -315,6 +315,7 @@ class TlsPolicySection:
     ca_bundle: Path = Path("/etc/ssl/certs/ca-certificates.crt")
     rules: list[TlsRule] = field(default_factory=list)
     hold_retry: float = _parsed(parse_duration, "15m")
+    failure_memory: float = _parsed(parse_duration, "15m")  # intake's 5.7.10 after a TLS failure
 
 
 @dataclass(frozen=True)
@@ -518,9 +519,16 @@ def _check_dkim_keys(config: Config) -> list[ConfigProblem]:
     return problems
 
 
+def _check_tls_rules(config: Config) -> list[ConfigProblem]:
+    from gateway.tls_policy import check_rules  # patterns and precedence live with the policy
+
+    return check_rules(config)
+
+
 # Feature modules append their own cross-key checks here (e.g. conflicting TLS rules).
 CROSS_CHECKS: list[Callable[[Config], list[ConfigProblem]]] = [
     _check_routing,
     _check_tls_listener,
     _check_dkim_keys,
+    _check_tls_rules,
 ]

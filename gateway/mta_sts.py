@@ -1,0 +1,304 @@
+"""MTA-STS (RFC 8461): a recipient domain's published demand for verified TLS to named MX hosts.
+
+Discovery: the TXT record ``_mta-sts.<domain>`` (``v=STSv1; id=...``) says a policy exists and
+which version it is; the policy itself is fetched from
+``https://mta-sts.<domain>/.well-known/mta-sts.txt`` (port ``mta_sts.https_port``, verified against
+``mta_sts.ca_bundle`` or the system CAs, redirects NOT followed, size and time bounded).
+
+Caching: a policy is kept for its ``max_age``.  It is fetched again when the TXT ``id`` changes
+or the cached copy expired.  If a refresh fails (DNS, HTTPS, a bad policy), the cached policy
+stays in use until it expires (RFC 8461 section 5.1): an attacker who blocks the refresh must not
+downgrade the domain to cleartext.  Without a usable policy the domain has none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("smg.mta_sts")
+
+POLICY_PATH = "/.well-known/mta-sts.txt"
+MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 section 3.3 suggests 64 KiB
+MAX_AGE_LIMIT = 31557600  # RFC 8461 section 3.2: at most one year
+_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+MODES = ("enforce", "testing", "none")
+
+
+class MtaStsError(Exception):
+    """A policy could not be discovered, fetched or parsed; the message says why."""
+
+
+@dataclass(frozen=True)
+class MtaStsPolicy:
+    domain: str
+    policy_id: str
+    mode: str
+    mx: tuple[str, ...]
+    max_age: int
+    fetched_at: float = field(default_factory=time.monotonic)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.monotonic()) >= self.fetched_at + self.max_age
+
+    def allows_mx(self, host: str) -> bool:
+        return any(mx_matches(pattern, host) for pattern in self.mx)
+
+
+# --- matching and parsing -------------------------------------------------------------------
+
+
+def mx_matches(pattern: str, host: str) -> bool:
+    """RFC 8461 section 4.1: ``mx.example.com`` matches itself; ``*.example.com`` matches
+    exactly one extra left-most label (``mx1.example.com``, not ``a.b.example.com`` nor
+    ``example.com``).  Case-insensitive, trailing dots ignored."""
+    pattern = pattern.strip().rstrip(".").lower()
+    host = host.strip().rstrip(".").lower()
+    if not pattern or not host:
+        return False
+    if pattern.startswith("*."):
+        first, _, rest = host.partition(".")
+        return bool(first) and rest == pattern[2:]
+    return host == pattern
+
+
+def parse_txt(strings: list[str]) -> str:
+    """The policy id from the ``_mta-sts`` TXT records; raise :class:`MtaStsError` unless
+    exactly one record starts with ``v=STSv1`` and has a valid ``id``."""
+    records = [s for s in strings if s.startswith("v=STSv1")]
+    if not records:
+        raise MtaStsError("no v=STSv1 TXT record")
+    if len(records) > 1:
+        raise MtaStsError("more than one v=STSv1 TXT record (RFC 8461: no policy)")
+    fields = {}
+    for part in records[0].split(";"):
+        key, _, value = part.strip().partition("=")
+        if key:
+            fields[key.strip()] = value.strip()
+    policy_id = fields.get("id", "")
+    if not _ID.match(policy_id):
+        raise MtaStsError(f"TXT record without a valid id: {records[0]!r}")
+    return policy_id
+
+
+def parse_policy(domain: str, policy_id: str, text: str) -> MtaStsPolicy:
+    """Parse a policy body (``key: value`` lines, CRLF or LF); unknown keys are ignored."""
+    values: dict[str, list[str]] = {}
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if not line.strip():
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            raise MtaStsError(f"policy line without ':': {line[:80]!r}")
+        values.setdefault(key.strip().lower(), []).append(value.strip())
+    if values.get("version") != ["STSv1"]:
+        raise MtaStsError(f"policy version must be STSv1, got {values.get('version')}")
+    mode = (values.get("mode") or [""])[0]
+    if len(values.get("mode", [])) != 1 or mode not in MODES:
+        raise MtaStsError(f"policy mode must be one of {', '.join(MODES)}, got {mode!r}")
+    max_age_text = (values.get("max_age") or [""])[0]
+    if len(values.get("max_age", [])) != 1 or not re.fullmatch(r"\d{1,10}", max_age_text):
+        raise MtaStsError(f"policy max_age must be a number of seconds, got {max_age_text!r}")
+    mx = tuple(m.lower().rstrip(".") for m in values.get("mx", []) if m)
+    if mode != "none" and not mx:
+        raise MtaStsError(f"a policy in mode {mode} must list at least one mx")
+    return MtaStsPolicy(domain, policy_id, mode, mx, min(int(max_age_text), MAX_AGE_LIMIT))
+
+
+# --- fetching -------------------------------------------------------------------------------
+
+
+async def fetch_policy_text(
+    host: str,
+    address: str,
+    port: int,
+    context: ssl.SSLContext,
+    timeout: float,
+    limit: int = MAX_POLICY_BYTES,
+) -> str:
+    """GET the policy over HTTPS from ``address`` presenting and verifying ``host``.
+
+    A tiny HTTP/1.1 client on purpose: it connects to the address our resolver found (the
+    system resolver may not know the test zones), follows no redirect, and reads at most
+    ``limit`` bytes within ``timeout`` seconds in total.
+    """
+    try:
+        return await asyncio.wait_for(_get(host, address, port, context, limit), timeout=timeout)
+    except TimeoutError:
+        raise MtaStsError(f"fetching https://{host}:{port}{POLICY_PATH} timed out") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise MtaStsError(f"https://{host}: certificate not valid: {exc.verify_message}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise MtaStsError(f"https://{host}:{port}: {exc}") from None
+
+
+async def _get(host: str, address: str, port: int, context: ssl.SSLContext, limit: int) -> str:
+    reader, writer = await asyncio.open_connection(address, port, ssl=context, server_hostname=host)
+    try:
+        request = (
+            f"GET {POLICY_PATH} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: smg-mta-sts\r\n"
+            "Accept: text/plain\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(request.encode("ascii"))
+        await writer.drain()
+        cap = limit + 16384  # the body plus room for the headers
+        raw = b""
+        while len(raw) <= cap:  # bounded by cap, and by the caller's timeout
+            chunk = await reader.read(cap + 1 - len(raw))
+            if not chunk:
+                break
+            raw += chunk
+        if len(raw) > cap:
+            raise MtaStsError(f"https://{host}{POLICY_PATH}: response larger than {cap} bytes")
+    finally:
+        writer.close()
+        # A peer that drops the connection after the body is fine.
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    return _parse_response(host, raw, limit)
+
+
+def _parse_response(host: str, raw: bytes, limit: int) -> str:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise MtaStsError(f"https://{host}: no complete HTTP response")
+    lines = head.decode("iso-8859-1").split("\r\n")
+    status = lines[0].split(" ", 2)
+    if len(status) < 2 or not status[0].startswith("HTTP/"):
+        raise MtaStsError(f"https://{host}: not an HTTP response: {lines[0][:80]!r}")
+    if status[1] != "200":
+        # RFC 8461 section 3.3: redirects are not followed; any other status is a failure.
+        raise MtaStsError(f"https://{host}{POLICY_PATH}: HTTP {' '.join(status[1:])}")
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = _dechunk(host, body)
+    elif "content-length" in headers and headers["content-length"].isdigit():
+        body = body[: int(headers["content-length"])]
+    if len(body) > limit:
+        raise MtaStsError(f"https://{host}{POLICY_PATH}: policy larger than {limit} bytes")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MtaStsError(f"https://{host}{POLICY_PATH}: policy is not UTF-8") from None
+
+
+def _dechunk(host: str, body: bytes) -> bytes:
+    out = b""
+    for _ in range(10000):  # bounded: a policy has few chunks
+        size_line, sep, rest = body.partition(b"\r\n")
+        if not sep:
+            break
+        try:
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        except ValueError:
+            raise MtaStsError(f"https://{host}: bad chunked encoding") from None
+        if size == 0:
+            return out
+        out += rest[:size]
+        body = rest[size + 2 :]
+    raise MtaStsError(f"https://{host}: truncated chunked body")
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+class MtaSts:
+    """``await mta_sts.policy(domain) -> MtaStsPolicy | None`` with the RFC's caching."""
+
+    def __init__(self, section: Any, resolver: Any, clock: Any = time.monotonic) -> None:
+        self.section = section
+        self.resolver = resolver
+        self._clock = clock
+        self._cache: dict[str, MtaStsPolicy] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._context: ssl.SSLContext | None = None
+
+    def context(self) -> ssl.SSLContext:
+        if self._context is None:
+            cafile = str(self.section.ca_bundle) if self.section.ca_bundle else None
+            ctx = ssl.create_default_context(cafile=cafile)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._context = ctx
+        return self._context
+
+    def cached(self, domain: str) -> MtaStsPolicy | None:
+        """The cached, unexpired policy of ``domain``, if any."""
+        policy = self._cache.get(domain)
+        if policy is not None and policy.expired(self._clock()):
+            del self._cache[domain]
+            return None
+        return policy
+
+    async def policy(self, domain: str) -> MtaStsPolicy | None:
+        lock = self._locks.setdefault(domain, asyncio.Lock())
+        async with lock:  # one discovery per domain at a time; the others use its result
+            return await self._policy(domain)
+
+    async def _policy(self, domain: str) -> MtaStsPolicy | None:
+        cached = self.cached(domain)
+        try:
+            policy_id = await self.discover(domain)
+        except MtaStsError as exc:
+            if cached is not None:
+                log.info(
+                    "mta-sts %s: %s; using the cached policy id=%s", domain, exc, cached.policy_id
+                )
+            return cached
+        if cached is not None and cached.policy_id == policy_id:
+            return cached
+        try:
+            policy = await self.fetch(domain, policy_id)
+        except MtaStsError as exc:
+            if cached is not None:
+                log.warning(
+                    "mta-sts %s: refresh failed (%s); keeping the cached policy id=%s",
+                    domain,
+                    exc,
+                    cached.policy_id,
+                )
+            else:
+                log.warning(
+                    "mta-sts %s: TXT id=%s but no usable policy: %s", domain, policy_id, exc
+                )
+            return cached
+        self._cache[domain] = policy
+        log.info(
+            "mta-sts %s: policy id=%s mode=%s mx=%s max_age=%d",
+            domain,
+            policy.policy_id,
+            policy.mode,
+            ",".join(policy.mx),
+            policy.max_age,
+        )
+        return policy
+
+    async def discover(self, domain: str) -> str:
+        """The policy id from ``_mta-sts.<domain>`` TXT, or :class:`MtaStsError`."""
+        result = await self.resolver.query(f"_mta-sts.{domain}", "TXT")
+        if result.status != "ok":
+            raise MtaStsError(f"_mta-sts.{domain} TXT: {result.status}")
+        strings = [b"".join(record.strings).decode("utf-8", "replace") for record in result.records]
+        return parse_txt(strings)
+
+    async def fetch(self, domain: str, policy_id: str) -> MtaStsPolicy:
+        host = f"mta-sts.{domain}"
+        result = await self.resolver.addresses(host)
+        addresses = [r.address for r in result.records] if result.status == "ok" else []
+        if not addresses:
+            raise MtaStsError(f"{host} has no address ({result.status})")
+        text = await fetch_policy_text(
+            host, addresses[0], self.section.https_port, self.context(), self.section.fetch_timeout
+        )
+        policy = parse_policy(domain, policy_id, text)
+        return MtaStsPolicy(
+            policy.domain, policy.policy_id, policy.mode, policy.mx, policy.max_age, self._clock()
+        )
