@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Clamd, TestCA
+from tests.harness import Clamd, KnotDNS, Rspamd, TestCA
 
 
 def in_ci() -> bool:
@@ -60,6 +60,28 @@ def clamd_private() -> Iterator[Clamd]:
     """A clamd of this test's own, for tests that stop/start it (clamd down)."""
     require_binaries("clamd")
     daemon = Clamd()
+    daemon.start()
+    yield daemon
+    daemon.close()
+
+
+@pytest.fixture(scope="session")
+def knot_dns() -> Iterator[KnotDNS]:
+    """Authoritative knotd for the whole session: only a catch-all root zone (NXDOMAIN for
+    everything) at first. Tests add zones with `knot_dns.set_zone(name, text)` - use zone
+    names unique to the test, the server is shared."""
+    require_binaries("knotd", "knotc")
+    daemon = KnotDNS()
+    daemon.start()
+    yield daemon
+    daemon.close()
+
+
+@pytest.fixture(scope="session")
+def rspamd(knot_dns: KnotDNS) -> Iterator[Rspamd]:
+    """rspamd whose DNS goes to the session's knot_dns; `rspamd.url`, `rspamd.check()`."""
+    require_binaries("rspamd")
+    daemon = Rspamd(nameserver=knot_dns.nameserver)
     daemon.start()
     yield daemon
     daemon.close()

@@ -5,6 +5,8 @@ See tests/harness/README.md for how to use each one.
 
 from .ca import WRONG_NAME, LeafCert, TestCA
 from .clamd import EICAR, EICAR_SIGNATURE_PREFIX, Clamd
+from .knot import DeadNameserver, KnotDNS
+from .rspamd import GTUBE, Rspamd
 from .util import (
     DaemonStartError,
     HarnessError,
@@ -15,11 +17,15 @@ from .util import (
 __all__ = [
     "EICAR",
     "EICAR_SIGNATURE_PREFIX",
+    "GTUBE",
     "WRONG_NAME",
     "Clamd",
     "DaemonStartError",
+    "DeadNameserver",
     "HarnessError",
+    "KnotDNS",
     "LeafCert",
+    "Rspamd",
     "TestCA",
     "free_port",
     "wait_for",

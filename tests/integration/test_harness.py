@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import ssl
 import subprocess
+import time
 from email.message import EmailMessage
 
 import pytest
 
-from tests.harness import EICAR, EICAR_SIGNATURE_PREFIX, Clamd, TestCA
+from tests.harness import EICAR, EICAR_SIGNATURE_PREFIX, GTUBE, Clamd, KnotDNS, Rspamd, TestCA
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +72,76 @@ def test_clamd_stream_limit_and_restart_on_same_addresses(clamd_private: Clamd) 
     clamd_private.start()
     assert clamd_private.tcp == tcp_before
     assert "size limit exceeded" in clamd_private.instream(b"x" * 4096)
+
+
+# -- knot DNS -------------------------------------------------------------------------------
+def kdig(knot: KnotDNS, *args: str) -> str:
+    assert knot.port is not None
+    cmd = ["kdig", f"@{knot.address}", "-p", str(knot.port), "+time=2", "+retry=0", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10).stdout
+
+
+HARNESS_ZONE = """\
+@     MX  10 mx.harness-zone.test.
+mx    A   127.0.0.10
+@     TXT "v=spf1 -all"
+"""
+
+
+def test_knot_answers_a_mx_txt_over_udp_and_tcp(knot_dns: KnotDNS) -> None:
+    knot_dns.set_zone("harness-zone.test", HARNESS_ZONE)
+    assert kdig(knot_dns, "harness-zone.test", "MX", "+short").strip() == "10 mx.harness-zone.test."
+    assert kdig(knot_dns, "mx.harness-zone.test", "A", "+short", "+tcp").strip() == "127.0.0.10"
+    assert kdig(knot_dns, "harness-zone.test", "TXT", "+short").strip() == '"v=spf1 -all"'
+    assert "status: NXDOMAIN" in kdig(knot_dns, "nothing-here.invalid", "A")
+
+
+def test_knot_set_zone_replaces_and_servfail_zone_breaks(knot_dns: KnotDNS) -> None:
+    knot_dns.set_zone("harness-flip.test", "@ A 127.0.0.11\n")
+    knot_dns.set_zone("harness-flip.test", "@ A 127.0.0.12\n")
+    assert kdig(knot_dns, "harness-flip.test", "A", "+short").strip() == "127.0.0.12"
+    knot_dns.servfail_zone("harness-flip.test")
+    assert "status: SERVFAIL" in kdig(knot_dns, "harness-flip.test", "A")
+    knot_dns.set_zone("harness-flip.test", "@ A 127.0.0.13\n")  # and back to healthy
+    assert kdig(knot_dns, "harness-flip.test", "A", "+short").strip() == "127.0.0.13"
+
+
+def test_dead_nameserver_never_answers(knot_dns: KnotDNS) -> None:
+    dead = knot_dns.dead_nameserver()
+    host, port = dead.nameserver.split(":")
+    started = time.monotonic()
+    out = subprocess.run(
+        ["kdig", f"@{host}", "-p", port, "+time=1", "+retry=0", "example.com", "A"],
+        capture_output=True, text=True, check=False, timeout=10,
+    )  # fmt: skip
+    assert "response timeout" in out.stdout + out.stderr
+    assert time.monotonic() - started >= 0.9
+
+
+# -- rspamd ---------------------------------------------------------------------------------
+HAM = b"""\
+From: Alice Example <alice@example.com>
+To: Bob <bob@example.net>
+Subject: Meeting on Thursday
+Date: Fri, 27 Nov 2026 10:00:00 +0000
+Message-ID: <abc123@example.com>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+
+Hi Bob,
+
+can we move our meeting on Thursday to 3 pm? The quarterly figures are attached to the
+calendar invite.
+
+Best regards,
+Alice
+"""
+
+
+def test_rspamd_rejects_gtube_and_passes_ham(rspamd: Rspamd) -> None:
+    spam = HAM.replace(b"Hi Bob,", GTUBE)
+    verdict = rspamd.check(spam)
+    assert verdict["action"] == "reject", verdict
+    assert "GTUBE" in verdict["symbols"]
+    verdict = rspamd.check(HAM)
+    assert verdict["action"] == "no action", verdict
