@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from gateway.config import Config
 from gateway.policy.chain import Chain, Rule
+from gateway.policy.rules.recipient import RecipientRule
+from gateway.policy.rules.relay_control import RelayControlRule
+from gateway.policy.rules.sender_domain import SenderDomainRule
 from gateway.services import Services
 
 
@@ -11,6 +14,11 @@ def build_chain(config: Config, services: Services) -> Chain:
     """The one place that orders the rules.  MAIL stage, RCPT stage, then DATA stage; within
     the DATA stage: virus, spam, then route, which always decides."""
     rules: list[Rule] = []
+    # MAIL stage: relay control first (a stranger learns nothing about DNS), then the sender.
+    rules.append(RelayControlRule(config.gateway.client_networks))
+    rules.append(SenderDomainRule(services.resolver))
+    # RCPT stage: syntax, relay tricks and the recipient limit before any other RCPT rule.
+    rules.append(RecipientRule(config.gateway.max_recipients))
     # Each feature appends its rules here, e.g.:
     #   rules.append(SenderDomainRule(services.resolver, config.dns))
     return Chain(rules)
