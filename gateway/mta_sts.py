@@ -14,7 +14,6 @@ downgrade the domain to cleartext.  Without a usable policy the domain has none.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import ssl
@@ -157,10 +156,9 @@ async def _get(host: str, address: str, port: int, context: ssl.SSLContext, limi
         if len(raw) > cap:
             raise MtaStsError(f"https://{host}{POLICY_PATH}: response larger than {cap} bytes")
     finally:
-        writer.close()
-        # A peer that drops the connection after the body is fine.
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+        # Abort rather than close: a TLS close waits for the peer, and a stalled peer must not
+        # stretch the caller's timeout.
+        writer.transport.abort()
     return _parse_response(host, raw, limit)
 
 
