@@ -7,6 +7,7 @@ from gateway.policy.chain import Chain, Rule
 from gateway.policy.rules.recipient import RecipientRule
 from gateway.policy.rules.relay_control import RelayControlRule
 from gateway.policy.rules.sender_domain import SenderDomainRule
+from gateway.policy.rules.tls_known_failure import TlsKnownFailureRule
 from gateway.services import Services
 
 
@@ -19,6 +20,8 @@ def build_chain(config: Config, services: Services) -> Chain:
     rules.append(SenderDomainRule(services.resolver))
     # RCPT stage: syntax, relay tricks and the recipient limit before any other RCPT rule.
     rules.append(RecipientRule(config.gateway.max_recipients))
+    if services.tls_policy is not None:  # a reject rule and a recent TLS failure: 550 5.7.10
+        rules.append(TlsKnownFailureRule(services.tls_policy))
     # Each feature appends its rules here, e.g.:
     #   rules.append(SenderDomainRule(services.resolver, config.dns))
     return Chain(rules)
