@@ -150,10 +150,11 @@ class QueuedMessage:
     client_ip: str | None = None
     helo: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    stored_size: int = 0  # the size column (listings load no data)
 
     @property
-    def size(self) -> int:
-        return len(self.data)
+    def size_on_disk(self) -> int:
+        return len(self.data) or self.stored_size
 
     @property
     def pending(self) -> list[Recipient]:
@@ -331,7 +332,7 @@ def _row_to_message(
         client_ip,
         helo,
         facts,
-        _size,
+        size,
     ) = row
     try:
         facts_dict = json.loads(facts) if facts else {}
@@ -353,6 +354,7 @@ def _row_to_message(
         client_ip=client_ip,
         helo=helo,
         facts=facts_dict,
+        stored_size=size,
     )
 
 

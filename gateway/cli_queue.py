@@ -1,0 +1,232 @@
+"""``smg queue``: look at and act on the queue, like postqueue and postsuper.
+
+Works on the spool database of ``gateway.spool`` directly, also while the relay runs: reads
+never block the relay, and each change is one short transaction.  The relay polls the spool every
+``delivery.scan_interval``, so a flush or a release takes effect within that time; a hold or a
+delete made during a delivery attempt wins over the attempt's result.
+
+    smg queue list [--json]     every queued message with its recipients and their last reply
+    smg queue show ID [--body]  one message: envelope, states, facts, headers (or whole message)
+    smg queue flush             every deferred message is due now (held ones stay held)
+    smg queue hold ID           keep ID in the queue until released
+    smg queue release ID        make a held ID due now
+    smg queue delete ID         remove ID from the queue (no NDR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from typing import Any
+
+from gateway.config import ConfigError, load_config
+from gateway.spool import QueuedMessage, SpoolAdmin, SpoolUnavailable, UnknownMessage
+
+DEFAULT_CONFIG = "/etc/smg/smg.toml"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    queue = subparsers.add_parser("queue", help="look at and act on the queue (like postqueue)")
+    actions = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+
+    def action(name: str, help_text: str, handler: Any, with_id: bool = False) -> Any:
+        parser = actions.add_parser(name, help=help_text)
+        parser.add_argument("--config", default=DEFAULT_CONFIG, help="the relay's TOML file")
+        if with_id:
+            parser.add_argument("queue_id", metavar="ID", help="queue id (see smg queue list)")
+        parser.set_defaults(handler=handler)
+        return parser
+
+    listing = action("list", "every queued message", _list)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    show = action("show", "one message in detail", _show, with_id=True)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.add_argument("--body", action="store_true", help="print the whole message")
+    action("flush", "attempt every deferred message now", _flush)
+    action("hold", "keep a message until released", _hold, with_id=True)
+    action("release", "make a held message due now", _release, with_id=True)
+    action("delete", "remove a message from the queue (no NDR)", _delete, with_id=True)
+
+
+# --- plumbing ---------------------------------------------------------------------------------
+
+
+def _fail(message: str) -> int:
+    print(f"smg queue: {message}", file=sys.stderr)
+    return 1
+
+
+def _run(args: argparse.Namespace, body: Any) -> int:
+    """Open the spool named by ``--config`` and run ``body(admin)`` with clear errors."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(exc.render())
+    try:
+        with SpoolAdmin(config.gateway.spool) as admin:
+            return int(body(admin) or 0)
+    except UnknownMessage as exc:
+        return _fail(str(exc))
+    except SpoolUnavailable as exc:
+        return _fail(str(exc))
+
+
+def _when(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    return dt.datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
+
+
+def _to_json(message: QueuedMessage, with_data: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": message.id,
+        "kind": message.kind,
+        "sender": message.sender,
+        "recipients": [
+            {
+                "address": r.address,
+                "status": r.status,
+                "last_reply": r.last_reply,
+                "remote_mta": r.remote_mta,
+            }
+            for r in message.recipients
+        ],
+        "route": message.route,
+        "state": message.state,
+        "hold_reason": message.hold_reason,
+        "size": message.size_on_disk,
+        "created_at": _iso(message.created_at),
+        "next_attempt": _iso(message.next_attempt),
+        "attempts": message.attempts,
+        "last_attempt": _iso(message.last_attempt),
+        "client_ip": message.client_ip,
+        "helo": message.helo,
+        "facts": message.facts,
+    }
+    if with_data:
+        out["data"] = message.data.decode("utf-8", "replace")
+    return out
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if not timestamp:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
+
+
+def _state_text(message: QueuedMessage) -> str:
+    if message.state == "held":
+        return f"held ({message.hold_reason or 'operator'})"
+    if message.state == "deferred":
+        return f"deferred until {_when(message.next_attempt)}"
+    return "active"
+
+
+# --- the actions ------------------------------------------------------------------------------
+
+
+def _list(args: argparse.Namespace) -> int:
+    def body(admin: SpoolAdmin) -> int:
+        messages = admin.list()
+        if args.json:
+            print(json.dumps([_to_json(m) for m in messages], indent=2, default=str))
+            return 0
+        if not messages:
+            print("Mail queue is empty")
+            return 0
+        print(f"{'Queue ID':<14} {'Size':>8}  {'Arrival':<25} {'State':<10} Sender")
+        for m in messages:
+            sender = m.sender or ("<> (NDR)" if m.kind == "ndr" else "<>")
+            print(
+                f"{m.id:<14} {m.size_on_disk:>8}  {_when(m.created_at):<25} {m.state:<10} {sender}"
+            )
+            if m.state == "held" or m.state == "deferred":
+                print(f"{'':<16}{_state_text(m)}, {m.attempts} attempt(s)")
+            for r in m.recipients:
+                reply = f"  ({r.last_reply})" if r.last_reply else ""
+                print(f"{'':<16}{r.address}  [{r.status}]{reply}")
+            print()
+        total = sum(m.size_on_disk for m in messages)
+        by_state = admin.counts()
+        states = ", ".join(f"{n} {s}" for s, n in by_state.items() if n)
+        print(f"-- {total // 1024 or 1} KiB in {len(messages)} message(s): {states}")
+        return 0
+
+    return _run(args, body)
+
+
+def _show(args: argparse.Namespace) -> int:
+    def body(admin: SpoolAdmin) -> int:
+        m = admin.show(args.queue_id)
+        if args.json:
+            print(json.dumps(_to_json(m, with_data=args.body), indent=2, default=str))
+            return 0
+        lines = [
+            f"Queue ID:     {m.id} ({m.kind})",
+            f"Sender:       <{m.sender}>",
+            f"State:        {_state_text(m)}",
+            f"Route:        {m.route}",
+            f"Arrival:      {_when(m.created_at)}",
+            f"Attempts:     {m.attempts} (last {_when(m.last_attempt)})",
+            f"Size:         {m.size_on_disk} bytes",
+            f"Client:       {m.client_ip or '-'} (HELO {m.helo or '-'})",
+            "Recipients:",
+        ]
+        for r in m.recipients:
+            mta = f" via {r.remote_mta}" if r.remote_mta else ""
+            lines.append(f"  {r.address}  [{r.status}]{mta}")
+            if r.last_reply:
+                lines.append(f"      last reply: {r.last_reply}")
+        if m.facts:
+            lines.append("Facts:")
+            lines += [f"  {line}" for line in json.dumps(m.facts, indent=2).splitlines()]
+        text = m.data.decode("utf-8", "replace")
+        if args.body:
+            lines += ["", "--- message ---", text]
+        else:
+            head = text.split("\r\n\r\n", 1)[0].split("\n\n", 1)[0]
+            lines += ["", "--- headers (use --body for the whole message) ---", head]
+        print("\n".join(line.rstrip("\r") for line in lines))
+        return 0
+
+    return _run(args, body)
+
+
+def _flush(args: argparse.Namespace) -> int:
+    def body(admin: SpoolAdmin) -> int:
+        changed = admin.flush()
+        print(f"{changed} deferred message(s) due now; the relay picks them up within its scan")
+        return 0
+
+    return _run(args, body)
+
+
+def _hold(args: argparse.Namespace) -> int:
+    def body(admin: SpoolAdmin) -> int:
+        admin.hold(args.queue_id)
+        print(f"{args.queue_id}: held")
+        return 0
+
+    return _run(args, body)
+
+
+def _release(args: argparse.Namespace) -> int:
+    def body(admin: SpoolAdmin) -> int:
+        state = admin.show(args.queue_id).state
+        if not admin.release(args.queue_id):
+            return _fail(f"{args.queue_id} is not held (it is {state})")
+        print(f"{args.queue_id}: released, due now")
+        return 0
+
+    return _run(args, body)
+
+
+def _delete(args: argparse.Namespace) -> int:
+    def body(admin: SpoolAdmin) -> int:
+        admin.delete(args.queue_id)
+        print(f"{args.queue_id}: deleted")
+        return 0
+
+    return _run(args, body)
