@@ -243,41 +243,58 @@ def requirement_for_mta_sts(policy: MtaStsPolicy, ca_bundle: Path) -> TlsRequire
 # --- recent TLS failures --------------------------------------------------------------------
 
 
+_STRICTNESS = {OPPORTUNISTIC: 0, ENCRYPT: 1, VERIFY: 2}
+
+
 class TlsFailureCache:
     """Recent TLS failures per destination (recipient domain), shared by delivery and intake.
 
     Delivery calls :meth:`record_failure` when no MX of a domain met a required TLS level and
-    :meth:`record_success` when TLS to it worked; the intake's ``tls_known_failure`` rule asks
-    :meth:`recent_failure`.  In memory, bounded, entries expire after ``ttl`` seconds.
+    :meth:`record_success` when TLS at some level worked; the intake's ``tls_known_failure``
+    rule asks :meth:`recent_failure`.  Levels matter: a failure under ``encrypt`` (no STARTTLS)
+    means ``verify`` fails too, but a failure under ``verify`` (a bad certificate) says nothing
+    about ``encrypt``; likewise a success under ``encrypt`` does not clear a ``verify`` failure.
+    In memory, bounded to ``max_entries`` domains, entries expire after ``ttl`` seconds.
     """
 
     def __init__(self, ttl: float, max_entries: int = 10000, clock: Any = time.monotonic) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self._clock = clock
-        self._failures: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        # domain -> {level failed at -> (when, reason)}
+        self._failures: OrderedDict[str, dict[str, tuple[float, str]]] = OrderedDict()
 
-    def record_failure(self, domain: str, reason: str = "TLS could not be established") -> None:
+    def record_failure(
+        self, domain: str, reason: str = "TLS could not be established", level: str = VERIFY
+    ) -> None:
         key = normalize_domain(domain)
-        self._failures.pop(key, None)
-        self._failures[key] = (self._clock(), reason)
+        entry = self._failures.pop(key, {})
+        entry[level] = (self._clock(), reason)
+        self._failures[key] = entry
         while len(self._failures) > self.max_entries:
             self._failures.popitem(last=False)
 
-    def record_success(self, domain: str) -> None:
-        self._failures.pop(normalize_domain(domain), None)
-
-    def recent_failure(self, domain: str) -> str | None:
-        """The reason of a failure recorded less than ``ttl`` seconds ago, else None."""
+    def record_success(self, domain: str, level: str = VERIFY) -> None:
+        """TLS at ``level`` worked: failures at that level or a weaker one are void."""
         key = normalize_domain(domain)
-        entry = self._failures.get(key)
-        if entry is None:
+        entry = self._failures.get(key, {})
+        for failed_level in [lv for lv in entry if _STRICTNESS[lv] <= _STRICTNESS[level]]:
+            del entry[failed_level]
+        if not entry:
+            self._failures.pop(key, None)
+
+    def recent_failure(self, domain: str, level: str = VERIFY) -> str | None:
+        """Why TLS at ``level`` to ``domain`` failed less than ``ttl`` seconds ago, else None."""
+        entry = self._failures.get(normalize_domain(domain))
+        if not entry:
             return None
-        when, reason = entry
-        if self._clock() - when > self.ttl:
-            del self._failures[key]
-            return None
-        return reason
+        now = self._clock()
+        relevant = [
+            (when, reason)
+            for failed_level, (when, reason) in entry.items()
+            if _STRICTNESS[failed_level] <= _STRICTNESS[level] and now - when <= self.ttl
+        ]
+        return max(relevant)[1] if relevant else None
 
 
 # --- the policy -----------------------------------------------------------------------------

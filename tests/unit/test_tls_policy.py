@@ -187,7 +187,7 @@ async def test_a_rule_beats_mta_sts_and_none_mode_or_disabled_is_opportunistic()
 def test_failure_cache_expires_and_is_cleared_by_success() -> None:
     now = [100.0]
     cache = TlsFailureCache(ttl=60, max_entries=2, clock=lambda: now[0])
-    cache.record_failure("Partner.NET.", "no STARTTLS at mx1.partner.net")
+    cache.record_failure("Partner.NET.", "no STARTTLS at mx1.partner.net", "encrypt")
     assert cache.recent_failure("partner.net") == "no STARTTLS at mx1.partner.net"
     now[0] += 61
     assert cache.recent_failure("partner.net") is None
@@ -197,6 +197,19 @@ def test_failure_cache_expires_and_is_cleared_by_success() -> None:
     for name in ("a.net", "b.net", "c.net"):
         cache.record_failure(name)
     assert cache.recent_failure("a.net") is None and cache.recent_failure("c.net")
+
+
+def test_failure_levels() -> None:
+    cache = TlsFailureCache(ttl=60)
+    cache.record_failure("partner.net", "certificate has expired", "verify")
+    assert cache.recent_failure("partner.net", "verify") == "certificate has expired"
+    assert cache.recent_failure("partner.net", "encrypt") is None  # encrypt may still work
+    cache.record_success("partner.net", "encrypt")  # says nothing about verify
+    assert cache.recent_failure("partner.net", "verify") == "certificate has expired"
+    cache.record_failure("other.net", "STARTTLS not offered", "encrypt")
+    assert cache.recent_failure("other.net", "verify") == "STARTTLS not offered"
+    cache.record_success("other.net", "verify")
+    assert cache.recent_failure("other.net", "encrypt") is None
 
 
 def test_policy_failure_memory_uses_the_config_ttl() -> None:

@@ -36,7 +36,7 @@ async def test_refuses_only_under_a_reject_rule_after_a_recent_failure() -> None
     tls = policy()
     rule = TlsKnownFailureRule(tls)
     assert (await rule.evaluate(ctx("a@bank.de", "b@partner.net"))).action is None
-    tls.failures.record_failure("partner.net", "mx1.partner.net: no STARTTLS")
+    tls.failures.record_failure("partner.net", "mx1.partner.net: no STARTTLS", "encrypt")
     result = await rule.evaluate(ctx("a@bank.de", "x@other.org", "b@Partner.NET"))
     assert result.action is Action.REJECT and result.reply is not None
     assert (result.reply.code, result.reply.status) == (550, "5.7.10")

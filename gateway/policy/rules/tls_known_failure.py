@@ -1,8 +1,9 @@
 """Known TLS failure (RCPT stage): refuse a recipient at once when its mail could only bounce.
 
 Where a forced-TLS rule with ``on_failure = "reject"`` applies to (sender domain, recipient
-domain) and delivery to that recipient domain failed to establish the required TLS within
-``tls_policy.failure_memory`` (delivery records this in ``TlsPolicy.failures``), accepting the
+domain) and delivery to that recipient domain failed to get TLS at the rule's level (or a
+weaker one: no STARTTLS fails ``verify`` too) within ``tls_policy.failure_memory`` (delivery
+records this in ``TlsPolicy.failures``), accepting the
 message would only produce an NDR a moment later.  The recipient is refused in the session
 instead, with ``550 5.7.10`` (RFC 5248: encryption needed), so the sender's MTA tells the sender
 directly.  ``hold`` rules and MTA-STS never refuse here: their mail waits in the queue.
@@ -29,7 +30,7 @@ class TlsKnownFailureRule:
         rule = self.tls_policy.rule_for(ctx.sender_domain, domain)
         if rule is None or rule.on_failure != "reject":
             return RuleResult(self.name, f"no forced-TLS reject rule for {domain}")
-        failure = self.tls_policy.failures.recent_failure(domain)
+        failure = self.tls_policy.failures.recent_failure(domain, rule.level)
         if failure is None:
             return RuleResult(self.name, f"{rule.level} TLS to {domain}: no recent failure")
         text = (
