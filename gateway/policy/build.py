@@ -6,8 +6,14 @@ from gateway.config import Config
 from gateway.policy.chain import Chain, Rule
 from gateway.policy.rules.recipient import RecipientRule
 from gateway.policy.rules.relay_control import RelayControlRule
+from gateway.policy.rules.route import RouteRule
 from gateway.policy.rules.sender_domain import SenderDomainRule
+from gateway.policy.rules.spam import SpamRule
 from gateway.policy.rules.tls_known_failure import TlsKnownFailureRule
+from gateway.policy.rules.verdict import VerdictRule
+from gateway.policy.rules.virus import VirusRule
+from gateway.scanners.clamd import ClamdClient
+from gateway.scanners.rspamd import RspamdClient
 from gateway.services import Services
 
 
@@ -22,6 +28,17 @@ def build_chain(config: Config, services: Services) -> Chain:
     rules.append(RecipientRule(config.gateway.max_recipients))
     if services.tls_policy is not None:  # a reject rule and a recent TLS failure: 550 5.7.10
         rules.append(TlsKnownFailureRule(services.tls_policy))
+    # DATA stage: virus first (nothing infected goes further), the verdict header (trusted
+    # only from good gateways, always removed), spam (good gateways: the bad one trusts the
+    # verdict), then route, which always decides.
+    if config.virus.enabled:
+        services.clamd = services.clamd or ClamdClient.from_config(config.virus)
+        rules.append(VirusRule(services.clamd))
+    rules.append(VerdictRule(config.routing, config.gateway.role))
+    if config.gateway.role == "good" and config.spam.enabled:
+        services.rspamd = services.rspamd or RspamdClient.from_config(config.spam)
+        rules.append(SpamRule(services.rspamd, config.spam))
+    rules.append(RouteRule(config.gateway.role))
     # Each feature appends its rules here, e.g.:
     #   rules.append(SenderDomainRule(services.resolver, config.dns))
     return Chain(rules)

@@ -1,23 +1,92 @@
 """What happens to a message between the chain's decision and the spool.
 
-On accept or reroute the message's bytes are prepared once: headers the chain asked to remove go,
-headers it asked to add come, and the message is DKIM-signed where a key exists for its From:
-domain.  After a reject, the side effects the rules asked for run (the virus information NDR).
+On accept, reroute or hold the message's bytes are prepared once, in this order:
+
+1. header fields the chain asked to remove go, and the verdict header always goes: a copy that
+   came in (from a customer, or the trusted copy on the bad gateway) never leaves the fleet;
+2. header fields the chain asked to add come; a good gateway rerouting spam adds its own
+   verdict header (``routing.verdict_header``) for the bad gateway;
+3. a good gateway DKIM-signs for the From: domain, before routing, so mail carries the
+   signature whichever gateway delivers it.  The bad gateway never signs.
+
+After a reject, the side effects the rules asked for run: for a virus, the sender gets an
+information NDR (``dsn.make_info_ndr``), queued like any other message; never to ``<>``.
 """
 
 from __future__ import annotations
 
-from gateway.policy.chain import Decision, MessageContext
+import logging
+
+from gateway import dsn
+from gateway.dkim import DkimSigner
+from gateway.policy import headers
+from gateway.policy.chain import Action, Decision, MessageContext
+from gateway.policy.rules.verdict import format_verdict
 from gateway.services import Services
+
+log = logging.getLogger("smg.pipeline")
+
+_QUEUED = {Action.ACCEPT, Action.REROUTE, Action.HOLD}
 
 
 class MessagePipeline:
     def __init__(self, services: Services) -> None:
+        """Loads the DKIM keys on a good gateway: an unusable key (wrong mode, bad format)
+        raises :class:`gateway.dkim.DkimKeyError` here, so the relay refuses to start."""
         self.services = services
+        config = services.config
+        self.role = config.gateway.role
+        self.hostname = config.gateway.hostname
+        self.verdict_header = config.routing.verdict_header
+        self.signer: DkimSigner | None = None
+        if self.role == "good":
+            if services.dkim is None:
+                services.dkim = DkimSigner.from_config(config.dkim)
+            self.signer = services.dkim
 
     async def prepare(self, ctx: MessageContext, decision: Decision) -> bytes:
-        """The bytes to queue for an accepted or rerouted message."""
-        return ctx.data
+        """The bytes to queue for an accepted, rerouted or held message."""
+        data = headers.remove(ctx.data, {*ctx.remove_headers, self.verdict_header.lower()})
+        new_fields = list(ctx.add_headers)
+        if self.role == "good" and decision.action == Action.REROUTE:
+            verdict = ctx.facts.get("spam")
+            if verdict:
+                new_fields.append((self.verdict_header, format_verdict(verdict, self.hostname)))
+        if new_fields:
+            data = headers.prepend(data, new_fields)
+        if self.signer is not None and decision.action in _QUEUED:
+            data = self.signer.sign(data)
+        return data
+
+    def signing_keys(self, ctx: MessageContext) -> list[str]:
+        """Which keys would sign this message here (for ``smg explain``)."""
+        if self.signer is None:
+            return []
+        return [key.describe() for key in self.signer.keys_for(ctx.data)]
 
     async def after_reject(self, ctx: MessageContext, decision: Decision) -> None:
-        """Side effects of a rejection (e.g. the information NDR for a virus)."""
+        """Side effects of a rejection: the information NDR for a virus.  Never raises: the
+        client gets its 554 whatever happens here."""
+        virus = ctx.facts.get("virus")
+        if decision.action != Action.REJECT or not virus:
+            return
+        if not ctx.mail_from:
+            log.info("virus %s from the null sender: no information NDR", virus)
+            return
+        try:
+            ndr = dsn.make_info_ndr(
+                hostname=self.hostname,
+                sender=ctx.mail_from,
+                recipients=ctx.rcpt_tos,
+                virus=virus,
+                original=ctx.data,
+                queue_id=ctx.queue_id or None,
+                client_ip=ctx.client_ip,
+            )
+            queue_id = await self.services.spool.enqueue(
+                "", [ctx.mail_from], ndr, kind="ndr", facts={"virus": virus}
+            )
+        except Exception:
+            log.exception("information NDR for virus %s to %s not queued", virus, ctx.mail_from)
+            return
+        log.info("information NDR %s queued to %s for virus %s", queue_id, ctx.mail_from, virus)

@@ -1,0 +1,197 @@
+"""A small asyncio client for rspamd's ``POST /checkv2`` (HTTP/1.1, kept-alive connections).
+
+The relay tells rspamd what it knows about the SMTP session in request headers: ``IP`` (the
+customer's client address), ``Helo``, ``From`` (envelope sender), one ``Rcpt`` per recipient,
+and ``User``, which marks the message as sent by an authenticated (outbound) user so that
+rspamd applies its outbound view (no SPF/DNSBL verdicts against our own customers' clients).
+The reply is JSON: ``action``, ``score``, ``required_score`` and ``symbols``.
+
+Idle connections are kept (up to ``max_idle``) and reused; a reused connection that turns out
+closed by rspamd is retried once on a fresh one.  Every request is bounded by ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from gateway.config import SpamSection
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class RspamdError(Exception):
+    """rspamd could not give a verdict: down, too slow, or a bad reply."""
+
+
+@dataclass
+class _Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    reused: bool = False
+
+
+class RspamdClient:
+    """``await RspamdClient("http://127.0.0.1:11333").check(data, ip=..., ...)`` -> dict."""
+
+    def __init__(self, url: str, timeout: float = 20.0, max_idle: int = 16) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.url = url
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self.base_path = parts.path.rstrip("/")
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self._idle: list[_Connection] = []
+
+    @classmethod
+    def from_config(cls, section: SpamSection) -> RspamdClient:
+        return cls(section.rspamd_url, section.timeout)
+
+    async def check(
+        self,
+        data: bytes,
+        *,
+        ip: str = "",
+        helo: str = "",
+        mail_from: str = "",
+        rcpts: list[str] | tuple[str, ...] = (),
+        user: str = "",
+        queue_id: str = "",
+    ) -> dict[str, Any]:
+        """Scan one message; return rspamd's JSON reply or raise :class:`RspamdError`."""
+        headers = [("IP", ip), ("Helo", helo), ("From", mail_from), ("User", user)]
+        headers += [("Rcpt", rcpt) for rcpt in rcpts]
+        headers.append(("Queue-Id", queue_id))
+        request = _request(
+            f"{self.base_path}/checkv2", self.host, [(k, v) for k, v in headers if v], data
+        )
+        try:
+            async with asyncio.timeout(self.timeout):
+                status, body = await self._exchange(request)
+        except TimeoutError:
+            raise RspamdError(
+                f"rspamd at {self.url} did not answer within {self.timeout:g}s"
+            ) from None
+        if status != 200:
+            raise RspamdError(f"rspamd at {self.url} answered HTTP {status}: {body[:200]!r}")
+        try:
+            reply = json.loads(body)
+        except ValueError:
+            raise RspamdError(f"rspamd at {self.url} sent no JSON: {body[:200]!r}") from None
+        if not isinstance(reply, dict) or "action" not in reply or "score" not in reply:
+            raise RspamdError(f"rspamd at {self.url} sent an unexpected reply: {body[:200]!r}")
+        return reply
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.writer.close()
+
+    async def _exchange(self, request: bytes) -> tuple[int, bytes]:
+        conn = await self._acquire()
+        try:
+            return await self._roundtrip(conn, request)
+        except _StaleConnection:
+            conn = await self._acquire(fresh=True)
+            return await self._roundtrip(conn, request)
+
+    async def _roundtrip(self, conn: _Connection, request: bytes) -> tuple[int, bytes]:
+        keep = False
+        try:
+            conn.writer.write(request)
+            await conn.writer.drain()
+            status, body, keep = await _read_response(conn.reader)
+            return status, body
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            if conn.reused:
+                raise _StaleConnection from None
+            raise RspamdError(f"connection to rspamd at {self.url} broke: {exc!r}") from None
+        finally:
+            self._release(conn, keep)
+
+    async def _acquire(self, fresh: bool = False) -> _Connection:
+        while self._idle and not fresh:
+            conn = self._idle.pop()
+            if not conn.reader.at_eof() and not conn.writer.is_closing():
+                conn.reused = True
+                return conn
+            conn.writer.close()
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
+        except OSError as exc:
+            raise RspamdError(f"cannot connect to rspamd at {self.url}: {exc}") from None
+        return _Connection(reader, writer)
+
+    def _release(self, conn: _Connection, keep: bool) -> None:
+        if keep and len(self._idle) < self.max_idle:
+            self._idle.append(conn)
+        else:
+            conn.writer.close()
+
+
+class _StaleConnection(Exception):
+    """A kept-alive connection was closed by the server meanwhile: retry on a fresh one."""
+
+
+def _request(path: str, host: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Connection: keep-alive"]
+    for name, value in headers:
+        # Header values come from the SMTP session: never let CR/LF split the request.
+        clean = value.replace("\r", " ").replace("\n", " ")
+        lines.append(f"{name}: {clean}")
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "replace") + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """Read one HTTP/1.1 response; return (status, body, connection reusable)."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise RspamdError("rspamd sent an over-long response header") from None
+    if len(head) > MAX_HEADER_BYTES:
+        raise RspamdError("rspamd sent an over-long response header")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise RspamdError(f"rspamd sent a bad status line: {status_line!r}")
+    fields: dict[str, str] = {}
+    for line in header_lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            fields[name.strip().lower()] = value.strip()
+    keep = parts[0] == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
+    if fields.get("transfer-encoding", "").lower() == "chunked":
+        body = await _read_chunked(reader)
+    elif "content-length" in fields:
+        length = int(fields["content-length"])
+        if length > MAX_BODY_BYTES:
+            raise RspamdError(f"rspamd reply too large: {length} bytes")
+        body = await reader.readexactly(length)
+    else:
+        body = await reader.read(MAX_BODY_BYTES)
+        keep = False
+    return int(parts[1]), body, keep
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")  # the empty trailer line
+            return bytes(body)
+        if len(body) + size > MAX_BODY_BYTES:
+            raise RspamdError("rspamd reply too large")
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)
