@@ -8,13 +8,22 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
-from lab import hosts, image, net, pki, sshkeys, state
+from lab import cacher, dns, farend, hosts, image, net, pki, sshkeys, state
 from lab.config import (
+    ALL_HOSTS,
+    APT_PROXY_URL,
     BRIDGE,
     BRIDGE_ADDR,
     CACHE_DIR,
+    CUSTOMER,
+    DNS_ADDR,
+    DNS_PORT,
+    DNSBL_ZONE,
+    DOMAIN,
+    FAR_ENDS,
     GATEWAYS,
     LAB_DIR,
     LOCK_FILE,
@@ -25,10 +34,12 @@ from lab.config import (
     RUN_DIR,
     SSH_CONFIG,
     SSH_KEY,
+    STATE_FILE,
 )
 from lab.hosts import NSPAWN_TMPFS_MARK
 from lab.mounts import mount_points, unmount_under
 from lab.proc import LabError, daemon_pid, known_daemons, stop_daemon
+from lab.zones import CUSTOMER_DOMAINS, NO_RECORDS_DOMAIN, NULL_MX_DOMAIN, NXDOMAIN_EXAMPLE
 
 log = logging.getLogger("lab")
 
@@ -50,6 +61,7 @@ def locked() -> Iterator[None]:
 
 
 def is_up() -> bool:
+    """Up = a state file, and every daemon it lists is still that same running process."""
     current = state.read()
     if current is None:
         return False
@@ -61,7 +73,7 @@ def up(*, rebuild_image: bool = False, keep_on_failure: bool = False) -> dict[st
         if is_up():
             log.info("the lab is already up")
             return state.read() or {}
-        if RUN_DIR.exists():
+        if STATE_FILE.exists() or leftovers():
             log.info("cleaning up what a previous run left behind")
             _down()
         try:
@@ -79,8 +91,8 @@ def _up(*, rebuild_image: bool) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.monotonic()
     timings["image"] = image.ensure_base_root(rebuild=rebuild_image)
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(LOG_DIR, ignore_errors=True)  # logs of this run only
+    LOG_DIR.mkdir(parents=True)
 
     step = time.monotonic()
     pki.ensure_ca()
@@ -88,29 +100,43 @@ def _up(*, rebuild_image: bool) -> dict[str, Any]:
     public_key = sshkeys.ensure_client_key()
     sshkeys.write_ssh_config()
     net.ensure_bridge()
+    dns.start()
+    cacher.start()
+    timings["services"] = time.monotonic() - step
+
+    step = time.monotonic()
     hosts.ensure_nspawn_runtime_dir()
     for host in GATEWAYS:
         net.add_host(host)
         hosts.prepare(host, authorized_key=public_key, ca_pem=ca_pem)
-    timings["prepare"] = time.monotonic() - step
-
-    step = time.monotonic()
-    for host in GATEWAYS:
         hosts.boot(host)
+    # While the gateways boot: their certificates, the far ends and the customer.
+    for host in GATEWAYS:
+        pki.issue(host.name, [host.fqdn, host.name], [host.address])
+    for host in FAR_ENDS:
+        net.add_host(host, resolv_conf=hosts.resolv_conf())
+        farend.prepare(host)
+        farend.start(host)
+    net.add_host(CUSTOMER, resolv_conf=hosts.resolv_conf())
+    for host in FAR_ENDS:
+        farend.wait_ready(host)
     for host in GATEWAYS:
         hosts.wait_ready(host)
-    timings["boot"] = time.monotonic() - step
+    timings["hosts"] = time.monotonic() - step
     timings["total"] = time.monotonic() - started
 
-    current = _describe(timings)
+    current = describe(timings)
     state.write(current)
-    return current
+    return state.read() or current
 
 
-def _describe(timings: dict[str, float]) -> dict[str, Any]:
+def describe(timings: dict[str, float]) -> dict[str, Any]:
+    """The content of lab/run/state.json (documented in docs/lab.md)."""
     return {
+        "up_since": datetime.now(UTC).isoformat(timespec="seconds"),
         "network": NETWORK,
         "bridge": {"name": BRIDGE, "address": BRIDGE_ADDR},
+        "domain": DOMAIN,
         "ssh_config": str(SSH_CONFIG),
         "ssh_key": str(SSH_KEY),
         "hosts": {
@@ -118,11 +144,33 @@ def _describe(timings: dict[str, float]) -> dict[str, Any]:
                 "address": h.address,
                 "fqdn": h.fqdn,
                 "role": h.role,
-                "kind": h.kind,
                 "netns": h.netns,
                 "root": str(hosts.root_dir(h)),
+                "cert": str(pki.PKI_DIR / "certs" / f"{h.name}.crt"),
+                "key": str(pki.PKI_DIR / "certs" / f"{h.name}.key"),
             }
             for h in GATEWAYS
+        },
+        "far_ends": {h.name: farend.describe(h) for h in FAR_ENDS},
+        "customer": {
+            "address": CUSTOMER.address,
+            "netns": CUSTOMER.netns,
+            "domains": CUSTOMER_DOMAINS,
+        },
+        "dns": {
+            "address": DNS_ADDR,
+            "port": DNS_PORT,
+            "zones": [z for z in dns.zones() if z != "."],
+            "dnsbl_zone": DNSBL_ZONE,
+            "no_records_domain": NO_RECORDS_DOMAIN,
+            "null_mx_domain": NULL_MX_DOMAIN,
+            "nxdomain_example": NXDOMAIN_EXAMPLE,
+        },
+        "apt_proxy": APT_PROXY_URL,
+        "pki": {
+            "ca_cert": str(pki.CA_CERT),
+            "ca_key": str(pki.CA_KEY),
+            "certs_dir": str(pki.PKI_DIR / "certs"),
         },
         "daemons": known_daemons(),
         "timings": {k: round(v, 2) for k, v in timings.items()},
@@ -138,10 +186,12 @@ def _down() -> None:
     """Remove everything the lab may have made, whether `up` finished or not. Idempotent."""
     for host in GATEWAYS:
         hosts.stop(host)
+    for host in FAR_ENDS:
+        farend.stop(host)
     for name in known_daemons():
         stop_daemon(name)
     hosts.release_nspawn_runtime_dir()
-    for host in GATEWAYS:
+    for host in ALL_HOSTS:
         net.remove_host(host)
     net.remove_strays()
     net.remove_bridge()
@@ -168,8 +218,11 @@ def leftovers() -> list[str]:
     found = []
     if net.link_exists(BRIDGE):
         found.append(f"bridge {BRIDGE}")
+    found += [f"veth {h.veth}" for h in ALL_HOSTS if net.link_exists(h.veth)]
     if net.NETNS_DIR.is_dir():
         found += [f"netns {p.name}" for p in net.NETNS_DIR.glob(f"{NETNS_PREFIX}*")]
+    if net.NETNS_ETC.is_dir():
+        found += [f"{p}" for p in net.NETNS_ETC.glob(f"{NETNS_PREFIX}*")]
     found += [f"daemon {n}" for n in known_daemons() if daemon_pid(n) is not None]
     found += [f"mount {p}" for p in mount_points() if LAB_DIR in p.parents]
     if NSPAWN_TMPFS_MARK.exists():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from lab.config import GATEWAYS, SSH_CONFIG, SSH_KEY
 from lab.proc import run
 
@@ -39,5 +41,6 @@ def write_ssh_config() -> None:
 def ssh_argv(name: str, command: list[str] | None = None) -> list[str]:
     argv = ["ssh", "-F", str(SSH_CONFIG), name]
     if command:
-        argv += ["--", *command]
+        # ssh hands the remote shell one string: quote so the remote argv is exactly command.
+        argv += ["--", shlex.join(command)]
     return argv

@@ -1,0 +1,82 @@
+"""The lab's internet as DNS data: the zones `up` serves (texts without SOA/NS: dns.py adds them).
+
+Names and addresses come from config.py so the zones and the hosts never disagree.
+"""
+
+from __future__ import annotations
+
+from lab.config import (
+    BRIDGE_ADDR,
+    CUSTOMER,
+    DNSBL_ZONE,
+    DOMAIN,
+    FAR_ENDS,
+    GATEWAYS,
+    host_by_name,
+)
+
+DEFAULT_TTL = 30  # short: tests edit zones and the relay caches answers for the TTL
+
+MX_TLS = host_by_name("mx-tls")
+MX_PLAIN = host_by_name("mx-plain")
+
+# Far-end domains: mail for them goes to the far-end Postfix named here.
+PARTNER_DOMAINS = {"partner-tls.example": MX_TLS, "partner-plain.example": MX_PLAIN}
+# Customer (sender) domains and what makes them "resolve" for the sender domain check.
+CUSTOMER_DOMAINS = {
+    "customer-a.example": "MX and A",
+    "customer-b.example": "A only (implicit MX)",
+}
+NO_RECORDS_DOMAIN = "no-records.example"  # exists (SOA/NS) but has no MX, A or AAAA
+NULL_MX_DOMAIN = "null-mx.example"  # RFC 7505 "MX 0 ." : accepts no mail
+NXDOMAIN_EXAMPLE = "does-not-exist.example"  # in no zone: the root zone answers NXDOMAIN
+
+
+def far_end_fqdn(domain: str) -> str:
+    return f"mx.{domain}"
+
+
+def lab_zone() -> str:
+    lines = [f"ns1 A {BRIDGE_ADDR}", f"apt A {BRIDGE_ADDR}"]
+    lines += [f"{h.name} A {h.address}" for h in (*GATEWAYS, *FAR_ENDS, CUSTOMER)]
+    return "\n".join(lines) + "\n"
+
+
+def reverse_zone_name() -> str:
+    return "100.51.198.in-addr.arpa"
+
+
+def reverse_zone() -> str:
+    """PTRs matching the forward names, so forward-confirmed reverse DNS holds in the lab."""
+    ptr = {BRIDGE_ADDR: f"ns1.{DOMAIN}."}
+    ptr.update({h.address: f"{h.fqdn}." for h in GATEWAYS})
+    ptr.update({mx.address: f"{far_end_fqdn(d)}." for d, mx in PARTNER_DOMAINS.items()})
+    ptr[CUSTOMER.address] = "mail.customer-a.example."
+    return "".join(f"{a.rsplit('.', 1)[1]} PTR {name}\n" for a, name in ptr.items())
+
+
+def partner_zone(domain: str) -> str:
+    mx = PARTNER_DOMAINS[domain]
+    return f"@ MX 10 mx.{domain}.\nmx A {mx.address}\n"
+
+
+def spf_all_gateways() -> str:
+    return "v=spf1 " + " ".join(f"ip4:{h.address}" for h in GATEWAYS) + " -all"
+
+
+def default_zones() -> dict[str, str]:
+    zones = {
+        DOMAIN: lab_zone(),
+        reverse_zone_name(): reverse_zone(),
+        "customer-a.example": (
+            f"@ MX 10 mail.customer-a.example.\n@ A {CUSTOMER.address}\n"
+            f'mail A {CUSTOMER.address}\n@ TXT "{spf_all_gateways()}"\n'
+        ),
+        "customer-b.example": f"@ A {CUSTOMER.address}\n",
+        NO_RECORDS_DOMAIN: "",
+        NULL_MX_DOMAIN: "@ MX 0 .\n",
+        # The DNSBL: empty but for the conventional test entry 127.0.0.2 (always listed).
+        DNSBL_ZONE: '2.0.0.127 A 127.0.0.2\n2.0.0.127 TXT "test entry"\n',
+    }
+    zones.update({d: partner_zone(d) for d in PARTNER_DOMAINS})
+    return zones
