@@ -123,7 +123,7 @@ def _spam_summary(facts: Mapping[str, Any] | None) -> str:
         names = []
     score_text = f"score {score}" if score is not None else "a spam score"
     if required is not None:
-        score_text += f" (threshold {required})"
+        score_text += f", threshold {required}"
     rules = ", ".join(names) if names else "none reported"
     return (
         f"The message was classified as spam by the Secure Mail Gateway's spam check "
