@@ -326,24 +326,86 @@ class MtaStsSection:
     fetch_timeout: float = _parsed(parse_duration, "10s")
 
 
+_LOOPBACK_8 = ipaddress.IPv4Network("127.0.0.0/8")
+
+
+def parse_answer_codes(value: Any) -> dict[str, str]:
+    """A DNSBL answer-code table: ``{"127.0.0.2" = "SBL", "127.0.0.4/30" = "XBL"}``.
+
+    Keys are addresses or networks inside 127.0.0.0/8 (RFC 5782), values say what they mean.
+    """
+    if not isinstance(value, dict) or not value:
+        raise _Invalid(f'expected a table such as {{ "127.0.0.2" = "listed" }}, got {value!r}')
+    table = {}
+    for code, meaning in value.items():
+        try:
+            network = ipaddress.IPv4Network(str(code).strip())
+        except ValueError:
+            raise _Invalid(f"{code!r} is not an IPv4 address or network") from None
+        if not network.subnet_of(_LOOPBACK_8):
+            raise _Invalid(f"{code!r} is outside 127.0.0.0/8, where DNSBL answers live")
+        if not isinstance(meaning, str) or not meaning.strip():
+            raise _Invalid(f"the meaning of {code!r} must be a non-empty string")
+        key = str(network.network_address) if network.prefixlen == 32 else str(network)
+        table[key] = meaning.strip()
+    return table
+
+
+def parse_timezone(value: Any) -> str:
+    """An IANA time zone name known to this system (``Europe/Berlin``, ``UTC``)."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(str(value))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise _Invalid(f"not a time zone known to this system: {value!r}") from None
+    return str(value)
+
+
+def parse_calendar(value: Any) -> str:
+    """A systemd OnCalendar expression without the time zone (``*-*-* 05:00:00``)."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9A-Za-z*:,./~ -]+", value.strip()):
+        return value.strip()
+    raise _Invalid(
+        f"expected a systemd calendar expression such as '*-*-* 05:00:00', got {value!r}"
+    )
+
+
 @dataclass(frozen=True)
 class DnsblZone:
+    """One DNSBL zone to check.  Keys left out come from the built-in catalogue when the zone
+    is a known list (``gateway/blacklist/catalogue.py``), else from the generic RFC 5782
+    reading; see docs/blacklist.md."""
+
     zone: str = _parsed(parse_domain)
-    major: bool = False
-    removal_url: str = ""
-    removal_mail: str = ""
+    name: str = ""  # shown in tables and mails; default: the catalogue's name, else the zone
+    major: bool | None = None  # a listing here exits 2 (critical); default: catalogue, else no
+    ipv6: bool | None = None  # ask for IPv6 addresses; default: catalogue, else yes
+    removal_url: str = ""  # the provider's delisting form
+    removal_mail: str | None = _parsed(parse_email, None)  # removal request mailed here
+    listing_codes: dict[str, str] | None = _parsed(parse_answer_codes, None)
+    error_codes: dict[str, str] | None = _parsed(parse_answer_codes, None)
+    test_points: bool = True  # RFC 5782: 127.0.0.2 must be listed and 127.0.0.1 must not
 
 
 @dataclass(frozen=True)
 class BlacklistSection:
-    addresses: list[str] = _parsed(list_of(parse_ip), [])
-    zones: list[DnsblZone] = field(default_factory=list)
+    addresses: list[str] = _parsed(list_of(parse_ip), [])  # the fleet's outbound addresses
+    zones: list[DnsblZone] = field(default_factory=list)  # empty: the catalogue's defaults
     operations_mailbox: str | None = _parsed(parse_email, None)
-    notify_via: tuple[str, int] | None = _parsed(parse_host_port, None)
+    notify_via: tuple[str, int] | None = _parsed(parse_host_port, None)  # SMTP relay
+    mail_from: str | None = _parsed(parse_email, None)  # default smg-blacklist@<hostname>
     ticket_url: str | None = _parsed(parse_url, None)
+    ticket_id_field: str = "id"  # which key of the ticket system's JSON reply is the id
+    notify_attempts: int = 10  # a failing notification is retried at this many checks
+    notify_timeout: float = _parsed(parse_duration, "30s")  # per SMTP or HTTP attempt
+    nameservers: list[tuple[str, int]] = _parsed(
+        list_of(lambda v: parse_host_port(v, default_port=53)), []
+    )  # empty: dns.nameservers (then /etc/resolv.conf)
+    timeout: float = _parsed(parse_duration, "5s")  # per DNS lookup
     state: Path = Path("/var/lib/smg/blacklist.sqlite")
-    schedule: str = "*-*-* 05:00:00"
-    timezone: str = "Europe/Berlin"
+    schedule: str = _parsed(parse_calendar, "*-*-* 05:00:00")
+    timezone: str = _parsed(parse_timezone, "Europe/Berlin")
 
 
 @dataclass(frozen=True)
@@ -525,10 +587,17 @@ def _check_tls_rules(config: Config) -> list[ConfigProblem]:
     return check_rules(config)
 
 
+def _check_blacklist(config: Config) -> list[ConfigProblem]:
+    from gateway.blacklist.zones import check_section  # the catalogue lives with the feature
+
+    return check_section(config)
+
+
 # Feature modules append their own cross-key checks here (e.g. conflicting TLS rules).
 CROSS_CHECKS: list[Callable[[Config], list[ConfigProblem]]] = [
     _check_routing,
     _check_tls_listener,
     _check_dkim_keys,
     _check_tls_rules,
+    _check_blacklist,
 ]
