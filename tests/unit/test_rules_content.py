@@ -274,3 +274,13 @@ async def test_virus_decides_before_spam_is_asked() -> None:
     )
     decision = await chain.run(Stage.DATA, ctx())
     assert decision.action == Action.REJECT and rspamd.calls == []
+
+
+def test_pre_result_symbols_with_zero_score_are_kept() -> None:
+    reply = {
+        "is_skipped": True,
+        "action": "reject",
+        "score": 15.0,
+        "symbols": {"GTUBE": {"name": "GTUBE", "score": 0.0}},
+    }
+    assert classify(reply, config().spam)["symbols"] == {"GTUBE": 0.0}

@@ -40,17 +40,19 @@ def classify(reply: dict[str, Any], section: SpamSection) -> SpamVerdict:
         score=round(score, 2),
         required=round(section.spam_score, 2),
         action=action,
-        symbols=top_symbols(reply.get("symbols") or {}),
+        # A pre-result (GTUBE, say) skips the other rules and reports its symbol with score 0:
+        # then every symbol named is part of the reason.
+        symbols=top_symbols(reply.get("symbols") or {}, keep_zero=bool(reply.get("is_skipped"))),
         source="rspamd",
     )
 
 
-def top_symbols(symbols: dict[str, Any]) -> dict[str, float]:
+def top_symbols(symbols: dict[str, Any], keep_zero: bool = False) -> dict[str, float]:
     """rspamd's ``symbols`` -> {name: score} for the symbols that scored, highest first."""
     scored: list[tuple[str, float]] = []
     for name, info in symbols.items():
         score = float(info.get("score", 0.0)) if isinstance(info, dict) else 0.0
-        if score != 0.0:
+        if score != 0.0 or keep_zero:
             scored.append((str(name), round(score, 2)))
     scored.sort(key=lambda item: (-abs(item[1]), item[0]))
     return dict(scored[:MAX_SYMBOLS])
