@@ -36,6 +36,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "delivered": ("smg_recipients_delivered_total", "Recipients delivered to the far end."),
     "deferred": ("smg_recipients_deferred_total", "Recipients deferred after a failed attempt."),
     "bounced": ("smg_recipients_bounced_total", "Recipients bounced (NDR sent or due)."),
+    "held": ("smg_recipients_held_total", "Recipients held (TLS could not be had)."),
     "expired": ("smg_messages_expired_total", "Messages that reached delivery.max_lifetime."),
     "connections": ("smg_connections_total", "SMTP connections accepted by the intake."),
     "connections_refused": (
@@ -43,6 +44,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "SMTP connections refused at connect, by reason.",
     ),
 }
+
+_OUTCOMES = {"sent": "delivered", "held": "held"}
 
 GaugeSource = Callable[[], Awaitable[dict[tuple[tuple[str, str], ...], float]]]
 
@@ -81,6 +84,10 @@ class Metrics:
         series = self._counters.setdefault(metric, {})
         key = _labels_key(labels)
         series[key] = series.get(key, 0) + value
+
+    def delivery_outcome(self, status: str) -> None:
+        """One recipient's attempt ended: ``sent``, ``deferred``, ``bounced`` or ``held``."""
+        self.inc(_OUTCOMES.get(status, status))
 
     def set_gauge(self, name: str, value: float, help_text: str = "", **labels: Any) -> None:
         self._help.setdefault(name, help_text)

@@ -1,0 +1,243 @@
+"""``smg serve``: build the relay's services, run intake + delivery + metrics, handle signals.
+
+Start-up: load and validate the config (a bad one exits ``78``, EX_CONFIG, naming file and
+key), open the spool, build the resolver, the TLS policy, the chain (clamd/rspamd clients) and
+the pipeline (DKIM keys), then start delivery, the SMTP listeners and the metrics endpoint.
+Something that cannot start (spool not writable, port taken, a DKIM key unusable) exits ``1``
+with the reason.
+
+Signals:
+
+- SIGTERM / SIGINT: stop accepting connections, let SMTP transactions in flight finish (at most
+  ``SHUTDOWN_GRACE`` seconds; idle sessions get ``421`` at once), stop delivery (attempts in
+  progress stay ``active`` in the spool and are retried at the next start), close the spool.
+- SIGHUP: re-read and validate the config; if it is good, sessions that start from then on use
+  the new policy (rules, limits, client networks, TLS certificate, DKIM keys, TLS policy) and
+  delivery uses the new settings.  Sessions already running finish with the old one, so no mail
+  is dropped.  A bad config on reload is logged and the old one stays.  ``gateway.listen``,
+  ``gateway.spool``, ``gateway.metrics_listen`` and ``delivery.concurrency`` change only with a
+  restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Config, ConfigError, load_config
+from gateway.dns import Resolver
+from gateway.intake import Intake, Runtime, make_tls_context
+from gateway.log import event, setup_logging
+from gateway.metrics import Metrics
+from gateway.services import Services
+
+log = logging.getLogger("smg.server")
+
+EX_CONFIG = 78  # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
+SHUTDOWN_GRACE = 30.0  # seconds transactions in flight get to finish on SIGTERM
+
+_RESTART_ONLY = [
+    ("gateway", "listen"),
+    ("gateway", "spool"),
+    ("gateway", "metrics_listen"),
+    ("delivery", "concurrency"),
+]
+
+
+class StartupError(Exception):
+    """The relay cannot start; the message says why."""
+
+
+def _optional(module: str, attribute: str) -> Any:
+    """A feature class from a module that may not be there (features land independently)."""
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        log.warning("%s is not installed: that feature is off", module)
+        return None
+
+
+class Relay:
+    """The running relay: services, intake, delivery, metrics."""
+
+    def __init__(self, config_path: str | Path, config: Config) -> None:
+        self.config_path = str(config_path)
+        self.config = config
+        self.metrics = Metrics()
+        self.services: Services | None = None
+        self.intake: Intake | None = None
+        self.delivery: Any = None
+        self._stop = asyncio.Event()
+        self._reloading: asyncio.Task[None] | None = None
+
+    # --- building -----------------------------------------------------------------------
+
+    def _services(self, config: Config, spool: Any, previous: Services | None = None) -> Services:
+        resolver = Resolver(config.dns)
+        services = Services(config, resolver=resolver, spool=spool, metrics=self.metrics)
+        tls_policy_class = _optional("gateway.tls_policy", "TlsPolicy")
+        if tls_policy_class is not None:
+            services.tls_policy = tls_policy_class(config, resolver)
+        if previous is not None:  # scanner clients keep their connections if unchanged
+            if previous.config.virus == config.virus:
+                services.clamd = previous.clamd
+            if previous.config.spam == config.spam:
+                services.rspamd = previous.rspamd
+        return services
+
+    def _runtime(self, config: Config, services: Services) -> Runtime:
+        from gateway.policy.build import build_chain
+        from gateway.policy.pipeline import MessagePipeline
+
+        chain = build_chain(config, services)
+        pipeline = MessagePipeline(services)
+        return Runtime(config, chain, pipeline, make_tls_context(config))
+
+    async def start(self) -> None:
+        from gateway.spool import Spool, SpoolUnavailable
+
+        config = self.config
+        try:
+            spool = await Spool.open(config.gateway.spool)
+        except SpoolUnavailable as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            self.services = self._services(config, spool)
+            runtime = self._runtime(config, self.services)
+        except Exception as exc:  # certificate, DKIM key, scanner endpoint...
+            await spool.close()
+            raise StartupError(f"{type(exc).__name__}: {exc}") from None
+        self._register_gauges(spool)
+        delivery_class = _optional("gateway.delivery", "Delivery")
+        if delivery_class is not None:
+            self.delivery = delivery_class(
+                config, spool, self.services.resolver, self.services.tls_policy,
+                metrics=self.metrics,
+            )  # fmt: skip
+            self.services.extras["delivery"] = self.delivery
+            await self.delivery.start()
+        self.intake = Intake(self.services, runtime)
+        try:
+            await self.intake.start()
+            if config.gateway.metrics_listen is not None:
+                host, port = config.gateway.metrics_listen
+                await self.metrics.serve(host, port)
+                event(log, "metrics", address=f"{host}:{port}")
+        except OSError as exc:
+            await self.stop()
+            raise StartupError(f"cannot listen: {exc}") from None
+        event(log, "ready", role=config.gateway.role, hostname=config.gateway.hostname,
+              listen=",".join(f"{h}:{p}" for h, p in self.intake.addresses))  # fmt: skip
+
+    def _register_gauges(self, spool: Any) -> None:
+        async def queue_sizes() -> dict[tuple[tuple[str, str], ...], float]:
+            counts = await spool.counts()
+            return {(("state", state),): float(n) for state, n in counts.items()}
+
+        async def connections() -> dict[tuple[tuple[str, str], ...], float]:
+            return {(): float(len(self.intake.sessions) if self.intake else 0)}
+
+        self.metrics.gauge_source(
+            "smg_queue_messages", "Messages in the queue by state.", queue_sizes
+        )
+        self.metrics.gauge_source("smg_connections_active", "SMTP sessions open now.", connections)
+
+    # --- signals ------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._on_stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, name: str) -> None:
+        event(log, "stopping", signal=name)
+        self._stop.set()
+
+    def _on_reload(self) -> None:
+        if self._reloading is not None and not self._reloading.done():
+            log.warning("SIGHUP: a reload is already running")
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self.reload())
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def reload(self) -> bool:
+        """Re-read the config; swap it in for new sessions if valid.  True if swapped."""
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            for line in exc.render().splitlines():
+                event(log, "reload_failed", level=logging.ERROR, error=line)
+            return False
+        assert self.services is not None and self.intake is not None
+        for section, key in _RESTART_ONLY:
+            if getattr(getattr(config, section), key) != getattr(
+                getattr(self.config, section), key
+            ):
+                log.warning(
+                    "reload: %s.%s changed; it takes effect at the next restart", section, key
+                )
+        try:
+            services = self._services(config, self.services.spool, self.services)
+            runtime = self._runtime(config, services)
+        except Exception as exc:  # the new certificate or a DKIM key is unusable
+            event(log, "reload_failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            return False
+        services.extras = self.services.extras
+        self.config, self.services = config, services
+        self.intake.services = services
+        self.intake.reload(runtime)
+        if self.delivery is not None:
+            self.delivery.config = config
+            self.delivery.resolver = services.resolver
+            self.delivery.tls_policy = services.tls_policy
+        setup_logging(config.gateway.log_format)
+        event(log, "reloaded", config=self.config_path)
+        return True
+
+    # --- stopping -----------------------------------------------------------------------
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        if self.intake is not None:
+            await self.intake.stop(grace)
+        if self.delivery is not None:
+            await self.delivery.stop()
+        await self.metrics.close()
+        if self.services is not None:
+            rspamd = self.services.rspamd
+            if rspamd is not None and hasattr(rspamd, "close"):
+                with contextlib.suppress(Exception):
+                    await rspamd.close()
+            if self.services.spool is not None:
+                await self.services.spool.close()
+        event(log, "stopped")
+
+
+async def serve(config_path: str | Path) -> int:
+    """Run the relay until SIGTERM/SIGINT; the process exit code."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr, flush=True)
+        return EX_CONFIG
+    setup_logging(config.gateway.log_format)
+    relay = Relay(config_path, config)
+    try:
+        await relay.start()
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    relay.install_signal_handlers()
+    await relay.wait()
+    await relay.stop()
+    return 0
