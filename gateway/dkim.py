@@ -46,7 +46,7 @@ _POLICY = CanonicalizationPolicy.from_c_value(CANONICALIZATION)
 _SHOULD_NOT_SIGN = {name.decode() for name in dkimpy.DKIM.SHOULD_NOT}
 
 
-class DkimKeyError(Exception):
+class DkimKeyError(ValueError):
     """A DKIM key file is unusable (mode, format, size); the message names the file."""
 
 
