@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
+import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,10 +41,21 @@ from lab.config import (
 )
 from lab.hosts import NSPAWN_TMPFS_MARK
 from lab.mounts import mount_points, unmount_under
-from lab.proc import LabError, daemon_pid, known_daemons, stop_daemon
+from lab.proc import (
+    LabError,
+    daemon_pid,
+    kill_exact,
+    known_daemons,
+    processes_mentioning,
+    stop_daemon,
+    wait_until,
+)
 from lab.zones import CUSTOMER_DOMAINS, NO_RECORDS_DOMAIN, NULL_MX_DOMAIN, NXDOMAIN_EXAMPLE
 
 log = logging.getLogger("lab")
+
+# What `up` starts with the run dir in its arguments (`ip` is `ip netns exec` before it execs).
+OUR_PROGRAMS = frozenset({"systemd-nspawn", "knotd", "apt-cacher-ng", "master", "ip"})
 
 
 @contextmanager
@@ -190,6 +204,7 @@ def _down() -> None:
         farend.stop(host)
     for name in known_daemons():
         stop_daemon(name)
+    _kill_strays()
     hosts.release_nspawn_runtime_dir()
     for host in ALL_HOSTS:
         net.remove_host(host)
@@ -198,6 +213,23 @@ def _down() -> None:
     unmount_under(RUN_DIR)
     unmount_under(CACHE_DIR / "build")
     _remove_run_dir()
+
+
+def _kill_strays() -> None:
+    """Processes started from the run dir whose pid file never got written (up killed at that
+    very moment): SIGTERM, a bounded wait, then SIGKILL."""
+    strays = processes_mentioning(RUN_DIR, OUR_PROGRAMS)
+    if not strays:
+        return
+    log.warning("stopping %d process(es) started from %s without a pid file", len(strays), RUN_DIR)
+    for pid, _ in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(LabError):
+        wait_until(
+            "strays to exit", lambda: not processes_mentioning(RUN_DIR, OUR_PROGRAMS), timeout=10
+        )
+    kill_exact(processes_mentioning(RUN_DIR, OUR_PROGRAMS))
 
 
 def _remove_run_dir() -> None:
@@ -224,6 +256,8 @@ def leftovers() -> list[str]:
     if net.NETNS_ETC.is_dir():
         found += [f"{p}" for p in net.NETNS_ETC.glob(f"{NETNS_PREFIX}*")]
     found += [f"daemon {n}" for n in known_daemons() if daemon_pid(n) is not None]
+    found += [f"{h.name} init {i[0]}" for h in GATEWAYS if (i := hosts.recorded_init(h))]
+    found += [f"process {pid}" for pid, _ in processes_mentioning(RUN_DIR, OUR_PROGRAMS)]
     found += [f"mount {p}" for p in mount_points() if LAB_DIR in p.parents]
     if NSPAWN_TMPFS_MARK.exists():
         found.append(f"tmpfs {NSPAWN_RUNTIME_DIR}")

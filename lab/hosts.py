@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import signal
 import socket
 import uuid
 from pathlib import Path
@@ -23,10 +26,12 @@ from lab.proc import (
     LabError,
     children_of,
     daemon_pid,
+    is_zombie,
     kill_exact,
     log_tail,
     run,
     start_daemon,
+    start_time,
     stop_daemon,
     wait_until,
 )
@@ -144,7 +149,30 @@ def boot(host: Host) -> int:
         "--timezone=off",
         "--link-journal=no",
     ]
-    return start_daemon(daemon_name(host), argv)
+    pid = start_daemon(daemon_name(host), argv)
+    # Keep the container's PID 1 too: if nspawn dies, it would outlive it (reparented to init).
+    wait_until(
+        f"{host.name}'s systemd to start", lambda: container_init(host) is not None, timeout=10
+    )
+    init = container_init(host)
+    assert init is not None
+    _init_pid_file(host).write_text(f"{init[0]} {init[1]}\n")
+    return pid
+
+
+def _init_pid_file(host: Host) -> Path:
+    return host.run_dir / "init.pid"
+
+
+def recorded_init(host: Host) -> tuple[int, str] | None:
+    """The container's PID 1 as recorded at boot, if that very process still runs."""
+    try:
+        pid_text, started = _init_pid_file(host).read_text().split()
+    except (OSError, ValueError):
+        return None
+    if start_time(int(pid_text)) != started or is_zombie(int(pid_text)):
+        return None
+    return int(pid_text), started
 
 
 def container_init(host: Host) -> tuple[int, str] | None:
@@ -210,11 +238,16 @@ def failed_units(host: Host) -> list[str]:
 
 def stop(host: Host) -> None:
     """Clean halt (SIGTERM to nspawn), bounded; then make sure the container's init is gone."""
-    init = container_init(host)
+    init = container_init(host) or recorded_init(host)
+    if daemon_pid(daemon_name(host)) is None and init is not None:
+        # nspawn is gone but the container's systemd lives on: ask it to power off (SIGRTMIN+4).
+        os.kill(init[0], signal.SIGRTMIN + 4)
+        with contextlib.suppress(LabError):
+            wait_until(f"{host.name} to power off", lambda: recorded_init(host) is None, timeout=20)
     stop_daemon(daemon_name(host), timeout=20)
     if init is not None:
-        # If nspawn had to be killed, its container's PID 1 may have outlived it: killing PID 1
-        # of the container's PID namespace ends everything inside.
+        # Still there after a timeout: SIGKILL to PID 1 of the container's PID namespace ends
+        # everything inside it.
         kill_exact([init])
     unmount_under(host.run_dir)
     net.remove_host(host)

@@ -67,7 +67,7 @@ def wait_until(
 # -- daemons kept by PID -------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     """The process start time in clock ticks: with the PID, identifies one process for good."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -99,7 +99,7 @@ def start_daemon(name: str, argv: Sequence[str | os.PathLike[str]]) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    pid_file(name).write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
+    pid_file(name).write_text(f"{proc.pid} {start_time(proc.pid)}\n")
     return proc.pid
 
 
@@ -110,12 +110,12 @@ def daemon_pid(name: str) -> int | None:
     except (OSError, ValueError):
         return None
     pid = int(pid_text)
-    if _start_time(pid) != started or _is_zombie(pid):
+    if start_time(pid) != started or is_zombie(pid):
         return None
     return pid
 
 
-def _is_zombie(pid: int) -> bool:
+def is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
@@ -185,13 +185,37 @@ def children_of(ppid: int) -> list[tuple[int, str]]:
 def kill_exact(processes: list[tuple[int, str]]) -> None:
     """SIGKILL each (pid, start time) that is still that same process."""
     for pid, started in processes:
-        if _start_time(pid) == started:
+        if start_time(pid) == started:
             _signal(pid, signal.SIGKILL)
 
 
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
+
+
+def processes_mentioning(path: Path, programs: frozenset[str]) -> list[tuple[int, str]]:
+    """(pid, start time) of processes running one of programs with path in their arguments.
+
+    Our daemons take their config from the run dir, so this finds one started just before its
+    pid file was written; programs keeps out anyone else reading a file there (tail, grep).
+    """
+    needle = str(path).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        program = os.path.basename(cmdline.split(b"\0", 1)[0].decode(errors="replace"))
+        if needle not in cmdline or program not in programs:
+            continue
+        started = start_time(int(entry.name))
+        if started is not None and not is_zombie(int(entry.name)):
+            found.append((int(entry.name), started))
+    return found
 
 
 def known_daemons() -> list[str]:
