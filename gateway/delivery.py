@@ -135,7 +135,11 @@ def strip_header(data: bytes, name: str) -> bytes:
     """``data`` without every ``name:`` header field (folded lines included); the body is
     untouched."""
     end = re.search(rb"\r?\n\r?\n", data)
-    head, body = (data[: end.start()], data[end.start() :]) if end else (data, b"")
+    if end:
+        split = end.start() + (2 if data[end.start() : end.start() + 1] == b"\r" else 1)
+        head, rest = data[:split], data[split:]  # rest: the empty line, then the body
+    else:
+        head, rest = data, b""
     wanted = name.lower().encode("ascii") + b":"
     if wanted not in head.lower():
         return data
@@ -144,17 +148,14 @@ def strip_header(data: bytes, name: str) -> bytes:
     for line in re.split(rb"(?<=\n)", head):
         if not line:
             continue
-        if line[:1] in (b" ", b"\t"):
+        if line[:1] in (b" ", b"\t"):  # a folded continuation of the field before
             if not dropping:
                 kept.append(line)
             continue
         dropping = line.lower().startswith(wanted)
         if not dropping:
             kept.append(line)
-    new_head = b"".join(kept)
-    if body and new_head.endswith(b"\n"):
-        new_head = new_head[:-2] if new_head.endswith(b"\r\n") else new_head[:-1]
-    return new_head + body
+    return b"".join(kept) + rest
 
 
 def wire_bytes(data: bytes) -> bytes:
