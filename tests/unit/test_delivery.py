@@ -166,6 +166,16 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any
     raise TimeoutError("condition not met in time")
 
 
+async def wait_gone(relay: Relay, queue_id: str, timeout: float = 10.0) -> None:
+    """Until the message has left the spool (its attempt's result is committed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await relay.gone(queue_id):
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"{queue_id} still queued")
+
+
 # --- the relay under test -------------------------------------------------------------------
 
 
@@ -249,8 +259,7 @@ async def test_delivers_from_source_address_with_ehlo_name(relay: Relay, far) ->
     assert got.peer[0] == SOURCE and got.helo == HOSTNAME
     assert got.mail_from == "a@customer.test" and got.rcpt_tos == ["b@far.test"]
     assert b"\r\n.leading dot\r\n" in got.data  # dot-stuffing undone by the far end
-    await wait_until(lambda: asyncio.ensure_future(relay.gone(queue_id)))
-    assert await relay.gone(queue_id)
+    await wait_gone(relay, queue_id)
 
 
 async def test_reuses_connections_and_batches_recipients(relay: Relay, far) -> None:
@@ -265,7 +274,7 @@ async def test_reuses_connections_and_batches_recipients(relay: Relay, far) -> N
     assert len(connections) <= relay.config.delivery.max_connections_per_host
     assert relay.delivery.pool.reused >= 30 - len(connections)
     for queue_id in ids:
-        assert await relay.gone(queue_id)
+        await wait_gone(relay, queue_id)
 
 
 async def test_verdict_header_removed_when_delivering_direct(relay: Relay, far) -> None:
@@ -283,7 +292,7 @@ async def test_deferred_on_4xx_then_delivered_on_retry(relay: Relay, far) -> Non
     queue_id = await relay.send("a@customer.test", ["greylist1@far.test"], message())
     await wait_until(lambda: mx.received, timeout=5)
     assert mx.received[0].rcpt_tos == ["greylist1@far.test"]
-    assert await relay.gone(queue_id)
+    await wait_gone(relay, queue_id)
     assert relay.delivery.attempts >= 2
 
 
@@ -313,7 +322,7 @@ async def test_partial_success_per_recipient_and_ndr_for_5xx(relay: Relay, far) 
 async def test_no_ndr_to_the_null_sender(relay: Relay, far) -> None:
     _, (_, customer) = far
     queue_id = await relay.send("", ["reject2@far.test"], message(), kind="ndr")
-    await wait_until(lambda: asyncio.ensure_future(relay.gone(queue_id)))
+    await wait_gone(relay, queue_id)
     await asyncio.sleep(0.3)
     assert customer.received == []
     assert (await relay.spool.counts()) == {"active": 0, "deferred": 0, "held": 0}
@@ -346,7 +355,7 @@ async def test_next_mx_when_the_first_does_not_answer(relay: Relay, far) -> None
     queue_id = await relay.send("a@customer.test", ["x@multi.test"], message())
     await wait_until(lambda: second.received)
     assert second.received[0].rcpt_tos == ["x@multi.test"]
-    await wait_until(lambda: asyncio.ensure_future(relay.gone(queue_id)))
+    await wait_gone(relay, queue_id)
 
 
 async def test_expired_message_gets_an_ndr(tmp_path: Path, far) -> None:
@@ -362,7 +371,7 @@ async def test_expired_message_gets_an_ndr(tmp_path: Path, far) -> None:
         assert blocks[0]["Action"] == "failed"
         assert blocks[0]["Status"].startswith("4.")
         assert "expired" in blocks[0]["Diagnostic-Code"]
-        assert await relay.gone(queue_id)
+        await wait_gone(relay, queue_id)
     finally:
         await relay.stop()
 
@@ -397,7 +406,7 @@ async def test_restart_resumes_active_messages(tmp_path: Path, far) -> None:
     await relay.start()
     try:
         await wait_until(lambda: mx.received)
-        await wait_until(lambda: asyncio.ensure_future(relay.gone(queue_id)))
+        await wait_gone(relay, queue_id)
     finally:
         await relay.stop()
 
