@@ -73,7 +73,13 @@ class NetNotifier:
                 start_tls=False,
                 use_tls=False,
             )
-        except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPConnectTimeoutError, OSError) as exc:
+        except (
+            aiosmtplib.SMTPConnectError,
+            aiosmtplib.SMTPConnectTimeoutError,
+            aiosmtplib.SMTPTimeoutError,  # a relay that accepts but does not talk
+            aiosmtplib.SMTPServerDisconnected,
+            OSError,
+        ) as exc:
             raise ChannelDown(f"SMTP relay {host}:{port} unreachable: {exc}") from None
         except aiosmtplib.SMTPException as exc:
             raise DeliveryError(f"SMTP relay {host}:{port}: {exc}") from None
