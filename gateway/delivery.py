@@ -42,6 +42,7 @@ from aiosmtplib import errors as smtp_errors
 
 from gateway import dsn
 from gateway.config import Config
+from gateway.log import event
 from gateway.spool import (
     HOLD_TLS,
     AttemptOutcome,
@@ -381,7 +382,7 @@ class Delivery:
             try:
                 return await self.spool.finish_attempt(result)
             except SpoolUnavailable as exc:
-                log.error("queue_id=%s cannot record the attempt: %s", result.queue_id, exc)
+                event(log, "spool_error", result.queue_id, level=logging.ERROR, error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         try:
@@ -423,12 +424,7 @@ class Delivery:
         outcome = await self._record(result)
         self._log_attempt(message, outcomes, time.monotonic() - started, outcome.state)
         if outcome.ndr_id:
-            log.info(
-                "queue_id=%s ndr=%s to=<%s> status=queued",
-                message.id,
-                outcome.ndr_id,
-                message.sender,
-            )
+            event(log, "ndr", message.id, ndr=outcome.ndr_id, to=f"<{message.sender}>")
 
     # -- one attempt ----------------------------------------------------------------------
 
@@ -713,8 +709,8 @@ class Delivery:
     async def _reopen_cleartext(
         self, smtp: aiosmtplib.SMTP, target: _Target, why: str
     ) -> TlsOutcome:
-        log.info(
-            "relay=%s tls=failed (%s): retrying in cleartext (opportunistic)", target.relay, why
+        event(
+            log, "tls_fallback", relay=target.relay, error=why, action="cleartext (opportunistic)"
         )
         try:
             await smtp.connect(timeout=self.config.delivery.connect_timeout)
@@ -878,26 +874,32 @@ class Delivery:
     def _log_attempt(
         self, message: QueuedMessage, outcomes: list[RcptOutcome], took: float, state: str
     ) -> None:
+        """One line per attempt and outcome: recipients with the same status, relay, TLS and
+        reply share a line (``delivery`` event, see gateway/log.py)."""
         delay = self.clock() - message.created_at
-        groups: dict[tuple[str, str, str, str], list[str]] = {}
+        groups: dict[tuple[str, str, TlsOutcome, str], list[str]] = {}
         for o in outcomes:
-            groups.setdefault((o.status, o.relay, o.tls.log_fields(), o.reply), []).append(
-                o.address
-            )
+            groups.setdefault((o.status, o.relay, o.tls, o.reply), []).append(o.address)
         for (status, relay, tls, reply), addresses in groups.items():
-            log.info(
-                "queue_id=%s to=%s relay=%s %s delay=%.2f attempt_time=%.3f attempts=%d "
-                "status=%s reply=%r",
-                message.id,
-                ",".join(f"<{a}>" for a in addresses),
-                relay or "none",
-                tls,
-                delay,
-                took,
-                message.attempts + 1,
-                status,
-                reply,
+            fields: dict[str, Any] = {
+                "to": ",".join(f"<{a}>" for a in addresses),
+                "relay": relay or "none",
+                "tls": tls.version or "none",
+            }
+            if tls.encrypted:
+                fields["cipher"] = tls.cipher
+                fields["verify"] = tls.verification + (f" ({tls.detail})" if tls.detail else "")
+            fields.update(
+                delay=f"{delay:.2f}",
+                attempt_time=f"{took:.3f}",
+                attempts=message.attempts + 1,
+                status=status,
+                reply=reply,
             )
+            if message.route == "bad_gateway":
+                fields["route"] = "bad_gateway"
+            level = logging.WARNING if status in (BOUNCED, HELD) else logging.INFO
+            event(log, "delivery", message.id, level=level, **fields)
         if self.metrics is not None:
             with contextlib.suppress(Exception):
                 for o in outcomes:

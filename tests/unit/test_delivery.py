@@ -27,6 +27,7 @@ from aiosmtpd.controller import Controller
 from gateway.config import Config, parse_config
 from gateway.delivery import Delivery, strip_header
 from gateway.dns import DnsResult, MailHost, MailHosts
+from gateway.log import TextFormatter
 from gateway.spool import Spool, SpoolAdmin
 from gateway.tls_policy import TlsPolicy
 from tests.harness import TestCA
@@ -482,8 +483,9 @@ async def test_opportunistic_starttls_when_offered(tmp_path: Path, tls_far, ca, 
         await relay.send("a@customer.test", ["b@open.test"], message())
         await wait_until(lambda: sinks["valid"].received)
         assert sinks["valid"].received[0].tls
-        await wait_until(lambda: "status=sent" in caplog.text)
-        line = next(r.message for r in caplog.records if "status=sent" in r.message)
+        fmt = TextFormatter()
+        await wait_until(lambda: any("status=sent" in fmt.format(r) for r in caplog.records))
+        line = next(fmt.format(r) for r in caplog.records if "status=sent" in fmt.format(r))
         assert "relay=mx1.secure.test[127.0.21.11]" in line and "tls=TLSv1.3" in line
     finally:
         await relay.stop()
