@@ -171,6 +171,20 @@ def choice(*allowed: str) -> Callable[[Any], str]:
     return parse
 
 
+def int_range(low: int, high: int | None = None) -> Callable[[Any], int]:
+    """A whole number in ``low..high`` (no upper bound when ``high`` is None)."""
+
+    def parse(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _Invalid(f"expected a whole number, got {value!r}")
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise _Invalid(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
 def list_of(parse: Callable[[Any], Any]) -> Callable[[Any], list[Any]]:
     def parse_list(value: Any) -> list[Any]:
         if not isinstance(value, list):
@@ -209,11 +223,11 @@ class GatewaySection:
     spool: Path = Path("/var/spool/smg")
     max_message_size: int = _parsed(parse_size, "25MiB")
     client_networks: list[Any] = _parsed(list_of(parse_network), ["127.0.0.0/8"])
-    max_recipients: int = 100
-    max_connections: int = 200
+    max_recipients: int = _parsed(int_range(1), 100)
+    max_connections: int = _parsed(int_range(1), 200)
     idle_timeout: float = _parsed(parse_duration, "300s")
     data_timeout: float = _parsed(parse_duration, "600s")
-    max_line_length: int = 998
+    max_line_length: int = _parsed(int_range(78), 998)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     require_tls_from_clients: bool = False
@@ -228,20 +242,20 @@ class DnsSection:
     )
     extra_public_networks: list[Any] = _parsed(list_of(parse_network), [])
     timeout: float = _parsed(parse_duration, "5s")
-    cache_size: int = 10000
+    cache_size: int = _parsed(int_range(0), 10000)
     negative_ttl_max: float = _parsed(parse_duration, "15m")
 
 
 @dataclass(frozen=True)
 class DeliverySection:
-    port: int = 25
+    port: int = _parsed(int_range(1, 65535), 25)
     max_lifetime: float = _parsed(parse_duration, "5d")
     retry_initial: float = _parsed(parse_duration, "5m")
     retry_max: float = _parsed(parse_duration, "1h")
     connect_timeout: float = _parsed(parse_duration, "30s")
     command_timeout: float = _parsed(parse_duration, "300s")
-    concurrency: int = 64
-    max_connections_per_host: int = 10
+    concurrency: int = _parsed(int_range(1), 64)
+    max_connections_per_host: int = _parsed(int_range(1), 10)
     connection_reuse: float = _parsed(parse_duration, "30s")
     scan_interval: float = _parsed(parse_duration, "1s")
 
@@ -544,6 +558,24 @@ def load_config(path: str | Path) -> Config:
 # --- checks across keys ---------------------------------------------------------------------
 
 
+def _check_gateway_limits(config: Config) -> list[ConfigProblem]:
+    gateway = config.gateway
+    problems = []
+    if gateway.max_message_size < 1024:
+        problems.append(
+            ConfigProblem("gateway.max_message_size", "must be at least 1KiB (1024 bytes)")
+        )
+    for index, network in enumerate(gateway.client_networks):
+        if network.prefixlen < (8 if network.version == 4 else 16):
+            problems.append(
+                ConfigProblem(
+                    f"gateway.client_networks[{index}]",
+                    f"{network} is too wide: this gateway would be an open relay",
+                )
+            )
+    return problems
+
+
 def _check_routing(config: Config) -> list[ConfigProblem]:
     if config.gateway.role == "good" and config.spam.enabled and not config.routing.bad_gateways:
         return [
@@ -595,6 +627,7 @@ def _check_blacklist(config: Config) -> list[ConfigProblem]:
 
 # Feature modules append their own cross-key checks here (e.g. conflicting TLS rules).
 CROSS_CHECKS: list[Callable[[Config], list[ConfigProblem]]] = [
+    _check_gateway_limits,
     _check_routing,
     _check_tls_listener,
     _check_dkim_keys,
