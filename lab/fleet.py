@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -129,7 +130,11 @@ def _up(*, rebuild_image: bool) -> dict[str, Any]:
         pki.issue(host.name, [host.fqdn, host.name], [host.address])
     for host in FAR_ENDS:
         net.add_host(host, resolv_conf=hosts.resolv_conf())
-        farend.prepare(host)
+    # `postfix check` (queue dirs, permissions) takes seconds of shell: run them side by side.
+    with ThreadPoolExecutor(max_workers=len(FAR_ENDS)) as pool:
+        for done in [pool.submit(farend.prepare, host) for host in FAR_ENDS]:
+            done.result(timeout=120)
+    for host in FAR_ENDS:
         farend.start(host)
     net.add_host(CUSTOMER, resolv_conf=hosts.resolv_conf())
     for host in FAR_ENDS:
