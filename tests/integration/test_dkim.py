@@ -71,7 +71,9 @@ def opendkim_verify(raw: bytes, nameserver: str, zone: str, workdir: Path) -> di
         ["opendkim", "-x", str(conf), "-t", str(message), "-vv"],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
-    found = re.findall(r"dkim=(\w+)[^\n]*?header\.a=\S+ header\.s=([^\s;]+)", run.stdout + run.stderr)
+    found = re.findall(
+        r"dkim=(\w+)[^\n]*?header\.a=\S+ header\.s=([^\s;]+)", run.stdout + run.stderr
+    )
     return {selector: result for result, selector in found}
 
 
@@ -91,15 +93,15 @@ def mail_dkim_verify(raw: bytes, nameserver: str, workdir: Path) -> dict[str, st
     return {selector: result for result, selector in found}
 
 
-def keygen(out: Path, selector: str, algorithm: str) -> tuple[Path, str]:
+def keygen(out: Path, selector: str, algorithm: str, domain: str = DOMAIN) -> tuple[Path, str]:
     """Run `smg dkim keygen`; return the key path and the zone line it printed."""
     run = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "dkim", "keygen", "--domain", DOMAIN,
+        [sys.executable, "-m", "gateway.cli", "dkim", "keygen", "--domain", domain,
          "--selector", selector, "--algorithm", algorithm, "--out", str(out)],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     zone_line = re.search(r"^zone:  (.*)$", run.stdout, re.M).group(1)  # type: ignore[union-attr]
-    return out / DOMAIN / f"{selector}.key", zone_line
+    return out / domain / f"{selector}.key", zone_line
 
 
 @pytest.fixture(scope="module")
