@@ -41,7 +41,10 @@ class ConfigError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
-        return "\n".join(f"{self.source}: {p.key}: {p.message}" for p in self.problems)
+        return "\n".join(
+            f"{self.source}: {p.key}: {p.message}" if p.key else f"{self.source}: {p.message}"
+            for p in self.problems
+        )
 
 
 class _Invalid(ValueError):
