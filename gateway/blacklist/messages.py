@@ -6,6 +6,7 @@ then (the ticket opened a moment before, a removal mail that failed and will be 
 
 from __future__ import annotations
 
+import textwrap
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
@@ -26,8 +27,28 @@ def when(stamp: str | None, timezone: str) -> str:
     if not stamp:
         return "-"
     moment = parse_iso(stamp)
+    if timezone == "UTC":
+        return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
     local = moment.astimezone(ZoneInfo(timezone))
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC ({local:%H:%M:%S %Z} {timezone})"
+
+
+def list_label(listing: dict[str, Any]) -> str:
+    """``Spamhaus ZEN (zen.spamhaus.org)``, or just the zone when it has no other name."""
+    name, zone = listing["list_name"], listing["zone"]
+    return zone if name == zone else f"{name} ({zone})"
+
+
+def _wrap(label: str, text: str) -> str:
+    """``Label:        text`` wrapped at 78 columns, continuation lines under the text."""
+    return textwrap.fill(
+        text,
+        width=78,
+        initial_indent=f"{label:<15}",
+        subsequent_indent=" " * 15,
+        break_long_words=False,  # never cut a URL
+        break_on_hyphens=False,
+    )
 
 
 def duration(start: str, end: str) -> str:
@@ -99,23 +120,22 @@ def listed_notice(config: Config, listing: dict[str, Any], removal_note: str) ->
         else "a minor list: some receivers refuse or down-score mail from this address"
     )
     lines = [
-        f"{listing['ip']} is listed on {listing['list_name']} ({listing['zone']}), {weight}.",
+        textwrap.fill(f"{listing['ip']} is listed on {list_label(listing)}, {weight}.", 78),
         "",
         f"Address:       {listing['ip']}",
-        f"List:          {listing['list_name']} ({listing['zone']}), "
-        f"{'major' if listing['major'] else 'minor'}",
-        f"Answer:        {listing['meaning']}",
-        f"Reason (TXT):  {listing['reason'] or '(the list gives none)'}",
+        f"List:          {list_label(listing)}, {'major' if listing['major'] else 'minor'}",
+        _wrap("Answer:", listing["meaning"]),
+        f"Reason (TXT):  {listing['reason'] or '(the list gives none)'}",  # as given: URLs
         f"Listed since:  {when(listing['opened_at'], tz)}",
         f"               (first seen by the check on {config.gateway.hostname}; "
         "the list may have listed it earlier)",
         "",
         f"Removal request #{listing['request_id']}, "
         f"opened {when(listing['request_opened_at'], tz)}",
-        f"Procedure:     {listing['procedure_text']}",
+        _wrap("Procedure:", listing["procedure_text"]),
     ]
     if removal_note:
-        lines.append(f"How it works:  {removal_note}")
+        lines.append(_wrap("How it works:", removal_note))
     lines += [
         line
         for line in (
@@ -134,9 +154,8 @@ def listed_notice(config: Config, listing: dict[str, Any], removal_note: str) ->
         "     when the listing is gone.",
         f"Runbook: {RUNBOOK}",
     ]
-    subject = (
-        f"[smg blacklist] LISTED: {listing['ip']} on {listing['list_name']} ({listing['zone']})"
-        + (" - major list" if listing["major"] else "")
+    subject = f"[smg blacklist] LISTED: {listing['ip']} on {list_label(listing)}" + (
+        " - major list" if listing["major"] else ""
     )
     return _mail(config, [config.blacklist.operations_mailbox or ""], subject, "\n".join(lines))
 
@@ -149,20 +168,17 @@ def delisted_notice(config: Config, listing: dict[str, Any]) -> EmailMessage:
     else:
         ticket = "Ticket:        none"
     lines = [
-        f"{listing['ip']} is no longer listed on {listing['list_name']} ({listing['zone']}).",
+        f"{listing['ip']} is no longer listed on {list_label(listing)}.",
         "",
         f"Address:       {listing['ip']}",
-        f"List:          {listing['list_name']} ({listing['zone']})",
+        f"List:          {list_label(listing)}",
         f"Listed since:  {when(listing['opened_at'], tz)}",
         f"Gone at:       {when(listing['closed_at'], tz)}",
         f"Lasted:        {lasted} (between the checks that saw it listed and gone)",
         f"Request:       #{listing['request_id']} closed",
         ticket,
     ]
-    subject = (
-        f"[smg blacklist] DELISTED: {listing['ip']} on {listing['list_name']} "
-        f"({listing['zone']}) after {lasted}"
-    )
+    subject = f"[smg blacklist] DELISTED: {listing['ip']} on {list_label(listing)} after {lasted}"
     return _mail(config, [config.blacklist.operations_mailbox or ""], subject, "\n".join(lines))
 
 
@@ -173,7 +189,7 @@ def removal_mail(config: Config, listing: dict[str, Any]) -> EmailMessage:
         [
             "Hello,",
             "",
-            f"please remove {listing['ip']} from {listing['list_name']} ({listing['zone']}).",
+            f"please remove {listing['ip']} from {list_label(listing)}.",
             "",
             f"{listing['ip']} is an outbound mail gateway ({config.gateway.hostname}) of a "
             "managed mail service.",
@@ -181,7 +197,7 @@ def removal_mail(config: Config, listing: dict[str, Any]) -> EmailMessage:
             "investigating how the mail that led to this listing got through and will stop it.",
             "",
             f"First seen listed by us: {when(listing['opened_at'], 'UTC')}",
-            f"Your list's answer:      {listing['codes']} ({listing['meaning']})",
+            f"Your list's answer:      {listing['meaning']}",
             f"Your list's reason:      {listing['reason'] or '-'}",
             "",
             f"Please reply to {ops} with any question.",

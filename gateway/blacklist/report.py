@@ -7,7 +7,7 @@ from typing import Any
 from gateway.blacklist.answers import CLEAN, LISTED, UNKNOWN
 from gateway.blacklist.check import EXIT_NAMES, CheckReport
 from gateway.blacklist.lookup import Result
-from gateway.blacklist.messages import duration
+from gateway.blacklist.messages import duration, list_label
 from gateway.blacklist.state import iso
 
 _STATUS_ORDER = {LISTED: 0, UNKNOWN: 1, CLEAN: 2}
@@ -150,7 +150,7 @@ def status_text(status: dict[str, Any], now: str) -> str:
 
 def _listing_lines(listing: dict[str, Any], now: str) -> list[str]:
     weight = "major" if listing["major"] else "minor"
-    head = f"  {listing['ip']} on {listing['list_name']} ({listing['zone']}), {weight}"
+    head = f"  {listing['ip']} on {list_label(listing)}, {weight}"
     if listing["closed_at"]:
         lasted = duration(listing["opened_at"], listing["closed_at"])
         head += f": {listing['opened_at']} -> {listing['closed_at']} (lasted {lasted})"

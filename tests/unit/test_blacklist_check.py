@@ -281,7 +281,7 @@ def test_new_listing_notifies_requests_removal_and_opens_a_ticket_once(
     assert notice["To"] == "ops@example.net"
     assert notice["From"] == "smg-blacklist@gw1.example.net"
     assert notice["Auto-Submitted"] == "auto-generated"
-    assert str(notice["Subject"]) == f"[smg blacklist] LISTED: {GOOD} on minor.test (minor.test)"
+    assert str(notice["Subject"]) == f"[smg blacklist] LISTED: {GOOD} on minor.test"
     body = notice.get_content()
     for words in (
         f"Address:       {GOOD}",
@@ -319,7 +319,7 @@ def test_delisting_closes_the_request_and_says_how_long_it_lasted(
     assert report.exit_code == OK and len(report.changes.closed) == 1
     delisted = notifier.mails[-1]
     assert str(delisted["Subject"]) == (
-        f"[smg blacklist] DELISTED: {GOOD} on major.test (major.test) after 2 d 3 h 4 min"
+        f"[smg blacklist] DELISTED: {GOOD} on major.test after 2 d 3 h 4 min"
     )
     assert "Request:       #1 closed" in delisted.get_content()
     close = notifier.posts[-1][1]
