@@ -22,6 +22,7 @@ import pytest
 from gateway.config import parse_config
 from gateway.dkim import DkimSigner
 from tests.conftest import require_binaries
+from tests.harness import free_port
 from tests.harness.knot import KnotDNS
 
 pytestmark = pytest.mark.integration
@@ -169,3 +170,20 @@ def test_tampering_is_detected_by_both(
     extra_from = b"From: mallory@evil.example\r\n" + signed
     oversigned = opendkim_verify(extra_from, knot_dns.nameserver, DOMAIN, tmp_path / "o")
     assert "pass" not in oversigned.values(), "a From: added later breaks every signature"
+
+
+def test_smg_serve_refuses_to_start_with_a_readable_key(tmp_path: Path) -> None:
+    key, _ = keygen(tmp_path / "keys", "loose", "rsa")
+    key.chmod(0o640)
+    config = tmp_path / "smg.toml"
+    config.write_text(
+        f'[gateway]\nhostname = "mta01.example.net"\nlisten = ["127.0.0.1:{free_port()}"]\n'
+        f'spool = "{tmp_path / "spool"}"\n[virus]\nenabled = false\n[spam]\nenabled = false\n'
+        f'[[dkim.keys]]\ndomain = "{DOMAIN}"\nselector = "loose"\nkey = "{key}"\n'
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert str(key) in run.stderr + run.stdout and "chmod 600" in run.stderr + run.stdout
