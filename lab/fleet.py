@@ -86,6 +86,9 @@ def is_up() -> bool:
 def up(*, rebuild_image: bool = False, keep_on_failure: bool = False) -> dict[str, Any]:
     with locked():
         if is_up():
+            if rebuild_image:
+                # The running hosts' overlays sit on the unpacked image: never swap it under them.
+                raise LabError("the lab is up: `python -m lab down` before --rebuild-image")
             log.info("the lab is already up")
             return state.read() or {}
         if STATE_FILE.exists() or leftovers():
