@@ -1,0 +1,86 @@
+"""The lab: the same fleet as production on this machine (``python -m lab up``).
+
+    pyinfra inventories/lab.py deploy.py -y
+
+Hosts, addresses, the SSH key and the lab CA come from lab/run/state.json (written by
+``python -m lab up``; ``SMG_LAB_STATE`` points elsewhere for tests).  The fleet's data comes
+from ``group_data/`` like production's; the ``lab`` group below overrides what differs in the
+lab: mirrors via apt-cacher-ng, the lab's DNS, its customer network, test domains, the lab
+DNSBL.  A change request in the lab is an edit of that group's data.
+"""
+
+import json as _json
+import os as _os
+from pathlib import Path as _Path
+
+from gateway.inventory import validate_inventory
+
+_STATE_FILE = _Path(_os.environ.get("SMG_LAB_STATE", "lab/run/state.json"))
+if not _STATE_FILE.is_file():
+    raise SystemExit(f"{_STATE_FILE}: no such file: the lab is not up (python -m lab up)")
+_STATE = _json.loads(_STATE_FILE.read_text())
+
+
+def _host(name: str) -> tuple[str, dict]:
+    entry = _STATE["hosts"][name]
+    return (
+        name,
+        {
+            "fqdn": entry["fqdn"],
+            "public_address": entry["address"],
+            "tls_cert_file": entry["cert"],
+            "tls_key_file": entry["key"],
+            "ssh_hostname": entry["address"],
+            "ssh_user": "root",
+            "ssh_key": _STATE["ssh_key"],
+            # The lab's host keys are new at every `up`.
+            "ssh_known_hosts_file": "/dev/null",
+            "ssh_strict_host_key_checking": "no",
+        },
+    )
+
+
+good = [_host(n) for n, h in sorted(_STATE["hosts"].items()) if h["role"] == "good"]
+bad = [_host(n) for n, h in sorted(_STATE["hosts"].items()) if h["role"] == "bad"]
+
+lab = (
+    [name for name, _ in good + bad],
+    {
+        "apt_proxy": _STATE["apt_proxy"],
+        "resolvers": [_STATE["dns"]["address"]],
+        # TEST-NET-2 is documentation space: in the lab it counts as public.
+        "extra_public_networks": [_STATE["network"]],
+        "customer_networks": [_STATE["customer"]["address"] + "/32"],
+        # No freshclam in the lab: the kit's own signature set (EICAR and friends).
+        "clamav_mirror": None,
+        "internal_ca_file": _STATE["pki"]["ca_cert"],
+        # The far ends' certificates come from the lab CA too.
+        "public_ca_file": _STATE["pki"]["ca_cert"],
+        "tls_rules": [
+            {
+                "sender": "customer-a.example",
+                "recipient": "partner-tls.example",
+                "level": "verify",
+                "on_failure": "hold",
+            },
+            {
+                "sender": "customer-b.example",
+                "recipient": "partner-plain.example",
+                "level": "encrypt",
+                "on_failure": "reject",
+            },
+        ],
+        "dkim_keys_dir": "keys/lab",
+        "dkim_domains": [
+            {"domain": "customer-a.example", "selector": "lab", "algorithm": "rsa"},
+            {"domain": "customer-b.example", "selector": "lab", "algorithm": "ed25519"},
+        ],
+        "operations_mailbox": "fmb-change@partner-plain.example",
+        "dnsbl_zones": [
+            {"zone": _STATE["dns"]["dnsbl_zone"], "name": "lab DNSBL", "major": True},
+        ],
+    },
+)
+
+# Last: refuse a broken inventory before pyinfra connects to any host.
+validate_inventory(__file__, globals())

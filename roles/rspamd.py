@@ -1,0 +1,52 @@
+"""rspamd: the spam check, on loopback only (worker-normal on 127.0.0.1:11333, the controller
+on 127.0.0.1:11334), no proxy and no fuzzy workers, no fuzzy hashes sent out, DNS through the
+resolvers named in the inventory (else the host's resolver)."""
+
+from __future__ import annotations
+
+from pyinfra.api import deploy
+from pyinfra.operations import files, systemd
+from pyinfra.operations.util import any_changed
+
+from gateway.inventory import RSPAMD_PORT, Gateway
+from roles.render import render, text_io
+
+PACKAGES = ["rspamd"]
+CONTROLLER_PORT = 11334
+
+
+def config_files(gateway: Gateway) -> dict[str, str]:
+    """Path under /etc/rspamd -> content."""
+    off = render("rspamd/worker-off.inc.j2")
+    return {
+        "override.d/worker-normal.inc": render(
+            "rspamd/worker-normal.inc.j2", port=RSPAMD_PORT, count=1
+        ),
+        "override.d/worker-controller.inc": render(
+            "rspamd/worker-controller.inc.j2", port=CONTROLLER_PORT
+        ),
+        "override.d/worker-proxy.inc": off,
+        "override.d/worker-fuzzy.inc": off,
+        "local.d/fuzzy_check.conf": render("rspamd/fuzzy_check.conf.j2"),
+        "local.d/options.inc": render(
+            "rspamd/options.inc.j2", resolvers=[f"{ip}:53" for ip in gateway["resolvers"]]
+        ),
+    }
+
+
+@deploy("rspamd: loopback only")
+def apply(gateway: Gateway) -> None:
+    puts = [
+        files.put(name=f"rspamd: {path}", src=text_io(text), dest=f"/etc/rspamd/{path}", mode="644")
+        for path, text in config_files(gateway).items()
+    ]
+    systemd.service(
+        name="rspamd: enabled and running", service="rspamd.service", running=True, enabled=True
+    )
+    # A restart, not a reload: the workers' sockets change with the config.
+    systemd.service(
+        name="rspamd: restart for the changed config",
+        service="rspamd.service",
+        restarted=True,
+        _if=any_changed(*puts),
+    )
