@@ -549,9 +549,10 @@ class GatewaySMTP(SMTP):
             else Reply(451, "4.7.1", "Temporary policy failure, try again later")
         )
         self._count_reject(str(stage), decision.decided_by or "policy")
+        where = {"rcpt": f"<{ctx.rcpt_tos[-1]}>"} if stage == Stage.RCPT else {}
         event(log, "reject", "NOQUEUE", stage=str(stage), client=ctx.client_ip,
-              sender=f"<{ctx.mail_from}>", rcpt=f"<{ctx.rcpt_tos[-1]}>" if ctx.rcpt_tos else "",
-              reason=decision.decided_by, reply=str(reply))  # fmt: skip
+              sender=f"<{ctx.mail_from}>", **where, reason=decision.decided_by,
+              reply=str(reply))  # fmt: skip
         if stage == Stage.DATA:
             try:
                 await self.runtime.pipeline.after_reject(ctx, decision)
