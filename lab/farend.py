@@ -160,7 +160,12 @@ def prepare(host: Host) -> None:
     maillog(host).touch()
     # Creates the queue directories with Postfix's own owners and modes (and checks the config).
     # Inside the netns: Postfix refuses an inet_interfaces address this namespace lacks.
-    run(net.netns_exec(host, ["postfix", "-c", str(conf), "check"]), env=_env(host), timeout=60)
+    check = net.netns_exec(host, ["postfix", "-c", str(conf), "check"])
+    try:
+        run(check, env=_env(host), timeout=60)
+    except LabError as exc:
+        # Without a terminal or syslog, postfix(1) prints nothing: say how to see the reason.
+        raise LabError(f"{exc}\nrun it in a terminal to see why: {' '.join(check)}") from exc
     data = base / "data"
     shutil.chown(data, "postfix", "postfix")
 
