@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:
         print(f"lab: error: {exc.args[0]}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Output piped into `head` and the like: not an error of the lab.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
