@@ -155,7 +155,8 @@ def boot(host: Host) -> int:
         f"{host.name}'s systemd to start", lambda: container_init(host) is not None, timeout=10
     )
     init = container_init(host)
-    assert init is not None
+    if init is None:  # nspawn exited in between
+        raise LabError(f"{host.name}: systemd-nspawn exited\n{log_tail(daemon_name(host))}")
     _init_pid_file(host).write_text(f"{init[0]} {init[1]}\n")
     return pid
 
