@@ -23,7 +23,6 @@ import contextvars
 import dataclasses
 import datetime as dt
 import json
-import os
 import re
 import subprocess
 import sys
@@ -747,7 +746,7 @@ def _check_dkim(checker: _Checker, gateway: Gateway) -> None:
             )
         seen.setdefault((domain, selector), index)
         if checker.check_keys:
-            why = dkim_key_problem(Path(keys_dir), domain, selector, algorithm)
+            why = dkim_key_problem(Path(keys_dir), domain, selector, algorithm, checker.raw.file)
             if why:
                 checker.problem(source, label, why)
 
@@ -777,14 +776,16 @@ def dkim_key_path(keys_dir: Path, domain: str, selector: str) -> Path:
     return keys_dir / domain / f"{selector}.key"
 
 
-def dkim_key_problem(keys_dir: Path, domain: str, selector: str, algorithm: str) -> str | None:
+def dkim_key_problem(
+    keys_dir: Path, domain: str, selector: str, algorithm: str, inventory: str = "INVENTORY"
+) -> str | None:
     from gateway.dkim import DkimKeyError, load_private_key
 
     path = dkim_key_path(keys_dir, domain, selector)
     if not path.exists():
         return (
             f"no key for this DKIM domain: {path} does not exist "
-            "(make it with: python -m gateway.inventory dkim-keys INVENTORY)"
+            f"(make it with: python -m gateway.inventory dkim-keys {inventory})"
         )
     try:
         key = load_private_key(path)
@@ -1251,5 +1252,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-    sys.exit(main())
+    # The inventory files import gateway.inventory: run that module, not this __main__ copy,
+    # so that both share one registry and one InventoryError.
+    from gateway.inventory import main as _main
+
+    sys.exit(_main())

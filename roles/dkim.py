@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import OperationMeta, deploy
+from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import FindFiles
 from pyinfra.operations import files
 

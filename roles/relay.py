@@ -19,7 +19,8 @@ from functools import cache
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import OperationMeta, deploy
+from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha1File
 from pyinfra.operations import files, pip, server, systemd
 from pyinfra.operations.util import any_changed
@@ -76,22 +77,12 @@ def build_wheelhouse(kit: Path = KIT_DIR, wheelhouse: Path = WHEELHOUSE) -> Path
             "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
             "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         }
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "--quiet",
-                "--wheel-dir",
-                str(fresh),
-                str(snapshot),
-            ],
-            check=True,
-            env=env,
-            timeout=600,
-            stdout=subprocess.DEVNULL,
+        command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(fresh)]
+        built = subprocess.run(
+            [*command, str(snapshot)], env=env, timeout=600, capture_output=True, text=True
         )
+        if built.returncode != 0:
+            raise RuntimeError(f"pip wheel failed building the wheelhouse:\n{built.stderr}")
         (fresh / SUMS).write_text(_sums(fresh))
         (fresh / ".source-digest").write_text(digest + "\n")
         if wheelhouse.exists():

@@ -5,7 +5,8 @@ itself is part of the relay config (roles/relay.py renders it from ``tls_rules``
 
 from __future__ import annotations
 
-from pyinfra.api import OperationMeta, deploy
+from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
 from gateway.inventory import Gateway, HostPaths

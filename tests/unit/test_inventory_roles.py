@@ -1,0 +1,157 @@
+"""What the roles render from a validated inventory, checked without any host: the firewall
+rules (by nft itself), the relay's hardened unit, rspamd and clamd on loopback, the blacklist
+timer at 05:00, the wheelhouse digest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gateway import inventory as inv
+from roles import blacklist, clamav, firewall, relay, rspamd
+from tests.harness import TestCA
+from tests.unit.test_inventory import Site
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> inv.Fleet:
+    root = tmp_path_factory.mktemp("site")
+    return Site(root, TestCA(root / "ca")).load()
+
+
+def nft_check(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``nft --check`` parses and validates the ruleset without loading it."""
+    if os.geteuid() != 0 or shutil.which("nft") is None:
+        pytest.skip("nft --check needs root and nftables")
+    path = tmp_path / "nftables.conf"
+    path.write_text(text)
+    return subprocess.run(
+        ["nft", "--check", "-f", str(path)], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_good_gateway_firewall_takes_smtp_only_from_customers(
+    fleet: inv.Fleet, tmp_path: Path
+) -> None:
+    text = firewall.nftables_conf(fleet, fleet.get("otc-de-mta01"))
+    assert "policy drop;" in text
+    assert 'iif "lo" accept' in text
+    assert "ip saddr { 10.20.0.0/16 } tcp dport 25 accept" in text
+    assert "ip6 saddr { 2001:db8:99::/48 } tcp dport 25 accept" in text
+    assert "ip saddr { 0.0.0.0/0 } tcp dport 22 accept" in text
+    assert text.count("dport 25") == 2
+    checked = nft_check(text, tmp_path)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_bad_gateway_firewall_takes_smtp_only_from_the_good_gateways(
+    fleet: inv.Fleet, tmp_path: Path
+) -> None:
+    text = firewall.nftables_conf(fleet, fleet.get("otc-de-mta03"))
+    assert "ip6 saddr { 2001:db8:10::1/128, 2001:db8:10::2/128 } tcp dport 25 accept" in text
+    assert "10.20.0.0/16" not in text
+    assert text.count("dport 25") == 1
+    checked = nft_check(text, tmp_path)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_firewall_replaces_only_its_own_table(fleet: inv.Fleet) -> None:
+    text = firewall.nftables_conf(fleet, fleet.get("otc-de-mta01"))
+    assert "flush ruleset" not in text
+    assert "table inet smg\ndelete table inet smg\n" in text
+
+
+def test_relay_unit_is_hardened(fleet: inv.Fleet) -> None:
+    unit = relay.unit_file(fleet.get("otc-de-mta01"))
+    for line in (
+        "User=smg",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/spool/smg",
+        "PrivateTmp=yes",
+        "ProtectHome=yes",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecStart=/opt/smg/venv/bin/smg serve --config /etc/smg/smg.toml",
+    ):
+        assert line in unit.splitlines(), line
+    assert [x for x in unit.splitlines() if x.startswith("ReadWritePaths")] == [
+        "ReadWritePaths=/var/spool/smg"
+    ]
+    assert "rspamd.service" not in relay.unit_file(fleet.get("otc-de-mta03"))
+
+
+def test_rspamd_listens_on_loopback_only_without_fuzzy(fleet: inv.Fleet) -> None:
+    files = rspamd.config_files(fleet.get("otc-de-mta01"))
+    assert 'bind_socket = "127.0.0.1:11333";' in files["override.d/worker-normal.inc"]
+    assert 'bind_socket = "127.0.0.1:11334";' in files["override.d/worker-controller.inc"]
+    assert "count = -1;" in files["override.d/worker-fuzzy.inc"]
+    assert "count = -1;" in files["override.d/worker-proxy.inc"]
+    assert "enabled = false;" in files["local.d/fuzzy_check.conf"]
+
+
+def test_clamd_has_no_tcp_socket_and_takes_the_largest_message(fleet: inv.Fleet) -> None:
+    text = clamav.clamd_conf(fleet.get("otc-de-mta01"))
+    assert "TCPSocket" not in text
+    assert "LocalSocket /run/clamav/clamd.ctl" in text
+    assert "StreamMaxLength 30M" in text  # 25 MiB messages plus headroom
+
+
+def test_freshclam_uses_the_inventory_mirror() -> None:
+    assert "DatabaseMirror database.clamav.net" in clamav.freshclam_conf(
+        "https://database.clamav.net"
+    )
+    assert "PrivateMirror http://mirror.example.net/clamav" in clamav.freshclam_conf(
+        "http://mirror.example.net/clamav"
+    )
+
+
+def test_the_kit_ships_a_signature_set(fleet: inv.Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    names = [p.name for p in clamav.shipped_signatures(fleet.get("otc-de-mta01"))]
+    assert names and all(n.endswith((".hdb", ".ndb", ".ldb", ".hsb")) for n in names)
+
+
+def test_blacklist_timer_runs_daily_at_five_in_berlin(fleet: inv.Fleet) -> None:
+    units = blacklist.units(fleet.get("otc-de-mta01"))
+    timer = units[blacklist.TIMER]
+    assert "OnCalendar=*-*-* 05:00:00 Europe/Berlin" in timer
+    assert "Persistent=true" in timer
+    assert (
+        "/opt/smg/venv/bin/smg blacklist check --config /etc/smg/smg.toml"
+        in units[blacklist.SERVICE]
+    )
+    if shutil.which("systemd-analyze"):
+        shown = subprocess.run(
+            ["systemd-analyze", "calendar", "*-*-* 05:00:00 Europe/Berlin"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert "05:00:00" in shown.stdout
+
+
+def test_wheelhouse_digest_follows_the_sources(tmp_path: Path) -> None:
+    (tmp_path / "gateway").mkdir()
+    (tmp_path / "pyproject.toml").write_text("[project]\nname='x'\n")
+    (tmp_path / "gateway" / "a.py").write_text("A = 1\n")
+    (tmp_path / "gateway" / "__pycache__").mkdir()
+    (tmp_path / "gateway" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"junk")
+    first = relay.source_digest(tmp_path)
+    (tmp_path / "gateway" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"other junk")
+    assert relay.source_digest(tmp_path) == first  # byte code does not count
+    (tmp_path / "gateway" / "a.py").write_text("A = 2\n")
+    assert relay.source_digest(tmp_path) != first
+
+
+def test_install_reinstalls_our_wheel_and_records_what_it_installed() -> None:
+    commands = relay.install_commands()
+    assert "--no-index" in commands[0] and "--find-links /opt/smg/wheelhouse" in commands[0]
+    assert "--force-reinstall" in commands[1] and "--no-deps" in commands[1]
+    assert commands[2].endswith(relay.INSTALLED_SUMS)
