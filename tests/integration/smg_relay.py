@@ -126,3 +126,14 @@ def server_said(transcript: str, reply: str) -> bool:
         if marker.startswith("<") and text.strip().startswith(reply):
             return True
     return False
+
+
+def message_ids(relay: SmgRelay) -> list[str]:
+    """The Message-ID local parts of every queued message (sorted)."""
+    ids = []
+    with SpoolAdmin(relay.config["gateway"]["spool"]) as admin:
+        for listed in admin.list():
+            data = admin.show(listed.id).data
+            match = data.split(b"Message-ID: <", 1)
+            ids.append(match[1].split(b"@", 1)[0].decode() if len(match) == 2 else "")
+    return sorted(ids)

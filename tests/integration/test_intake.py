@@ -21,11 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_binaries
+from tests.conftest import require_binaries, require_root
 from tests.harness import KnotDNS, TestCA, free_port, wait_for
 from tests.harness.postfix import PostfixFarEnd
 from tests.harness.swaks import swaks
-from tests.integration.smg_relay import SMG, SmgRelay, base_config, server_said, to_toml
+from tests.integration.smg_relay import (
+    SMG,
+    SmgRelay,
+    base_config,
+    message_ids,
+    server_said,
+    to_toml,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -301,3 +308,57 @@ def test_validate_a_good_config(tmp_path: Path) -> None:
     proc = subprocess.run([*SMG, "config", "validate", str(good)], capture_output=True, text=True,
                           timeout=30)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip().endswith(": OK")
+
+
+def test_sigterm_lets_a_transaction_in_flight_finish(zone: KnotDNS, tmp_path: Path) -> None:
+    relay = SmgRelay(tmp_path, base_config(tmp_path, zone.nameserver))
+    relay.start()
+    try:
+        sending = Raw(relay.endpoint)
+        sending.begin()  # inside DATA
+        idle = Raw(relay.endpoint)
+        assert idle.cmd("EHLO idle.client").startswith("250")
+        assert relay.proc is not None
+        os.kill(relay.proc.pid, signal.SIGTERM)
+        assert idle.reply().startswith("421 4.3.2")  # idle sessions are told at once
+        sending.sock.sendall(message("in-flight").encode() + b".\r\n")
+        assert sending.reply().startswith("250 2.0.0 Ok: queued as")
+        assert sending.reply().startswith("421 4.3.2")  # and then it is closed
+        assert relay.proc.wait(timeout=30) == 0
+        relay.proc = None
+    finally:
+        relay.stop()
+    assert message_ids(relay) == ["in-flight"]  # durable, waiting for the restart
+
+
+def test_full_disk_is_a_4xx_never_a_lost_250(zone: KnotDNS, tmp_path: Path) -> None:
+    """The spool on a small tmpfs: filled up, the client gets a 4xx and keeps its message;
+    with space again, mail flows; only the messages that got a 250 are in the queue."""
+    require_root()
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(spool)], check=True)
+    relay = SmgRelay(tmp_path, base_config(tmp_path, zone.nameserver, spool=str(spool)))
+    try:
+        relay.start()
+        assert swaks(relay.endpoint, to=RCPT, mail_from=SENDER, data=message("before")).ok
+        filler = spool / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for _ in range(2048):  # bounded: the tmpfs has 1 MiB
+                os.write(fd, b"\0" * 1024)
+        except OSError:
+            pass  # ENOSPC: full
+        finally:
+            os.close(fd)
+        big = message("full") + ("z" * 76 + "\r\n") * 200
+        full = swaks(relay.endpoint, to=RCPT, mail_from=SENDER, data=big)
+        assert server_said(full.transcript, "452 4.3.1 Insufficient system storage"), (
+            full.transcript[-1500:]
+        )
+        filler.unlink()
+        assert swaks(relay.endpoint, to=RCPT, mail_from=SENDER, data=message("after")).ok
+        assert message_ids(relay) == ["after", "before"]
+    finally:
+        relay.stop()
+        subprocess.run(["umount", str(spool)], check=False)
