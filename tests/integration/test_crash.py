@@ -1,0 +1,223 @@
+"""Crash test: thousands of messages sent concurrently while ``smg serve`` is killed with
+SIGKILL several times and restarted.  Every message that got a ``250`` must arrive at the far
+end (Message-ID sets compared); duplicates are allowed (a kill between the far end's 250 and the
+spool's record of it) but counted and reported, and the spool must pass SQLite's integrity check.
+
+Numbers (env): SMG_CRASH_MESSAGES (default 3000), SMG_CRASH_KILLS (default 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import random
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+from aiosmtpd.controller import Controller
+
+from tests.conftest import require_binaries
+from tests.harness import KnotDNS, free_port, wait_for
+from tests.integration.smg_relay import SmgRelay, base_config
+
+pytestmark = pytest.mark.integration
+
+ZONE = "crash.test"
+ZONE_TEXT = """
+customer     MX 10 mx.customer
+mx.customer  A 127.0.24.10
+far          MX 10 mx.far
+mx.far       A 127.0.24.10
+"""
+SENDER = f"load@customer.{ZONE}"
+MESSAGES = int(os.environ.get("SMG_CRASH_MESSAGES", "3000"))
+KILLS = int(os.environ.get("SMG_CRASH_KILLS", "4"))
+CLIENTS = 16  # concurrent SMTP connections to the relay
+SEND_TRIES = 30  # per message, while the relay is down
+DEADLINE = 240.0  # seconds for the whole test, bounded
+
+
+class RecordingSink:
+    """The far end: records the Message-ID of every message it accepted (with repeats)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ids: list[str] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        mid = _message_id(envelope.original_content)
+        with self.lock:
+            self.ids.append(mid)
+        return "250 2.0.0 Ok"
+
+    def seen(self) -> collections.Counter[str]:
+        with self.lock:
+            return collections.Counter(self.ids)
+
+
+def _message_id(data: bytes) -> str:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"message-id:"):
+            return line.split(b":", 1)[1].strip().decode()
+    return "<none>"
+
+
+def _payload(n: int) -> tuple[str, bytes]:
+    mid = f"<crash-{n}@{ZONE}>"
+    body = ("crash test payload line\r\n" * 60).encode()
+    head = (
+        f"From: {SENDER}\r\nTo: x@far.{ZONE}\r\nSubject: crash {n}\r\nMessage-ID: {mid}\r\n\r\n"
+    ).encode()
+    return mid, head + body
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[RecordingSink, int]]:
+    handler = RecordingSink()
+    port = free_port("127.0.24.10")
+    controller = Controller(handler, hostname="127.0.24.10", port=port)
+    controller.start()
+    yield handler, port
+    controller.stop()
+
+
+class Killer:
+    """Kills the relay with SIGKILL at random moments and restarts it (by PID only)."""
+
+    def __init__(self, relay: SmgRelay, kills: int) -> None:
+        self.relay = relay
+        self.kills = kills
+        self.done = 0
+        self.restart_times: list[float] = []
+
+    async def run(self, sending: asyncio.Event) -> None:
+        rng = random.Random(4711)
+        for _ in range(self.kills):
+            await asyncio.sleep(rng.uniform(0.8, 2.5))
+            if sending.is_set():
+                break  # all sent: no more kills needed
+            await asyncio.to_thread(self._kill_and_restart)
+            self.done += 1
+
+    def _kill_and_restart(self) -> None:
+        proc = self.relay.proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        self.relay.proc = None
+        started = time.monotonic()
+        self.relay.start()
+        self.restart_times.append(time.monotonic() - started)
+
+
+async def _send_all(endpoint: str, deadline: float) -> tuple[set[str], int, int]:
+    """Send MESSAGES over CLIENTS connections; returns (acked ids, failures, tries)."""
+    host, port = endpoint.rsplit(":", 1)
+    pending: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    for n in range(MESSAGES):
+        pending.put_nowait((n, 0))
+    acked: set[str] = set()
+    counters = {"failed": 0, "tries": 0}
+
+    async def client() -> None:
+        smtp: aiosmtplib.SMTP | None = None
+        while not pending.empty() and time.monotonic() < deadline:
+            n, tries = pending.get_nowait()
+            mid, data = _payload(n)
+            counters["tries"] += 1
+            try:
+                if smtp is None or not smtp.is_connected:
+                    smtp = aiosmtplib.SMTP(hostname=host, port=int(port), timeout=10,
+                                           start_tls=False)  # fmt: skip
+                    await smtp.connect()
+                await smtp.sendmail(SENDER, [f"x@far.{ZONE}"], data)
+                acked.add(mid)  # the relay said 250: it must arrive
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                if smtp is not None:
+                    smtp.close()
+                smtp = None
+                if tries + 1 < SEND_TRIES:
+                    pending.put_nowait((n, tries + 1))
+                else:
+                    counters["failed"] += 1
+                await asyncio.sleep(0.1)  # the relay is restarting
+        if smtp is not None and smtp.is_connected:
+            smtp.close()
+
+    await asyncio.gather(*(client() for _ in range(CLIENTS)))
+    return acked, counters["failed"], counters["tries"]
+
+
+async def _load_with_kills(relay: SmgRelay, killer: Killer) -> tuple[set[str], int, int, float]:
+    deadline = time.monotonic() + DEADLINE / 2
+    sending_done = asyncio.Event()
+    kill_task = asyncio.create_task(killer.run(sending_done))
+    started = time.monotonic()
+    acked, failed, tries = await _send_all(relay.endpoint, deadline)
+    took = time.monotonic() - started
+    sending_done.set()
+    await kill_task
+    return acked, failed, tries, took
+
+
+def test_sigkill_loses_no_acknowledged_message(knot_dns: KnotDNS, sink, tmp_path: Path) -> None:
+    require_binaries("knotd")
+    knot_dns.set_zone(ZONE, ZONE_TEXT)
+    recorder, sink_port = sink
+    config = base_config(tmp_path, knot_dns.nameserver, source_address="127.0.24.5")
+    config["delivery"] = {
+        "port": sink_port,
+        "retry_initial": "1s",
+        "retry_max": "2s",
+        "scan_interval": "200ms",
+        "concurrency": 32,
+    }
+    relay = SmgRelay(tmp_path, config)
+    relay.start()
+    killer = Killer(relay, KILLS)
+    try:
+        acked, failed, tries, took = asyncio.run(_load_with_kills(relay, killer))
+        if relay.proc is None:
+            relay.start()
+        # Everything acknowledged must arrive, within a bounded time.
+        wait_for(lambda: acked <= set(recorder.seen()), DEADLINE / 2, interval=0.5,
+                 what="every acknowledged message at the far end")  # fmt: skip
+        wait_for(lambda: not relay.queued(), 60, interval=0.5, what="an empty queue")
+    finally:
+        relay.stop()
+    seen = recorder.seen()
+    missing = acked - set(seen)
+    duplicates = {mid: count for mid, count in seen.items() if count > 1}
+    unacked_arrived = set(seen) - acked
+    db = Path(config["gateway"]["spool"]) / "queue.sqlite"
+    integrity = sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0]
+    report = {
+        "messages": MESSAGES,
+        "clients": CLIENTS,
+        "kills": killer.done,
+        "restart_seconds": [round(t, 2) for t in killer.restart_times],
+        "send_tries": tries,
+        "acknowledged": len(acked),
+        "never_acknowledged": failed,
+        "arrived_distinct": len(seen),
+        "missing": len(missing),
+        "duplicates": sum(c - 1 for c in duplicates.values()),
+        "duplicated_messages": len(duplicates),
+        "arrived_without_250": len(unacked_arrived),
+        "sending_seconds": round(took, 1),
+        "integrity_check": integrity,
+    }
+    print("\ncrash test report:", json.dumps(report))
+    (tmp_path / "crash-report.json").write_text(json.dumps(report, indent=2))
+    assert killer.done >= min(KILLS, 2), report
+    assert not missing, sorted(missing)[:20]
+    assert integrity == "ok"
+    assert len(acked) >= MESSAGES * 0.95, report
