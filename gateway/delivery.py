@@ -478,6 +478,18 @@ class Delivery:
             detail = f"{hosts.status} {hosts.rcode} {hosts.detail}".strip()
             return everyone(DEFERRED, f"MX lookup for {domain} failed: {detail}", "4.4.3")
         names = [h for h in hosts.names if requirement.mx_allowed(h)]
+        if requirement.testing:  # MTA-STS testing: say what enforce would have refused
+            for host in hosts.names:
+                if not requirement.mx_listed(host):
+                    event(
+                        log,
+                        "mta_sts_testing",
+                        message.id,
+                        domain=domain,
+                        mx=host,
+                        problem="MX not listed in the policy",
+                        policy=requirement.source,
+                    )
         if not names:
             reason = f"no MX host of {domain} is allowed by {requirement.source}"
             return self._tls_failed(domain, rcpts, requirement, reason)

@@ -115,8 +115,11 @@ def _spam_summary(facts: Mapping[str, Any] | None) -> str:
     score = spam.get("score")
     required = spam.get("required_score", spam.get("required", spam.get("threshold")))
     symbols = spam.get("symbols", spam.get("rules", []))
-    if isinstance(symbols, Mapping):
-        names = sorted(symbols)
+    if isinstance(symbols, Mapping):  # name -> score, highest first (the spam rule's order)
+        names = [
+            f"{name} ({value:g})" if isinstance(value, (int, float)) else str(name)
+            for name, value in symbols.items()
+        ]
     elif isinstance(symbols, (list, tuple)):
         names = [s.get("name", str(s)) if isinstance(s, Mapping) else str(s) for s in symbols]
     else:
