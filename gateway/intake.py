@@ -49,6 +49,7 @@ from gateway.services import Services
 
 log = logging.getLogger("smg.intake")
 
+COMMAND_BUFFER = 8192  # bytes a command line may fill the reader's buffer with
 MAX_HOPS = 50  # Received: headers before we call it a mail loop (Postfix's hopcount_limit)
 IDENT = "ESMTP Secure Mail Gateway"
 
@@ -206,10 +207,10 @@ class GatewaySMTP(SMTP):
         self.client_ip = ""
         self._admitted = False
         self._refused = False
-        # The reader's buffer limit: a whole message is read with one readuntil() at a time
-        # (fast), so it must hold up to max_message_size; command lines are still limited by
-        # aiosmtpd's command_size_limit.
-        self.line_length_limit = gateway.max_message_size + 4096
+        # The reader's buffer limit while reading commands: a client cannot make a session
+        # buffer more than this without a line end (aiosmtpd answers 500 and reads on).
+        # DATA raises it to the message size for its reads (see _read_data).
+        self.line_length_limit = COMMAND_BUFFER
         super().__init__(
             _Hooks(),
             data_size_limit=gateway.max_message_size,
@@ -412,32 +413,38 @@ class GatewaySMTP(SMTP):
 
         Only a line that is exactly ``.`` between two CRLFs ends the data; the reader is left
         right after it (pipelined commands stay for the command loop)."""
-        gateway = self.runtime.config.gateway
-        limit = gateway.max_message_size
+        limit = self.runtime.config.gateway.max_message_size
         chunks: list[bytes] = []
         size = 0
         tail = b"\r\n"  # the DATA command line ended a line
-        while True:
-            try:
-                piece = await self._reader.readuntil(b".\r\n")
-            except asyncio.LimitOverrunError as exc:
-                piece = await self._reader.readexactly(exc.consumed)
+        reader = self._reader
+        # One readuntil() per ".<CRLF>" instead of one per line: the buffer may hold a whole
+        # message now.  asyncio.StreamReader keeps its limit in _limit (3.7 to 3.13).
+        reader._limit = limit + 4096  # type: ignore[attr-defined]
+        try:
+            while True:
+                try:
+                    piece = await reader.readuntil(b".\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    piece = await reader.readexactly(exc.consumed)
+                    size += len(piece)
+                    chunks.clear()  # too large for sure: keep nothing, read on to the end
+                    tail = _last_two(tail, piece)
+                    continue
+                except asyncio.IncompleteReadError as exc:
+                    raise ConnectionResetError("connection closed during DATA") from exc
+                before = piece[:-3]
+                if _last_two(tail, before) == b"\r\n":  # "." alone on its line: the end
+                    size += len(before)
+                    if size <= limit:
+                        chunks.append(before)
+                    break
                 size += len(piece)
-                chunks.clear()  # too large for sure: keep nothing, read on to the end
-                tail = (tail + piece)[-2:]
-                continue
-            except asyncio.IncompleteReadError as exc:
-                raise ConnectionResetError("connection closed during DATA") from exc
-            before = piece[:-3]
-            if (tail + before).endswith(b"\r\n"):
-                size += len(before)
                 if size <= limit:
-                    chunks.append(before)
-                break
-            size += len(piece)
-            if size <= limit:
-                chunks.append(piece)
-            tail = piece[-2:]
+                    chunks.append(piece)
+                tail = piece[-2:]
+        finally:
+            reader._limit = COMMAND_BUFFER  # type: ignore[attr-defined]
         if size > limit:
             reply = f"552 5.3.4 Message size exceeds the fixed limit of {limit} bytes"
             return b"", self._refuse_data("size", reply, size=size)
@@ -562,6 +569,11 @@ class GatewaySMTP(SMTP):
 
     def _count_reject(self, stage: str, reason: str) -> None:
         self.intake.metrics.inc("rejected", stage=stage, reason=reason)
+
+
+def _last_two(tail: bytes, piece: bytes) -> bytes:
+    """The last two bytes of the stream after ``piece`` (``tail``: the two before it)."""
+    return piece[-2:] if len(piece) >= 2 else (tail + piece)[-2:]
 
 
 def _hops(data: bytes) -> int:

@@ -386,3 +386,34 @@ async def test_stop_closes_idle_sessions(relay: Relay) -> None:
     await client.cmd("EHLO c")
     await relay.intake.stop(grace=1)
     assert (await client.reply()).startswith("421 4.3.2")
+
+
+async def test_oversized_message_read_past_the_buffer_then_session_goes_on(relay: Relay) -> None:
+    client, _ = await Client.connect(relay.port)
+    await client.start_mail()
+    # 40 KB without any ".<CRLF>": the reader's buffer overruns several times
+    await client.send(b"Subject: huge\r\n\r\n" + (b"y" * 78 + b"\r\n") * 500)
+    assert (await client.cmd(b".")).startswith("552 5.3.4")
+    await client.start_mail()
+    assert (await client.cmd(MESSAGE + b".")).startswith("250")
+
+
+async def test_command_line_without_end_is_bounded(relay: Relay) -> None:
+    client, _ = await Client.connect(relay.port)
+    await client.cmd("EHLO c")
+    assert (await client.cmd(b"NOOP " + b"n" * 50000)).startswith("500 5.5.2")
+    assert (await client.cmd("NOOP")).startswith("250")
+
+
+async def test_body_8bitmime(relay: Relay) -> None:
+    client, _ = await Client.connect(relay.port)
+    await client.cmd("EHLO c")
+    assert (await client.cmd("MAIL FROM:<a@example.net> BODY=8BITMIME")).startswith("250")
+    assert (await client.cmd("RCPT TO:<b@example.net>")).startswith("250")
+    assert (await client.cmd("DATA")).startswith("354")
+    assert (await client.cmd("Subject: x\r\n\r\nGr\xfc\xdfe\r\n.".encode("latin-1"))).startswith(
+        "250"
+    )
+    assert relay.spool.messages[0]["facts"]["body"] == "8BITMIME"
+    assert relay.spool.messages[0]["data"].endswith(b"Gr\xfc\xdfe\r\n")
+    assert (await client.cmd("MAIL FROM:<a@example.net> BODY=BINARYMIME")).startswith("555")
