@@ -362,3 +362,16 @@ def test_full_disk_is_a_4xx_never_a_lost_250(zone: KnotDNS, tmp_path: Path) -> N
     finally:
         relay.stop()
         subprocess.run(["umount", str(spool)], check=False)
+
+
+def test_startup_failures_exit_1_with_the_reason(relay: SmgRelay, tmp_path: Path) -> None:
+    taken = base_config(tmp_path, "127.0.0.1:53")
+    taken["gateway"]["listen"] = [relay.endpoint]  # the module's relay holds it
+    no_spool = base_config(tmp_path, "127.0.0.1:53", spool="/dev/null/spool")
+    for config, reason in ((taken, "cannot listen"), (no_spool, "cannot open spool")):
+        path = tmp_path / "smg.toml"
+        path.write_text(to_toml(config))
+        proc = subprocess.run([*SMG, "serve", "--config", str(path)], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert f"cannot start: {reason}" in proc.stdout + proc.stderr
