@@ -552,7 +552,7 @@ class Delivery:
                     (tls_errors if exc.tls else errors).append(f"{target.relay}: {exc.reply}")
                     continue
                 if requirement.requires_tls and self._failures() is not None:
-                    self._failures().record_success(domain)
+                    self._failures().record_success(domain, requirement.level)
                 return outcomes
         if tls_errors:
             return self._tls_failed(domain, rcpts, requirement, "; ".join(tls_errors[-3:]))
@@ -571,7 +571,7 @@ class Delivery:
     ) -> list[RcptOutcome]:
         reason = f"no TLS connection could be established ({requirement.describe()}): {detail}"
         if self._failures() is not None and domain != "(bad gateway)":
-            self._failures().record_failure(domain, reason)
+            self._failures().record_failure(domain, detail, requirement.level)  # intake's 5.7.10
         status = BOUNCED if requirement.on_failure == "reject" else HELD
         enhanced = "5.7.10" if status == BOUNCED else "4.7.10"
         return [RcptOutcome(p, a, status, reason, enhanced) for p, a in rcpts]
