@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import stat
 import time
 from collections.abc import Iterable
@@ -33,7 +34,13 @@ import dkim as dkimpy
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from dkim.canonicalization import CanonicalizationPolicy
+from dkim.canonicalization import (
+    CanonicalizationPolicy,
+    compress_whitespace,
+    correct_empty_body,
+    strip_trailing_lines,
+    strip_trailing_whitespace,
+)
 from dkim.util import parse_tag_value
 
 from gateway.config import DkimSection
@@ -142,10 +149,22 @@ def load_private_key(path: Path) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKe
     raise DkimKeyError(f"{path}: key type {type(key).__name__} is not usable for DKIM")
 
 
+_SIMPLE_FROM = re.compile(
+    rb"^\s*(?:[^\x00-\x1f\"(),:;<>@\\\[\]]*<)?[^\s<>@\"(),]+@([A-Za-z0-9.\-]+)>?\s*$"
+)
+
+
 def from_domain(parsed_headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The one domain of the From: header's address(es), lower-case; None if there is no
     From:, or its addresses name more than one domain (nothing to align with)."""
-    values = [v.decode("utf-8", "replace") for k, v in parsed_headers if k.lower() == b"from"]
+    raw = [v for k, v in parsed_headers if k.lower() == b"from"]
+    if len(raw) == 1:
+        # The usual "Name <user@domain>" or "user@domain": no need for the full RFC 5322
+        # parser (email.utils.getaddresses costs about 0.1 ms).
+        match = _SIMPLE_FROM.match(raw[0].replace(b"\r\n", b"").replace(b"\n", b""))
+        if match:
+            return match.group(1).decode("ascii").rstrip(".").lower()
+    values = [v.decode("utf-8", "replace") for v in raw]
     domains = {
         addr.rpartition("@")[2].strip().rstrip(".").lower()
         for _, addr in getaddresses(values)
@@ -232,7 +251,7 @@ class DkimSigner:
         message_headers, body = parsed or _parse(data)
         linesep = header_tools.line_end(data)
         include = self._include_headers(message_headers)
-        body_hash = base64.b64encode(hashlib.sha256(_POLICY.canonicalize_body(body)).digest())
+        body_hash = base64.b64encode(hashlib.sha256(canonical_body(body)).digest())
         canonical = _POLICY.canonicalize_headers(message_headers)
         timestamp = str(int(time.time()) if now is None else now).encode("ascii")
         return [_signature(key, include, canonical, body_hash, timestamp, linesep) for key in keys]
@@ -251,10 +270,27 @@ class DkimSigner:
 
 
 def _parse(data: bytes) -> tuple[list[list[bytes]], bytes]:
+    """dkimpy's ``rfc822_parse`` (headers, CRLF body), with a fast path: in a message whose
+    line ends are all CRLF, its body is the bytes after the first empty line as they are, so
+    only the header block needs parsing."""
     try:
+        end = data.find(b"\r\n\r\n")
+        if end > 0 and data.count(b"\n") == data.count(b"\r\n"):
+            headers, _ = dkimpy.rfc822_parse(data[: end + 4])
+            return headers, data[end + 4 :]
         return dkimpy.rfc822_parse(data)
     except dkimpy.MessageFormatError:
         return [], b""  # a header block we cannot parse: not signed (From: unknown)
+
+
+def canonical_body(body: bytes) -> bytes:
+    """dkimpy's relaxed body canonicalization, skipping each regex pass that would change
+    nothing (the usual case; two passes over the body cost about 0.2 ms per 5 KB)."""
+    if b" \r\n" in body or b"\t\r\n" in body:
+        body = strip_trailing_whitespace(body)
+    if b"\t" in body or b"  " in body:
+        body = compress_whitespace(body)
+    return correct_empty_body(strip_trailing_lines(body))
 
 
 def _signature(

@@ -6,13 +6,17 @@ line: ``stream: OK``, ``stream: <name> FOUND`` or ``<text> ERROR``; when the str
 ``StreamMaxLength`` it answers ``INSTREAM size limit exceeded. ERROR`` and closes the socket,
 possibly while we are still writing.
 
-One connection per scan: clamd scans a stream per connection anyway, and a fresh connection
-costs about 50 us on loopback (measured: 1,400-2,200 scans/s of 20 KB messages).
+Connections are kept as clamd sessions (``IDSESSION``: several commands on one connection,
+each reply prefixed with its number) and reused, one scan at a time per connection; a message
+that fits one chunk goes out in a single write.  Measured on the bench machine, this halves
+the relay's CPU per scan against a connection per scan (0.08 against 0.2-0.3 ms).  A kept
+session that clamd closed meanwhile (its IdleTimeout) is retried once on a fresh connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 from dataclasses import dataclass
 
@@ -20,7 +24,8 @@ from gateway.config import VirusSection, parse_host_port
 
 CHUNK_SIZE = 256 * 1024
 MAX_REPLY = 64 * 1024
-_END_OF_STREAM = struct.pack(">I", 0)
+_END = struct.pack(">I", 0)
+_SESSION_ID = re.compile(r"^\d+: ")
 
 
 class ClamdError(Exception):
@@ -54,10 +59,14 @@ class ScanResult:
 class ClamdClient:
     """``await ClamdClient("unix:/run/clamav/clamd.ctl", timeout=60).scan(data)``."""
 
-    def __init__(self, endpoint: str, timeout: float = 60.0, chunk_size: int = CHUNK_SIZE):
+    def __init__(
+        self, endpoint: str, timeout: float = 60.0, chunk_size: int = CHUNK_SIZE, max_idle: int = 16
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.chunk_size = chunk_size
+        self.max_idle = max_idle
+        self._idle: list[_Session] = []
 
     @classmethod
     def from_config(cls, section: VirusSection) -> ClamdClient:
@@ -97,31 +106,76 @@ class ClamdClient:
         except OSError as exc:
             raise ClamdUnavailable(f"cannot connect to clamd at {self.endpoint}: {exc}") from None
 
-    async def _scan(self, data: bytes) -> ScanResult:
+    async def close(self) -> None:
+        """Close the idle sessions."""
+        idle, self._idle = self._idle, []
+        for session in idle:
+            session.writer.close()
+
+    async def _acquire(self, fresh: bool = False) -> _Session:
+        while self._idle and not fresh:
+            session = self._idle.pop()
+            if not session.reader.at_eof() and not session.writer.is_closing():
+                session.reused = True
+                return session
+            session.writer.close()
         reader, writer = await self._connect()
+        # A session: many INSTREAMs on one connection; replies carry "<n>: " in front.
+        writer.write(b"zIDSESSION\0")
+        return _Session(reader, writer)
+
+    def _release(self, session: _Session, keep: bool) -> None:
+        if keep and len(self._idle) < self.max_idle:
+            self._idle.append(session)
+        else:
+            session.writer.close()
+
+    async def _scan(self, data: bytes) -> ScanResult:
+        session = await self._acquire()
+        try:
+            return await self._scan_on(session, data)
+        except _StaleSession:
+            # clamd closed the idle session meanwhile (IdleTimeout): nothing was scanned.
+            return await self._scan_on(await self._acquire(fresh=True), data)
+
+    async def _scan_on(self, session: _Session, data: bytes) -> ScanResult:
+        keep = False
         # Read while sending: clamd answers early when the size limit is hit and then closes;
         # a reply read before the close cannot be lost to the reset that follows.
-        reply_task = asyncio.ensure_future(_read_reply(reader))
+        reply_task = asyncio.ensure_future(_read_reply(session.reader))
         await asyncio.sleep(0)  # let the reader wait for data before anything can arrive
         try:
-            write_error = await self._send_stream(writer, data, reply_task)
+            write_error = await self._send_stream(session.writer, data, reply_task)
             try:
                 reply = await reply_task
             except (OSError, asyncio.IncompleteReadError) as exc:
-                broken = write_error or exc
-                raise ClamdUnavailable(f"connection to clamd broke: {broken!r}") from None
-            return _parse_reply(reply, self.endpoint)
+                if session.reused:
+                    raise _StaleSession from None
+                # Over TCP the reset after clamd's early close (size limit) can destroy its
+                # reply before we read it: say what is most likely.
+                raise ClamdUnavailable(
+                    f"connection to clamd broke before its reply to {len(data)} bytes (clamd "
+                    f"stopped, or the message is larger than its StreamMaxLength?): "
+                    f"{write_error or exc!r}"
+                ) from None
+            result = _parse_reply(_SESSION_ID.sub("", reply, count=1), self.endpoint)
+            keep = True
+            return result
         finally:
             reply_task.cancel()
-            writer.close()
+            self._release(session, keep)
 
     async def _send_stream(
         self, writer: asyncio.StreamWriter, data: bytes, reply: asyncio.Future[str]
     ) -> OSError | None:
         """Send the INSTREAM command and the chunks, stopping early if clamd has answered.  A
         write error is returned, not raised: clamd's reply may still be there to read."""
-        view = memoryview(data)
         try:
+            if len(data) <= self.chunk_size:  # the usual mail: one write, one system call
+                writer.write(b"zINSTREAM\0" + struct.pack(">I", len(data)) + data + _END)
+                await writer.drain()
+                return None
+            view = memoryview(data)
             writer.write(b"zINSTREAM\0")
             for start in range(0, len(view), self.chunk_size):
                 if reply.done():
@@ -131,11 +185,22 @@ class ClamdClient:
                 writer.write(chunk)
                 await writer.drain()
                 await asyncio.sleep(0)  # drain() need not yield: give the reader its turn
-            writer.write(_END_OF_STREAM)
+            writer.write(_END)
             await writer.drain()
         except OSError as exc:
             return exc
         return None
+
+
+@dataclass
+class _Session:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    reused: bool = False
+
+
+class _StaleSession(Exception):
+    """A kept session turned out closed by clamd before it read anything: retry afresh."""
 
 
 async def _read_reply(reader: asyncio.StreamReader) -> str:

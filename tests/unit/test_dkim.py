@@ -234,3 +234,48 @@ def test_cli_keygen_and_dns_record(tmp_path: Path, capsys: pytest.CaptureFixture
     path.chmod(0o644)
     assert smg(record) == 1
     assert "chmod 600" in capsys.readouterr().err
+
+
+def test_fast_paths_equal_dkimpys_canonicalization_and_parsing() -> None:
+    import random
+
+    from dkim.canonicalization import CanonicalizationPolicy
+
+    from gateway.dkim import _parse, canonical_body
+
+    relaxed = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    rng = random.Random(7)
+    pieces = [b"word", b" ", b"  ", b"\t", b"\r\n", b"\n", b"\r", b" \r\n", b"\t\r\n", b"."]
+    for _ in range(2000):
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 40)))
+        crlf_body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        assert canonical_body(crlf_body) == relaxed.canonicalize_body(crlf_body), crlf_body
+        data = b"From: a@example.com\r\nSubject: x\r\n\t y\r\n\r\n" + body
+        assert _parse(data) == dkimpy.rfc822_parse(data), data
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "alice@example.com",
+        "Alice <alice@Example.COM>",
+        "  Alice Example <alice@example.com>  ",
+        '"Example, Alice" <alice@example.com>',
+        "=?utf-8?q?J=C3=BCrgen?= <j@example.com>",
+        "alice@example.com (Alice)",
+        "a@example.com, b@example.org",
+        "a@example.com, b@example.com",
+        "undisclosed-recipients:;",
+        "<alice@example.com.>",
+    ],
+)
+def test_from_domain_fast_path_agrees_with_the_full_parser(value: str) -> None:
+    from email.utils import getaddresses
+
+    from gateway.dkim import from_domain
+
+    domains = {
+        a.rpartition("@")[2].rstrip(".").lower() for _, a in getaddresses([value]) if "@" in a
+    }
+    expected = domains.pop() if len(domains) == 1 else None
+    assert from_domain([(b"From", f" {value}\r\n".encode())]) == expected

@@ -26,8 +26,12 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 async def read_instream(reader: asyncio.StreamReader, limit: int | None = None) -> bytes | None:
-    """Read one INSTREAM upload; None once more than ``limit`` bytes came."""
-    assert await reader.readuntil(b"\0") == b"zINSTREAM\0"
+    """Read one INSTREAM upload (after IDSESSION on a new session); None once more than
+    ``limit`` bytes came."""
+    command = await reader.readuntil(b"\0")
+    if command == b"zIDSESSION\0":
+        command = await reader.readuntil(b"\0")
+    assert command == b"zINSTREAM\0"
     data = b""
     for _ in range(100_000):
         (length,) = struct.unpack(">I", await reader.readexactly(4))
@@ -78,6 +82,27 @@ async def test_clamd_clean_and_found_over_unix_with_chunks(unix_server) -> None:
     assert result.virus == "Evil.Test" and result.infected
     assert (await client.scan(b"hello")).virus is None
     assert seen == [payload, b"hello"]
+
+
+async def test_clamd_session_is_reused_and_ids_are_stripped(unix_server) -> None:
+    connections = 0
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        for number in range(1, 4):
+            data = await read_instream(reader)
+            verdict = b"Evil.Test FOUND" if data and b"EVIL" in data else b"OK"
+            writer.write(b"%d: stream: %s\0" % (number, verdict))
+            await writer.drain()
+        writer.close()  # like clamd's IdleTimeout: the next scan must reconnect
+
+    client = ClamdClient(await unix_server(session), timeout=5)
+    results = [await client.scan(data) for data in (b"a", b"EVIL", b"b", b"c")]
+    assert [r.virus for r in results] == [None, "Evil.Test", None, None]
+    assert results[0].reply == "stream: OK"
+    assert connections == 2
+    await client.close()
 
 
 async def test_clamd_over_tcp() -> None:

@@ -1,0 +1,341 @@
+"""The full pipeline through `smg serve` beside Postfix with milters, in one run.
+
+    .venv/bin/python bench/pipeline/run.py [--messages 2000] [--connections 16] [--size 5000]
+                                           [--rounds 2] [--warmup 100] [--only smg|postfix]
+
+Both stacks do the same work on the same message mix (5 KB business mails, each unique),
+sent over 16 SMTP connections and relayed to the same kind of sink:
+
+- smg:     `smg serve` (role good): sender domain check (knot DNS), clamd INSTREAM, rspamd
+           checkv2, DKIM RSA-2048, SQLite spool (synchronous=FULL, fsync before the 250),
+           delivery to the sink's MX;
+- postfix: Postfix 3.7 (its queue fsyncs before the 250) with clamav-milter (same clamd),
+           rspamd's proxy worker in milter mode (same rspamd instance, self-scan, as many
+           scanning processes as the normal worker has), OpenDKIM (RSA-2048, relaxed/relaxed,
+           From oversigned), relaying to the sink.
+
+Measured per stack and round: end-to-end msg/s (first message sent to last message at the
+sink), p50/p99 of the final reply to the client, CPU per message of the MTA (smg; Postfix +
+its milters) and of the shared scanners, and that every message arrived DKIM-signed.
+Stacks alternate per round; the figure reported is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench.pipeline.stack import ClamavMilter, OpenDkimMilter, PostfixRelay  # noqa: E402
+from gateway.dkim import write_new_key  # noqa: E402
+from tests.harness import Clamd, free_port  # noqa: E402
+from tests.harness.knot import KnotDNS  # noqa: E402
+from tests.harness.rspamd import Rspamd  # noqa: E402
+from tests.harness.util import terminate_pid, wait_for  # noqa: E402
+
+TOOLS = Path(__file__).with_name("smtp_tools.py")
+SINK_IP, SMG_IP = "127.0.0.80", "127.0.0.81"
+SENDER_DOMAIN, FAR_DOMAIN = "bench-sender.test", "bench-far.test"
+DKIM_HEADERS = ["from", "to", "subject", "date", "message-id", "mime-version", "content-type"]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- CPU accounting -------------------------------------------------------------------------
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of ``root`` and all its live descendants, including children they reaped."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ppid = int(fields[1])
+        cpu = sum(int(x) for x in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
+        stats[int(entry)] = (ppid, cpu)
+    total, todo = 0.0, [root]
+    seen = set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        total += stats[pid][1]
+        todo += [child for child, (ppid, _) in stats.items() if ppid == pid]
+    return total
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(tree_cpu(pid) for pid in pids)
+
+
+# --- the pieces -----------------------------------------------------------------------------
+
+
+class Sink:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port(SINK_IP)
+        self.state = workdir / f"sink-{self.port}.state"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(TOOLS), "sink", SINK_IP, str(self.port), str(self.state)],
+            start_new_session=True,
+        )
+        wait_for(self.state.exists, 10, what="the sink")
+
+    @property
+    def endpoint(self) -> str:
+        return f"{SINK_IP}:{self.port}"
+
+    def read(self) -> tuple[int, int, float, float]:
+        text = self.state.read_text().split()
+        if len(text) != 4:
+            return 0, 0, 0.0, 0.0
+        return int(text[0]), int(text[1]), float(text[2]), float(text[3])
+
+    def stop(self) -> None:
+        terminate_pid(self.proc.pid, 10)
+
+
+class SmgServe:
+    """`smg serve` as a process, stopped by its PID."""
+
+    def __init__(self, workdir: Path, config: str) -> None:
+        self.dir = workdir
+        self.port = free_port(SMG_IP)
+        config_path = workdir / "smg.toml"
+        config_path.write_text(config.replace("@PORT@", str(self.port)))
+        self.log = (workdir / "smg.log").open("ab")
+        # SMG_BENCH_PROFILE=FILE: run the relay under cProfile (written when it stops).
+        profile = os.environ.get("SMG_BENCH_PROFILE")
+        python = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else [])]
+        self.proc = subprocess.Popen(
+            [*python, "-m", "gateway.cli", "serve", "--config", str(config_path)],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+        )  # fmt: skip
+        (workdir / "smg.pid").write_text(str(self.proc.pid))
+        wait_for(lambda: self._up(), 30, what="smg serve")
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"smg serve exited: {(self.dir / 'smg.log').read_text()[-2000:]}")
+        import socket
+
+        with socket.create_connection((SMG_IP, self.port), timeout=1):
+            return True
+
+    @property
+    def endpoint(self) -> str:
+        return f"{SMG_IP}:{self.port}"
+
+    def stop(self) -> None:
+        terminate_pid(self.proc.pid, 40)
+        self.log.close()
+
+
+def smg_config(workdir: Path, knot: KnotDNS, clamd: Clamd, rspamd: Rspamd, key: Path,
+               sink: Sink) -> str:  # fmt: skip
+    return f"""
+[gateway]
+hostname = "smg-bench.example.net"
+role = "good"
+listen = ["{SMG_IP}:@PORT@"]
+source_address = "{SMG_IP}"
+spool = "{workdir / "spool"}"
+client_networks = ["127.0.0.0/8"]
+max_connections = 400
+[dns]
+nameservers = ["{knot.nameserver}"]
+extra_public_networks = ["127.0.0.0/8"]
+[delivery]
+port = {sink.port}
+concurrency = 64
+max_connections_per_host = 16
+[virus]
+clamd = "unix:{clamd.socket_path}"
+[spam]
+rspamd_url = "{rspamd.url}"
+[routing]
+bad_gateways = ["127.0.0.82:25"]
+[mta_sts]
+enabled = false
+[dkim]
+headers = {json.dumps(DKIM_HEADERS)}
+[[dkim.keys]]
+domain = "{SENDER_DOMAIN}"
+selector = "bench"
+key = "{key}"
+"""
+
+
+def run_load(endpoint: str, count: int, connections: int, size: int, seed: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, str(TOOLS), "load", endpoint, str(count), str(connections), str(size),
+         str(seed)],
+        capture_output=True, text=True, timeout=1800, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def measure(name: str, endpoint: str, sink: Sink, mta_pids: list[int], scanner_pids: list[int],
+            args: argparse.Namespace, seed: int) -> dict[str, Any]:  # fmt: skip
+    warm = run_load(endpoint, args.warmup, min(args.connections, args.warmup), args.size, seed)
+    wait_for(lambda: sink.read()[0] >= warm["sent"], 120, interval=0.2, what="warm-up at sink")
+    base_count = sink.read()[0]
+    mta_before, scan_before = cpu_of(mta_pids), [cpu_of([pid]) for pid in scanner_pids]
+    started = time.time()
+    result = run_load(endpoint, args.messages, args.connections, args.size, seed + 1)
+    expected = base_count + result["sent"]
+    wait_for(lambda: sink.read()[0] >= expected, 600, interval=0.1, what=f"{name} at the sink")
+    count, signed, _, last = sink.read()
+    mta_cpu = cpu_of(mta_pids) - mta_before
+    clamd_cpu, rspamd_cpu = (
+        cpu_of([pid]) - b for pid, b in zip(scanner_pids, scan_before, strict=True)
+    )
+    seconds = last - started
+    return {
+        "stack": name,
+        "messages": result["sent"],
+        "failed": result["failed"],
+        "failures": result["failures"],
+        "msg_per_s": result["sent"] / seconds,
+        "accept_msg_per_s": result["sent"] / result["seconds"],
+        "p50_ms": result["p50_ms"],
+        "p99_ms": result["p99_ms"],
+        "mta_cpu_ms": 1000 * mta_cpu / result["sent"],
+        "clamd_cpu_ms": 1000 * clamd_cpu / result["sent"],
+        "rspamd_cpu_ms": 1000 * rspamd_cpu / result["sent"],
+        "all_signed": signed == count,
+    }
+
+
+def run_smg(base: Path, knot, clamd, rspamd, key, args, seed) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="smg-", dir=base))
+    sink = Sink(workdir)
+    relay = SmgServe(workdir, smg_config(workdir, knot, clamd, rspamd, key, sink))
+    try:
+        scanners = [clamd.proc.pid, rspamd.proc.pid]  # type: ignore[union-attr]
+        return measure("smg", relay.endpoint, sink, [relay.proc.pid], scanners, args, seed)
+    finally:
+        relay.stop()
+        sink.stop()
+
+
+def run_postfix(base: Path, clamd, rspamd, milter_port, key, args, seed) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="postfix-", dir=base))
+    sink = Sink(workdir)
+    clam = ClamavMilter(clamd.socket_path)
+    dkim = OpenDkimMilter(SENDER_DOMAIN, "bench", key, DKIM_HEADERS)
+    daemons: list[Any] = [clam, dkim]
+    try:
+        clam.start()
+        dkim.start()
+        milters = [f"inet:127.0.0.1:{clam.port}", f"inet:127.0.0.1:{milter_port}",
+                   f"inet:127.0.0.1:{dkim.port}"]  # fmt: skip
+        postfix = PostfixRelay(sink.endpoint, milters)
+        daemons.append(postfix)
+        postfix.start()
+        mta = [postfix.proc.pid, clam.proc.pid, dkim.proc.pid]  # type: ignore[union-attr]
+        scanners = [clamd.proc.pid, rspamd.proc.pid]  # type: ignore[union-attr]
+        return measure("postfix", postfix.endpoint, sink, mta, scanners, args, seed)
+    finally:
+        for daemon in reversed(daemons):
+            daemon.close()
+        sink.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--size", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--only", choices=["smg", "postfix"])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    base = Path(tempfile.mkdtemp(prefix="smg-bench-pipeline-"))
+    knot = KnotDNS()
+    clamd = Clamd(extra_config={"MaxThreads": "8"})
+    milter_port = free_port("127.0.0.1")
+    proxy = (
+        "milter = yes;\ntimeout = 120s;\ncount = 2;\n"
+        f'bind_socket = "127.0.0.1:{milter_port}";\n'
+        'upstream "local" {\n  default = yes;\n  self_scan = yes;\n}\n'
+        'discard_on_reject = false;\nquarantine_on_reject = false;\nspam_header = "X-Spam";\n'
+    )
+    results: list[dict[str, Any]] = []
+    try:
+        knot.start()
+        knot.set_zone(SENDER_DOMAIN, f"@ MX 10 mx\nmx A {SINK_IP}\n")
+        knot.set_zone(FAR_DOMAIN, f"@ MX 10 mx\nmx A {SINK_IP}\n")
+        rspamd = Rspamd(nameserver=knot.nameserver, workers=2,
+                        override_d={"worker-proxy.inc": proxy})  # fmt: skip
+        clamd.start()
+        rspamd.start()
+        key, _ = write_new_key(base / "keys", SENDER_DOMAIN, "bench", "rsa")
+        stacks = ["smg", "postfix"] if args.only is None else [args.only]
+        for round_no in range(args.rounds):
+            order = stacks if round_no % 2 == 0 else stacks[::-1]
+            for stack in order:
+                seed = 10 * round_no + 1
+                if stack == "smg":
+                    result = run_smg(base, knot, clamd, rspamd, key, args, seed)
+                else:
+                    result = run_postfix(base, clamd, rspamd, milter_port, key, args, seed)
+                result["round"] = round_no + 1
+                results.append(result)
+                print(_line(result), flush=True)
+        rspamd.close()
+    finally:
+        clamd.close()
+        knot.close()
+        shutil.rmtree(base, ignore_errors=True)
+    print(_summary(results, args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _line(r: dict[str, Any]) -> str:
+    return (
+        f"round {r['round']} {r['stack']:<8} {r['msg_per_s']:7.1f} msg/s end to end "
+        f"({r['accept_msg_per_s']:7.1f} accepted/s), 250 p50 {r['p50_ms']:6.1f} ms "
+        f"p99 {r['p99_ms']:6.1f} ms, CPU/msg: MTA {r['mta_cpu_ms']:5.2f} ms, clamd "
+        f"{r['clamd_cpu_ms']:5.2f} ms, rspamd {r['rspamd_cpu_ms']:5.2f} ms; failed "
+        f"{r['failed']}, all signed {r['all_signed']}"
+    )
+
+
+def _summary(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    by_stack: dict[str, list[float]] = {}
+    for r in results:
+        by_stack.setdefault(r["stack"], []).append(r["msg_per_s"])
+    lines = [
+        f"\n{args.messages} messages of {args.size} B over {args.connections} connections, "
+        f"{args.rounds} round(s); median end-to-end msg/s:"
+    ]
+    medians = {stack: statistics.median(v) for stack, v in by_stack.items()}
+    for stack, median in medians.items():
+        lines.append(f"  {stack:<8} {median:7.1f} msg/s")
+    if "smg" in medians and "postfix" in medians:
+        lines.append(f"  ratio smg/postfix: {medians['smg'] / medians['postfix']:.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
