@@ -8,6 +8,7 @@ swaks would correct (bare LF, non-ASCII without SMTPUTF8, over-long lines).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import smtplib
 import socket
@@ -257,6 +258,24 @@ def test_idle_timeout(relay: SmgRelay) -> None:
     started = time.monotonic()
     assert client.reply().startswith("421 4.4.2")
     assert 2.5 < time.monotonic() - started < 6
+
+
+def test_data_timeout_bounds_a_trickling_client(relay: SmgRelay) -> None:
+    """A line every 0.5 s keeps no idle timer from firing; data_timeout (4 s) still ends it."""
+    before = len(relay.queued())
+    client = Raw(relay.endpoint)
+    client.begin()
+    started = time.monotonic()
+    reply = ""
+    for _ in range(40):  # a line every 0.5 s, at most 20 s
+        readable, _, _ = select.select([client.sock], [], [], 0.5)
+        if readable:
+            reply = client.reply()
+            break
+        client.sock.sendall(b"trickle\r\n")
+    assert reply.startswith("421 4.4.2"), reply
+    assert 3.5 < time.monotonic() - started < 8
+    assert len(relay.queued()) == before
 
 
 def test_metrics_endpoint(relay: SmgRelay) -> None:
