@@ -302,8 +302,9 @@ class GatewaySMTP(SMTP):
         if problem is not None:
             await self.push(problem)
             return
-        if not path.isascii() and not params.get("SMTPUTF8"):
-            await self.push("553 5.6.7 Non-ASCII sender address needs MAIL FROM ... SMTPUTF8")
+        problem = _non_ascii_problem(path, bool(params.get("SMTPUTF8")), "sender")
+        if problem is not None:
+            await self.push(problem)
             return
         ctx = MessageContext(
             client_ip=self.client_ip,
@@ -364,8 +365,9 @@ class GatewaySMTP(SMTP):
         if rest:
             await self.push(f"555 5.5.4 RCPT TO parameters not recognised: {rest}")
             return
-        if not path.isascii() and not ctx.facts.get("smtputf8"):
-            await self.push("553 5.6.7 Non-ASCII recipient address needs MAIL FROM ... SMTPUTF8")
+        problem = _non_ascii_problem(path, bool(ctx.facts.get("smtputf8")), "recipient")
+        if problem is not None:
+            await self.push(problem)
             return
         if path in ctx.rcpt_tos:
             await self.push("250 2.1.5 Recipient ok (duplicate)")
@@ -569,6 +571,19 @@ class GatewaySMTP(SMTP):
 
     def _count_reject(self, stage: str, reason: str) -> None:
         self.intake.metrics.inc("rejected", stage=stage, reason=reason)
+
+
+def _non_ascii_problem(path: str, smtputf8: bool, which: str) -> str | None:
+    """Non-ASCII addresses need SMTPUTF8 (RFC 6531) and must be valid UTF-8."""
+    if path.isascii():
+        return None
+    if not smtputf8:
+        return f"553 5.6.7 Non-ASCII {which} address needs MAIL FROM ... SMTPUTF8"
+    try:
+        path.encode("utf-8")  # aiosmtpd decoded with surrogateescape: bad bytes stay surrogates
+    except UnicodeEncodeError:
+        return f"553 5.6.7 The {which} address is not valid UTF-8"
+    return None
 
 
 def _last_two(tail: bytes, piece: bytes) -> bytes:

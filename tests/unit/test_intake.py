@@ -417,3 +417,12 @@ async def test_body_8bitmime(relay: Relay) -> None:
     assert relay.spool.messages[0]["facts"]["body"] == "8BITMIME"
     assert relay.spool.messages[0]["data"].endswith(b"Gr\xfc\xdfe\r\n")
     assert (await client.cmd("MAIL FROM:<a@example.net> BODY=BINARYMIME")).startswith("555")
+
+
+async def test_invalid_utf8_address_is_refused(relay: Relay) -> None:
+    client, _ = await Client.connect(relay.port)
+    await client.cmd("EHLO c")
+    reply = await client.cmd(b"MAIL FROM:<j\xffrg@example.net> SMTPUTF8")
+    assert reply.startswith("553 5.6.7 The sender address is not valid UTF-8")
+    assert (await client.cmd("MAIL FROM:<a@example.net> SMTPUTF8")).startswith("250")
+    assert (await client.cmd(b"RCPT TO:<d\xc3@example.net>")).startswith("553 5.6.7")
