@@ -185,7 +185,13 @@ class Intake:
 
 
 class _Hooks:
-    """aiosmtpd handler: only the EHLO capabilities are adjusted here."""
+    """aiosmtpd handler: the EHLO capabilities, and a 4xx for our own bugs."""
+
+    async def handle_exception(self, error: Exception) -> str:
+        # A bug in a command handler: the client retries later instead of seeing a 500
+        # with a Python exception text.
+        log.error("SMTP session error", exc_info=error)
+        return "451 4.3.0 Local error, try again later"
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, name: str, lines: list[str]
