@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from tests.harness import Clamd, KnotDNS, Rspamd, TestCA
+from tests.harness import (
+    Clamd,
+    KnotDNS,
+    PostfixFarEnd,
+    Rspamd,
+    SmtpSink,
+    StartTLSStripProxy,
+    TestCA,
+)
 
 
 def in_ci() -> bool:
@@ -85,3 +94,56 @@ def rspamd(knot_dns: KnotDNS) -> Iterator[Rspamd]:
     daemon.start()
     yield daemon
     daemon.close()
+
+
+@pytest.fixture
+def postfix_far_end(test_ca: TestCA) -> Iterator[Callable[..., PostfixFarEnd]]:
+    """Factory: `postfix_far_end("127.0.0.21", tls="valid", hostname="mx.x.test")` starts a
+    Postfix far end (ca defaults to the session test_ca); all are stopped after the test."""
+    require_binaries("postconf", "swaks")
+    require_root()
+    started: list[PostfixFarEnd] = []
+
+    def make(address: str = "127.0.0.1", **kwargs: Any) -> PostfixFarEnd:
+        kwargs.setdefault("ca", test_ca)
+        far_end = PostfixFarEnd(address, **kwargs)
+        started.append(far_end)
+        far_end.start()
+        return far_end
+
+    yield make
+    for far_end in started:
+        far_end.close()
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[Callable[..., SmtpSink]]:
+    """Factory: `smtp_sink("127.0.0.31", tls_cert=test_ca.valid("sink.test"))` starts an
+    aiosmtpd sink recording every message; all are stopped after the test."""
+    started: list[SmtpSink] = []
+
+    def make(address: str = "127.0.0.1", **kwargs: Any) -> SmtpSink:
+        sink = SmtpSink(address, **kwargs)
+        started.append(sink)
+        sink.start()
+        return sink
+
+    yield make
+    for sink in started:
+        sink.stop()
+
+
+@pytest.fixture
+def starttls_strip_proxy() -> Iterator[Callable[..., StartTLSStripProxy]]:
+    """Factory: `starttls_strip_proxy("127.0.0.32:0", far_end.endpoint)`; stopped after."""
+    started: list[StartTLSStripProxy] = []
+
+    def make(listen: str | tuple[str, int], upstream: str | tuple[str, int]) -> StartTLSStripProxy:
+        proxy = StartTLSStripProxy(listen, upstream)
+        started.append(proxy)
+        proxy.start()
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()

@@ -6,18 +6,18 @@ See tests/harness/README.md for how to use each one.
 from .ca import WRONG_NAME, LeafCert, TestCA
 from .clamd import EICAR, EICAR_SIGNATURE_PREFIX, Clamd
 from .knot import DeadNameserver, KnotDNS
+from .postfix import TLS_MODES, PostfixFarEnd, ReceivedMessage
+from .proxy import StartTLSStripProxy
 from .rspamd import GTUBE, Rspamd
-from .util import (
-    DaemonStartError,
-    HarnessError,
-    free_port,
-    wait_for,
-)
+from .sink import SinkMessage, SmtpSink
+from .swaks import SwaksResult, swaks
+from .util import DaemonStartError, HarnessError, free_port, wait_for
 
 __all__ = [
     "EICAR",
     "EICAR_SIGNATURE_PREFIX",
     "GTUBE",
+    "TLS_MODES",
     "WRONG_NAME",
     "Clamd",
     "DaemonStartError",
@@ -25,8 +25,15 @@ __all__ = [
     "HarnessError",
     "KnotDNS",
     "LeafCert",
+    "PostfixFarEnd",
+    "ReceivedMessage",
     "Rspamd",
+    "SinkMessage",
+    "SmtpSink",
+    "StartTLSStripProxy",
+    "SwaksResult",
     "TestCA",
     "free_port",
+    "swaks",
     "wait_for",
 ]

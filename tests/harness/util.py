@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +28,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO_ROOT / "tests" / "data"
 # Per-machine cache shared by test runs (rspamd's compiled regex cache, ...).
 CACHE_DIR = Path(os.environ.get("SMG_TEST_CACHE", "/var/tmp/smg-test-cache"))
+# Every daemon runs under this supervisor: it reaps orphans and stops the daemon with us.
+REAPER = Path(__file__).with_name("reaper.py")
+PR_SET_PDEATHSIG = 1
 
 
 class HarnessError(RuntimeError):
@@ -140,6 +145,12 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the test run (our parent) dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def run(cmd: Sequence[str], timeout: float = 30.0, check: bool = True) -> str:
     """Run a short helper command, return stdout+stderr; raise HarnessError on failure."""
     proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
@@ -153,8 +164,8 @@ class Daemon:
     """Base for a hand-started daemon living in its own temp dir.
 
     Subclasses implement `_prepare()` (pick ports, write config; called on each start attempt),
-    `_command()` (argv of the foreground process) and `_ready()` (True once it serves), and may
-    override `_pid()` if the daemon forks away from the spawned process.
+    `_command()` (argv of the foreground process) and `_ready()` (True once it serves). The
+    command runs under tests/harness/reaper.py, whose PID is the one stopped.
     """
 
     name = "daemon"
@@ -217,16 +228,17 @@ class Daemon:
         self._prepare()
         with open(self._console_log(), "ab") as console:
             self.proc = subprocess.Popen(
-                self._command(),
+                [sys.executable, str(REAPER), *self._command()],
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,
                 cwd=self.dir,
                 start_new_session=True,  # our Ctrl-C goes to pytest, not straight to the daemon
+                preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None and not self._forks_away():
+            if self.proc.poll() is not None:
                 raise self._start_error(f"exited with status {self.proc.returncode}")
             try:
                 if self._ready():
@@ -235,10 +247,6 @@ class Daemon:
                 pass
             time.sleep(0.03)
         raise self._start_error(f"not ready after {self.start_timeout:.0f}s")
-
-    def _forks_away(self) -> bool:
-        """True for daemons whose spawned process exits after forking the real one."""
-        return False
 
     def _start_error(self, why: str) -> DaemonStartError:
         tails = [f"--- {p.name} ---\n{log_tail(p)}" for p in self._log_files() if p.exists()]

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import base64
+import smtplib
 import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from email.message import EmailMessage
 
 import pytest
 
-from tests.harness import EICAR, EICAR_SIGNATURE_PREFIX, GTUBE, Clamd, KnotDNS, Rspamd, TestCA
+from tests.harness import (
+    EICAR,
+    EICAR_SIGNATURE_PREFIX,
+    GTUBE,
+    Clamd,
+    KnotDNS,
+    PostfixFarEnd,
+    Rspamd,
+    SmtpSink,
+    StartTLSStripProxy,
+    TestCA,
+    swaks,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -145,3 +159,115 @@ def test_rspamd_rejects_gtube_and_passes_ham(rspamd: Rspamd) -> None:
     assert "GTUBE" in verdict["symbols"]
     verdict = rspamd.check(HAM)
     assert verdict["action"] == "no action", verdict
+
+
+# -- Postfix far end ------------------------------------------------------------------------
+FarEndFactory = Callable[..., PostfixFarEnd]
+
+
+@pytest.mark.parametrize("mode", ["valid", "none"])
+def test_postfix_far_end_receives_and_reports_client_and_tls(
+    postfix_far_end: FarEndFactory, mode: str
+) -> None:
+    far_end = postfix_far_end("127.0.0.21", tls=mode, hostname="mx.harness.test")
+    result = swaks(
+        far_end.endpoint,
+        to=["bob@example.net", "carol@example.org"],
+        tls="optional",
+        local_address="127.0.0.22",
+        timeout=20,
+    )
+    assert result.ok, result.transcript
+    [message] = far_end.wait_for_messages(1)
+    assert message.client_address == "127.0.0.22"
+    assert message.mail_from == "alice@example.com"
+    assert sorted(message.rcpt_tos) == ["bob@example.net", "carol@example.org"]
+    assert message.helo == "client.example.com"
+    assert message.tls is (mode == "valid")
+    assert (message.tls_protocol or "").startswith("TLSv1.") is (mode == "valid")
+    assert "STARTTLS" in result.transcript
+    assert far_end.queue_id_in_log(message.queue_id)
+
+
+def test_postfix_certificates_verify_as_designed(
+    postfix_far_end: FarEndFactory, test_ca: TestCA
+) -> None:
+    """valid verifies against the CA for its name; wrong-name and expired do not."""
+    outcomes = {}
+    for mode in ("valid", "wrong-name", "expired"):
+        far_end = postfix_far_end("127.0.0.23", tls=mode, hostname="mx.verify.test")
+        outcomes[mode] = starttls_verifies(far_end, test_ca, "mx.verify.test")
+    assert outcomes == {"valid": "ok", "wrong-name": "hostname", "expired": "expired"}
+
+
+def starttls_verifies(far_end: PostfixFarEnd, ca: TestCA, hostname: str) -> str:
+    """STARTTLS verifying the certificate against `ca` for `hostname`: "ok" or what failed."""
+    assert far_end.port is not None
+    with smtplib.SMTP(far_end.address, far_end.port, timeout=10) as client:
+        client.ehlo("client.example.com")
+        assert client.docmd("STARTTLS")[0] == 220
+        assert client.sock is not None
+        try:
+            tls = ca.client_context().wrap_socket(client.sock, server_hostname=hostname)
+        except ssl.SSLCertVerificationError as exc:
+            return "expired" if "expired" in exc.verify_message else "hostname"
+        tls.close()
+        return "ok"
+
+
+def test_postfix_far_end_rejects_configured_recipients_and_restarts(
+    postfix_far_end: FarEndFactory,
+) -> None:
+    far_end = postfix_far_end(
+        "127.0.0.24", tls="none", reject_recipients={"gone@example.net": "550 5.1.1 gone"}
+    )
+    refused = swaks(far_end.endpoint, to="gone@example.net", timeout=20)
+    assert not refused.ok and "550 5.1.1" in refused.transcript
+    endpoint = far_end.endpoint
+    far_end.stop()
+    assert not swaks(endpoint, timeout=5).ok
+    far_end.start()
+    assert far_end.endpoint == endpoint
+    assert swaks(endpoint, timeout=20).ok
+    assert len(far_end.wait_for_messages(1)) == 1
+
+
+# -- STARTTLS strip proxy and sink ----------------------------------------------------------
+def test_strip_proxy_hides_starttls(
+    postfix_far_end: FarEndFactory,
+    starttls_strip_proxy: Callable[..., StartTLSStripProxy],
+) -> None:
+    far_end = postfix_far_end("127.0.0.25", tls="valid")
+    proxy = starttls_strip_proxy("127.0.0.26:0", far_end.endpoint)
+    direct = swaks(far_end.endpoint, extra_args=["--quit-after", "EHLO"], timeout=20)
+    assert "250-STARTTLS" in direct.transcript
+    assert not swaks(proxy.endpoint, tls=True, timeout=20).ok  # STARTTLS required: fails
+    via_proxy = swaks(proxy.endpoint, tls="optional", timeout=20)
+    assert via_proxy.ok and "STARTTLS" not in via_proxy.transcript.split("*** Host")[0]
+    [message] = far_end.wait_for_messages(1)
+    assert message.tls is False
+    # A client that sends STARTTLS anyway gets 502 from the proxy.
+    with smtplib.SMTP(proxy.listen_host, proxy.listen_port, timeout=10) as client:
+        client.ehlo("client.example.com")
+        assert client.docmd("STARTTLS")[0] == 502
+    assert proxy.refused == 1
+
+
+def test_smtp_sink_records_tls_peer_and_rejections(
+    smtp_sink: Callable[..., SmtpSink], test_ca: TestCA
+) -> None:
+    sink = smtp_sink(
+        "127.0.0.27",
+        tls_cert=test_ca.valid("sink.harness.test"),
+        reject_recipients={"no@example.net": "550 5.1.1 no such user"},
+    )
+    result = swaks(
+        sink.endpoint, to=["yes@example.net", "no@example.net"], tls=True,
+        local_address="127.0.0.28", timeout=20,
+    )  # fmt: skip
+    assert result.ok and "550 5.1.1 no such user" in result.transcript
+    [message] = sink.wait_for_messages(1)
+    assert message.peer[0] == "127.0.0.28" and message.tls
+    assert message.rcpt_tos == ("yes@example.net",)
+    assert message.mail_from == "alice@example.com"
+    assert b"This is a test mailing" in message.data
