@@ -37,7 +37,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from gateway.addresses import AddressError, split_path
 from gateway.config import Config
@@ -190,6 +190,9 @@ class _Hooks:
     async def handle_exception(self, error: Exception) -> str:
         # A bug in a command handler: the client retries later instead of seeing a 500
         # with a Python exception text.
+        if isinstance(error, TLSSetupException):  # a client that cannot do TLS 1.2+
+            log.warning("STARTTLS handshake failed: %s", error.__cause__ or error)
+            return "454 4.7.0 TLS handshake failed"
         log.error("SMTP session error", exc_info=error)
         return "451 4.3.0 Local error, try again later"
 
