@@ -40,7 +40,7 @@ from typing import Any
 log = logging.getLogger("smg.spool")
 
 DB_NAME = "queue.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 5.0  # seconds a writer waits for another process's lock (smg queue)
 MAX_BATCH = 2000  # operations per transaction at most; the rest go into the next one
 
@@ -66,9 +66,11 @@ CREATE TABLE IF NOT EXISTS messages (
     last_attempt REAL,
     client_ip    TEXT,
     helo         TEXT,
-    facts        TEXT NOT NULL DEFAULT '{}'
+    facts        TEXT NOT NULL DEFAULT '{}',
+    owner        TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
+CREATE INDEX IF NOT EXISTS messages_owner ON messages (state, owner);
 CREATE TABLE IF NOT EXISTS recipients (
     message_id  TEXT NOT NULL,
     position    INTEGER NOT NULL,
@@ -119,6 +121,50 @@ def new_queue_id() -> str:
         micros = max(time.time_ns() // 1000, _last_micros + 1)
         _last_micros = micros
     return _base32(micros, 11) + _base32(_process_salt, 2)
+
+
+# --- owners: which relay process is delivering an active message ----------------------------
+#
+# An active message belongs to the process that enqueued or claimed it (``owner``).  Several
+# processes (``gateway.workers``) share one spool: each delivers what it owns, and takes over
+# active messages only from owners that are gone (crashed, or the relay restarted).  An owner
+# names the boot, the PID and the PID's start time, so a reused PID is not mistaken for it.
+
+_owner_cache: tuple[int, str] | None = None
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        return "noboot"
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_owner() -> str:
+    """This process's owner name (recomputed after a fork)."""
+    global _owner_cache
+    pid = os.getpid()
+    if _owner_cache is None or _owner_cache[0] != pid:
+        _owner_cache = (pid, f"{_boot_id()}:{pid}:{_start_time(pid)}")
+    return _owner_cache[1]
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Is the process named by ``owner`` still running (on this boot)?"""
+    if not owner:
+        return False
+    boot, _, rest = owner.partition(":")
+    pid_text, _, started = rest.partition(":")
+    if boot != _boot_id() or not pid_text.isdigit():
+        return False
+    return _start_time(int(pid_text)) == started
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -260,6 +306,8 @@ def create_schema(conn: sqlite3.Connection) -> None:
         raise sqlite3.DatabaseError(
             f"spool schema version {version} is newer than this relay understands"
         )
+    if version == 1:  # version 2 added the owner column (several relay processes)
+        conn.execute("ALTER TABLE messages ADD COLUMN owner TEXT")
     # Statement by statement: executescript() would commit the caller's transaction.
     for statement in _SCHEMA.split(";"):
         if statement.strip():
@@ -279,8 +327,8 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> str
         try:
             conn.execute(
                 "INSERT INTO messages (id, sender, data, size, route, state, hold_reason, kind,"
-                " created_at, next_attempt, client_ip, helo, facts)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, next_attempt, client_ip, helo, facts, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     queue_id,
                     msg.sender,
@@ -295,6 +343,7 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> str
                     msg.client_ip,
                     msg.helo,
                     facts,
+                    process_owner() if msg.state == "active" else None,
                 ),
             )
             break
@@ -391,14 +440,28 @@ def list_messages(conn: sqlite3.Connection) -> list[QueuedMessage]:
     return [_row_to_message(row, recipients.get(row[0], []), b"") for row in rows]
 
 
-def due_ids(conn: sqlite3.Connection, now: float, limit: int) -> list[str]:
-    """Messages whose attempt is due: active and deferred ones whose time has come, and TLS
-    holds whose hold_retry has come.  An operator's hold is never due."""
+def due_ids(
+    conn: sqlite3.Connection, now: float, limit: int, claimable: Sequence[str] = ()
+) -> list[str]:
+    """Messages whose attempt is due: deferred ones whose time has come, TLS holds whose
+    hold_retry has come, and active ones without a live owner (``claimable``: the owners that
+    are gone, and the caller itself).  An operator's hold is never due."""
+    marks = ",".join("?" * len(claimable)) or "NULL"
     rows = conn.execute(
-        "SELECT id FROM messages WHERE state IN ('active', 'deferred') AND next_attempt <= ?"
+        "SELECT id FROM messages WHERE state = 'deferred' AND next_attempt <= ?"
         " UNION ALL SELECT id FROM messages WHERE state = 'held' AND hold_reason = ?"
-        " AND next_attempt <= ? ORDER BY 1 LIMIT ?",
-        (now, HOLD_TLS, now, limit),
+        " AND next_attempt <= ?"
+        " UNION ALL SELECT id FROM messages WHERE state = 'active'"
+        f" AND (owner IS NULL OR owner IN ({marks}))"
+        " ORDER BY 1 LIMIT ?",
+        (now, HOLD_TLS, now, *claimable, limit),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def active_owners(conn: sqlite3.Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT DISTINCT owner FROM messages WHERE state = 'active' AND owner IS NOT NULL"
     ).fetchall()
     return [row[0] for row in rows]
 
@@ -410,12 +473,19 @@ def counts(conn: sqlite3.Connection) -> dict[str, int]:
     return result
 
 
-def begin_attempt(conn: sqlite3.Connection, queue_id: str, now: float) -> bool:
-    """Mark a due message active; False if an operator held or deleted it meanwhile."""
+def begin_attempt(
+    conn: sqlite3.Connection, queue_id: str, now: float, claimable: Sequence[str] = ()
+) -> bool:
+    """Claim a due message for this process (compare-and-set, so of several processes only one
+    wins); False if it is not due any more, another live process has it, or an operator held
+    or deleted it meanwhile."""
+    marks = ",".join("?" * len(claimable)) or "NULL"
     cur = conn.execute(
-        "UPDATE messages SET state = 'active', hold_reason = NULL WHERE id = ? AND"
-        " (state IN ('active', 'deferred') OR (state = 'held' AND hold_reason = ?))",
-        (queue_id, HOLD_TLS),
+        "UPDATE messages SET state = 'active', hold_reason = NULL, owner = ? WHERE id = ? AND ("
+        " (state = 'deferred' AND next_attempt <= ?)"
+        " OR (state = 'held' AND hold_reason = ? AND next_attempt <= ?)"
+        f" OR (state = 'active' AND (owner IS NULL OR owner IN ({marks}))))",
+        (process_owner(), queue_id, now, HOLD_TLS, now, *claimable),
     )
     return cur.rowcount == 1
 
@@ -646,6 +716,7 @@ class Spool:
         self._reader = reader
         self._read_executor = concurrent.futures.ThreadPoolExecutor(1, "smg-spool-reader")
         self._listeners: list[Callable[[QueuedMessage], None]] = []
+        self._claimable: set[str] = {process_owner()}  # owners whose active mail we may take
         self._closed = False
 
     @classmethod
@@ -678,6 +749,11 @@ class Spool:
         self._closed = True
         self._writer.jobs.put(_STOP)
         await asyncio.to_thread(self._writer.join, 30)
+        log.info(
+            "spool closed: %d operations in %d commits",
+            self._writer.operations,
+            self._writer.commits,
+        )
         self._read_executor.shutdown(wait=True)
         with contextlib.suppress(sqlite3.Error):
             self._reader.close()
@@ -756,8 +832,10 @@ class Spool:
         return await self.submit(lambda conn: insert_message(conn, new, now), notify)
 
     async def begin_attempt(self, queue_id: str) -> bool:
+        """Claim a message found by :meth:`due` (see :func:`begin_attempt`)."""
         now = time.time()
-        return await self.submit(lambda conn: begin_attempt(conn, queue_id, now))
+        claimable = tuple(self._claimable)
+        return await self.submit(lambda conn: begin_attempt(conn, queue_id, now, claimable))
 
     async def finish_attempt(self, result: AttemptResult) -> AttemptOutcome:
         now = time.time()
@@ -819,8 +897,16 @@ class Spool:
         return await self._read(lambda conn: load_message(conn, queue_id, with_data))
 
     async def due(self, limit: int, now: float | None = None) -> list[str]:
+        """Ids of messages due for an attempt by this process (see :func:`due_ids`)."""
         when = time.time() if now is None else now
-        return await self._read(lambda conn: due_ids(conn, when, limit))
+
+        def query(conn: sqlite3.Connection) -> list[str]:
+            me = process_owner()
+            gone = {o for o in active_owners(conn) if o != me and not owner_alive(o)}
+            self._claimable = {me, *gone}
+            return due_ids(conn, when, limit, tuple(self._claimable))
+
+        return await self._read(query)
 
     async def state_of(self, queue_id: str) -> str | None:
         def query(conn: sqlite3.Connection) -> str | None:

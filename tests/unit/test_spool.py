@@ -223,3 +223,52 @@ async def test_unwritable_spool_directory(tmp_path: Path) -> None:
 def test_admin_on_a_missing_spool(tmp_path: Path) -> None:
     with pytest.raises(SpoolUnavailable, match="no spool database"):
         SpoolAdmin(tmp_path / "nothing")
+
+
+async def test_active_mail_of_a_live_process_is_left_alone(spool: Spool) -> None:
+    queue_id = await spool.enqueue("a@example.net", ["b@x.org"], MESSAGE)
+    live = f"{spool_mod._boot_id()}:1:{spool_mod._start_time(1)}"  # PID 1 is always there
+    dead = f"{spool_mod._boot_id()}:1:0"  # PID 1, but not the one that started at 0
+
+    async def set_owner(owner: str) -> None:
+        await spool.submit(
+            lambda c: c.execute("UPDATE messages SET owner = ? WHERE id = ?", (owner, queue_id))
+        )
+
+    await set_owner(live)
+    assert spool_mod.owner_alive(live) and not spool_mod.owner_alive(dead)
+    assert queue_id not in await spool.due(10)
+    assert not await spool.begin_attempt(queue_id)  # another live relay process delivers it
+    await set_owner(dead)
+    assert queue_id in await spool.due(10)
+    assert await spool.begin_attempt(queue_id)
+    message = await spool.load(queue_id)
+    assert message.state == "active"
+    owner = await spool.submit(
+        lambda c: c.execute("SELECT owner FROM messages WHERE id = ?", (queue_id,)).fetchone()[0]
+    )
+    assert owner == spool_mod.process_owner()
+
+
+async def test_a_version_1_spool_is_upgraded(tmp_path: Path) -> None:
+    db = tmp_path / "queue.sqlite"
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        spool_mod._SCHEMA.replace(",\n    owner        TEXT", "").replace(
+            "CREATE INDEX IF NOT EXISTS messages_owner ON messages (state, owner);", ""
+        )
+        + "PRAGMA user_version = 1;"
+    )
+    conn.execute(
+        "INSERT INTO messages (id, sender, data, size, route, state, created_at, next_attempt)"
+        " VALUES ('OLD', 'a@x.org', x'00', 1, 'direct', 'active', 0, 0)"
+    )
+    conn.execute("INSERT INTO recipients (message_id, position, address) VALUES ('OLD', 0, 'b')")
+    conn.commit()
+    conn.close()
+    spool = await Spool.open(db)
+    try:
+        assert await spool.due(10) == ["OLD"]
+        assert await spool.begin_attempt("OLD")
+    finally:
+        await spool.close()
