@@ -2,7 +2,7 @@
 
 - DNS: the harness's knotd (session server) serving DNSBL zones made for each test
   (``set_zone`` lists and unlists addresses, ``servfail_zone``, ``dead_nameserver``);
-- SMTP: an SMTP sink on loopback receiving the notices and removal mails;
+- SMTP: the harness's SmtpSink on loopback receiving the notices and removal mails;
 - tickets: a tiny HTTP server in a thread on 127.0.0.x recording the JSON POSTs.
 
 Every check is a `smg blacklist check` subprocess, so exit codes are the real ones.
@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import KnotDNS
+from tests.harness import KnotDNS, SmtpSink
 from tests.harness.util import free_port
 
 pytestmark = pytest.mark.integration
@@ -79,58 +79,21 @@ class TicketServer:
         self.thread.join(timeout=5)
 
 
-def _sink_class() -> Any:
-    """The harness's SMTP sink; a minimal aiosmtpd one until the harness has it."""
-    try:
-        from tests.harness import SmtpSink  # type: ignore[attr-defined]
-
-        return SmtpSink
-    except ImportError:
-        return _LocalSink
-
-
-class _LocalSink:
-    """aiosmtpd Controller that keeps every message (interim, see _sink_class)."""
-
-    def __init__(self, address: str = "127.0.0.73") -> None:
-        from aiosmtpd.controller import Controller
-
-        self.messages: list[tuple[str, list[str], bytes]] = []
-        owner = self
-
-        class Handler:
-            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-                owner.messages.append(
-                    (envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content))
-                )
-                return "250 2.0.0 Ok"
-
-        self.host, self.port = address, free_port(address)
-        self.controller = Controller(Handler(), hostname=address, port=self.port)
-        self.controller.start()
-
-    def close(self) -> None:
-        self.controller.stop()
-
-
 class Mailbox:
-    """What the sink received, parsed: (envelope recipients, message)."""
+    """What the harness's SMTP sink received, parsed: (envelope recipients, message)."""
 
-    def __init__(self, sink: Any) -> None:
+    def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
     @property
     def relay(self) -> str:
-        return f"{self.sink.host}:{self.sink.port}"
+        return self.sink.endpoint
 
     def all(self) -> list[tuple[list[str], EmailMessage]]:
         return [
-            (rcpts, message_from_bytes(data, policy=policy.default))
-            for _, rcpts, data in self.sink.messages
+            (list(m.rcpt_tos), message_from_bytes(m.data, policy=policy.default))
+            for m in self.sink.messages
         ]
-
-    def subjects(self) -> list[str]:
-        return [str(message["Subject"]) for _, message in self.all()]
 
 
 @pytest.fixture
@@ -141,10 +104,8 @@ def tickets() -> Iterator[TicketServer]:
 
 
 @pytest.fixture
-def mailbox() -> Iterator[Mailbox]:
-    sink = _sink_class()()
-    yield Mailbox(sink)
-    sink.close()
+def mailbox(smtp_sink: Callable[..., SmtpSink]) -> Mailbox:
+    return Mailbox(smtp_sink("127.0.0.73"))
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -489,3 +450,24 @@ def test_concurrent_checks_make_one_listing_and_one_notice(
     assert len(mailbox.all()) == 1
     snapshot = status(config)
     assert len(snapshot["open_listings"]) == 1 and len(snapshot["checks"]) == 3
+
+
+def test_relay_deferring_the_notice_is_retried_not_lost(
+    tmp_path: Path, knot_dns: KnotDNS, smtp_sink: Callable[..., SmtpSink]
+) -> None:
+    sink = smtp_sink("127.0.0.75", data_reply="451 4.3.0 try later")
+    zone = unique("defer")
+    knot_dns.set_zone(zone, dnsbl_zone({GOOD: ("127.0.0.2", "x")}))
+    config = write_config(tmp_path, knot_dns, [{"zone": zone}], relay=sink.endpoint)
+    first = check(config)
+    assert first.returncode == 1
+    assert "451" in first.stderr and "retried at the next check" in first.stderr
+    [item] = status(config)["undelivered"]
+    assert (item["kind"], item["state"], item["attempts"]) == ("listed_notice", "pending", 1)
+    assert "451" in item["last_error"]
+    sink.data_reply = "250 2.0.0 OK queued"
+    second = check(config)
+    assert second.returncode == 1 and second.stderr == ""
+    delivered = [m for m in sink.messages if b"LISTED:" in m.data]
+    assert len(delivered) == 2  # the deferred attempt reached DATA too, then the retry
+    assert status(config)["undelivered"] == []
