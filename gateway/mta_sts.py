@@ -18,6 +18,7 @@ import logging
 import re
 import ssl
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 section 3.3 suggests 64 KiB
 MAX_AGE_LIMIT = 31557600  # RFC 8461 section 3.2: at most one year
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 MODES = ("enforce", "testing", "none")
+MAX_CACHED_DOMAINS = 10000
+REFETCH_AFTER_FAILURE = 60.0  # seconds before a policy id whose fetch failed is tried again
 
 
 class MtaStsError(Exception):
@@ -212,12 +215,21 @@ def _dechunk(host: str, body: bytes) -> bytes:
 class MtaSts:
     """``await mta_sts.policy(domain) -> MtaStsPolicy | None`` with the RFC's caching."""
 
-    def __init__(self, section: Any, resolver: Any, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self,
+        section: Any,
+        resolver: Any,
+        clock: Any = time.monotonic,
+        max_domains: int = MAX_CACHED_DOMAINS,
+    ) -> None:
         self.section = section
         self.resolver = resolver
         self._clock = clock
-        self._cache: dict[str, MtaStsPolicy] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.max_domains = max_domains
+        self._cache: OrderedDict[str, MtaStsPolicy] = OrderedDict()
+        # domain -> (policy id, when) of the last failed fetch: not fetched again for a while
+        self._failed: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._in_flight: dict[str, asyncio.Future[MtaStsPolicy | None]] = {}
         self._context: ssl.SSLContext | None = None
 
     def context(self) -> ssl.SSLContext:
@@ -237,9 +249,13 @@ class MtaSts:
         return policy
 
     async def policy(self, domain: str) -> MtaStsPolicy | None:
-        lock = self._locks.setdefault(domain, asyncio.Lock())
-        async with lock:  # one discovery per domain at a time; the others use its result
-            return await self._policy(domain)
+        """The policy in force for ``domain`` (None: the domain has none)."""
+        task = self._in_flight.get(domain)
+        if task is None:  # one discovery per domain at a time; the others share its result
+            task = asyncio.ensure_future(self._policy(domain))
+            self._in_flight[domain] = task
+            task.add_done_callback(lambda _: self._in_flight.pop(domain, None))
+        return await asyncio.shield(task)
 
     async def _policy(self, domain: str) -> MtaStsPolicy | None:
         cached = self.cached(domain)
@@ -253,9 +269,13 @@ class MtaSts:
             return cached
         if cached is not None and cached.policy_id == policy_id:
             return cached
+        failed = self._failed.get(domain)
+        if failed and failed[0] == policy_id and self._clock() - failed[1] < REFETCH_AFTER_FAILURE:
+            return cached  # this id failed a moment ago: do not stall every delivery on it
         try:
             policy = await self.fetch(domain, policy_id)
         except MtaStsError as exc:
+            self._remember(self._failed, domain, (policy_id, self._clock()))
             if cached is not None:
                 log.warning(
                     "mta-sts %s: refresh failed (%s); keeping the cached policy id=%s",
@@ -268,7 +288,8 @@ class MtaSts:
                     "mta-sts %s: TXT id=%s but no usable policy: %s", domain, policy_id, exc
                 )
             return cached
-        self._cache[domain] = policy
+        self._failed.pop(domain, None)
+        self._remember(self._cache, domain, policy)
         log.info(
             "mta-sts %s: policy id=%s mode=%s mx=%s max_age=%d",
             domain,
@@ -278,6 +299,12 @@ class MtaSts:
             policy.max_age,
         )
         return policy
+
+    def _remember(self, table: OrderedDict[str, Any], domain: str, value: Any) -> None:
+        table.pop(domain, None)
+        table[domain] = value
+        while len(table) > self.max_domains:
+            table.popitem(last=False)
 
     async def discover(self, domain: str) -> str:
         """The policy id from ``_mta-sts.<domain>`` TXT, or :class:`MtaStsError`."""

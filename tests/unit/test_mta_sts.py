@@ -42,12 +42,16 @@ ENFORCE += "max_age: 86400\r\n"
 class PolicyServer:
     """Serves ``/.well-known/mta-sts.txt`` over HTTPS on ``address`` (port chosen by the OS).
 
-    ``body``/``status``/``headers`` say what to answer; ``delay`` stalls the answer (timeout
+    ``body``/``status``/``headers`` say what to answer (``bodies[host]`` per Host header, for a
+    certificate naming several ``mta-sts.<domain>``); ``delay`` stalls the answer (timeout
     tests); ``requests`` counts the fetches.  Runs in a thread, stopped by :meth:`close`.
     """
 
     def __init__(self, context: ssl.SSLContext, address: str = "127.0.0.1") -> None:
         self.body = ENFORCE
+        self.bodies: dict[str, str] = {}
+        self.statuses: dict[str, int] = {}  # per Host header, else ``status``
+        self.hosts_asked: list[str] = []
         self.status = 200
         self.headers: dict[str, str] = {"Content-Type": "text/plain"}
         self.delay = 0.0
@@ -57,10 +61,13 @@ class PolicyServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 outer.requests += 1
+                host = self.headers.get("Host", "")
+                outer.hosts_asked.append(host)
                 if outer.delay:
                     time.sleep(outer.delay)
-                body = outer.body.encode() if self.path == "/.well-known/mta-sts.txt" else b""
-                self.send_response(outer.status if body else 404)
+                text = outer.bodies.get(host, outer.body)
+                body = text.encode() if self.path == "/.well-known/mta-sts.txt" else b""
+                self.send_response(outer.statuses.get(host, outer.status) if body else 404)
                 for key, value in outer.headers.items():
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body)))
@@ -304,3 +311,30 @@ async def test_nothing_listening_is_a_failure_not_a_hang(zone_and_resolver, ca) 
         port = sock.getsockname()[1]
     sts = make_sts(resolver, ca, port, Clock())
     assert await sts.policy("example.com") is None
+
+
+async def test_a_failed_fetch_is_not_retried_at_once(zone_and_resolver, https, ca) -> None:
+    _, resolver = zone_and_resolver
+    clock = Clock()
+    sts = make_sts(resolver, ca, https.port, clock)
+    https.status = 500
+    assert await sts.policy("example.com") is None
+    assert await sts.policy("example.com") is None  # no second fetch: deliveries do not stall
+    assert https.requests == 1
+    https.status = 200
+    clock.now += 61
+    assert await sts.policy("example.com") is not None
+    assert https.requests == 2
+
+
+async def test_the_cache_is_bounded(zone_and_resolver, https, ca) -> None:
+    zone, resolver = zone_and_resolver
+    sts = make_sts(resolver, ca, https.port, Clock())
+    sts.max_domains = 1
+    assert await sts.policy("example.com") is not None
+    zone.add("_mta-sts.example.org", "TXT", '"v=STSv1; id=o"')
+    zone.add("mta-sts.example.org", "A", "127.0.0.1")
+    await sts.policy("example.org")  # the certificate does not name it: nothing cached
+    assert sts.cached("example.com") is not None
+    sts._remember(sts._cache, "other.example", sts.cached("example.com"))
+    assert sts.cached("example.com") is None and sts.cached("other.example") is not None

@@ -33,9 +33,11 @@ class TlsKnownFailureRule:
         failure = self.tls_policy.failures.recent_failure(domain, rule.level)
         if failure is None:
             return RuleResult(self.name, f"{rule.level} TLS to {domain}: no recent failure")
+        # An SMTP reply line has at most 512 octets: keep the far end's detail short.
+        detail = failure if len(failure) <= 200 else failure[:197] + "..."
         text = (
             f"TLS is required for mail to {domain} and no TLS connection to it could be "
-            f"established recently ({failure}); not accepted"
+            f"established recently ({detail}); not accepted"
         )
         return RuleResult(
             self.name,

@@ -1,0 +1,205 @@
+"""Shared pieces of the forced-TLS, MTA-STS and probe integration tests.
+
+- :class:`StartTlsStripProxy`: a TCP proxy that rewrites ``STARTTLS`` in the far end's replies
+  (as broken or hostile middleboxes do), so the client never sees it offered; it also notes
+  whether a client ever sent ``MAIL FROM`` through it (which would be mail in the clear).
+- :class:`TlsRelay`: ``smg serve`` with ``[[tls_policy.rules]]`` written into its TOML.
+- :class:`PolicyServer`: re-exported from the unit tests (HTTPS on a 127.0.0.x address).
+- small helpers: a port free on several addresses, sending with swaks, waiting for states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+from tests.harness import wait_for
+from tests.harness.postfix import PostfixFarEnd, ReceivedMessage
+from tests.harness.swaks import swaks
+from tests.integration.smg_relay import SMG, SmgRelay, to_toml
+from tests.unit.test_mta_sts import PolicyServer
+
+__all__ = [
+    "PolicyServer",
+    "StartTlsStripProxy",
+    "TlsRelay",
+    "common_port",
+    "mail_from_logged",
+    "queue_entry",
+    "send",
+    "smg",
+    "with_mid",
+]
+
+
+def common_port(*ips: str) -> int:
+    """A port free on all ``ips``: ``delivery.port`` is one port for every MX."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((ips[0], 0))
+            port = probe.getsockname()[1]
+        try:
+            for ip in ips:
+                with socket.socket() as other:
+                    other.bind((ip, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no common free port")
+
+
+class StartTlsStripProxy:
+    """Listens on ``address:port`` and forwards to ``upstream``, replacing ``STARTTLS`` in the
+    server's replies by ``XXXXXXXA`` (same length).  Threads, bounded by socket timeouts;
+    :meth:`close` stops everything it started."""
+
+    def __init__(self, address: str, port: int, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.connections = 0
+        self.client_commands: list[bytes] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((address, port))
+        self.listener.listen(16)
+        self.listener.settimeout(0.2)
+        self._spawn(self._accept_loop)
+
+    @property
+    def saw_mail_from(self) -> bool:
+        return any(line.upper().startswith(b"MAIL FROM") for line in self.client_commands)
+
+    def _spawn(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            for sock in (client, server):
+                sock.settimeout(30)
+                self._sockets.append(sock)
+            self._spawn(self._pump, server, client, True)
+            self._spawn(self._pump, client, server, False)
+
+    def _pump(self, source: socket.socket, target: socket.socket, from_server: bool) -> None:
+        pending = b""
+        with contextlib.suppress(OSError):
+            while not self._stop.is_set():
+                data = source.recv(65536)
+                if not data:
+                    break
+                if from_server:
+                    data = data.replace(b"STARTTLS", b"XXXXXXXA")
+                else:
+                    pending += data
+                    *lines, pending = pending.split(b"\r\n")
+                    self.client_commands += lines
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        for thread in self._threads:
+            thread.join(timeout=2)
+
+
+def rules_toml(rules: list[dict[str, str]]) -> str:
+    blocks = []
+    for rule in rules:
+        lines = ["[[tls_policy.rules]]"] + [f'{key} = "{value}"' for key, value in rule.items()]
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+class TlsRelay(SmgRelay):
+    """``smg serve`` whose config also has ``[[tls_policy.rules]]``."""
+
+    def __init__(
+        self, tmp: Path, config: dict[str, dict[str, Any]], rules: list[dict[str, str]]
+    ) -> None:
+        super().__init__(tmp, config)
+        self.rules = rules
+
+    def write_config(self) -> None:
+        self.config_path.write_text(to_toml(self.config) + "\n" + rules_toml(self.rules))
+
+
+def mail(sender: str, to: str, subject: str, mid: str) -> str:
+    return (
+        f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: <{mid}@tls.test>\r\n"
+        f"\r\nConfidential: for TLS only.\r\n"
+    )
+
+
+def send(relay: SmgRelay, sender: str, to: str, mid: str) -> str:
+    """Send one message with swaks; return the queue id from the 250 reply."""
+    result = swaks(relay.endpoint, to=to, mail_from=sender, data=mail(sender, to, mid, mid))
+    assert result.ok, result.transcript
+    line = next(
+        x
+        for x in result.transcript.splitlines()
+        if "<-" in x and "250" in x and "queued" in x.lower()
+    )
+    return line.split()[-1]
+
+
+def with_mid(messages: list[ReceivedMessage], mid: str) -> list[ReceivedMessage]:
+    return [m for m in messages if f"<{mid}@tls.test>" in m.raw.decode(errors="replace")]
+
+
+def mail_from_logged(far_end: PostfixFarEnd, sender: str) -> bool:
+    """Did the far end ever take a MAIL FROM:<sender>?  Postfix logs ``from=<sender>`` for
+    every message it queued; a session that ended before MAIL logs no such line."""
+    return f"from=<{sender}>" in far_end.log_text()
+
+
+def queue_entry(relay: SmgRelay, queue_id: str, state: str, timeout: float = 20.0) -> Any:
+    """Wait until ``queue_id`` is in ``state`` after at least one attempt; return it."""
+    return wait_for(
+        lambda: next(
+            (
+                m
+                for m in relay.queued()
+                if m.id == queue_id and m.state == state and m.attempts >= 1
+            ),
+            None,
+        ),
+        timeout,
+        what=f"{queue_id} {state}\n{relay.log()}",
+    )
+
+
+def smg(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``smg ARGS`` (the real command line) and return its result."""
+    return subprocess.run(
+        [*SMG, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
