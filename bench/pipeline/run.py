@@ -147,8 +147,10 @@ class SmgServe:
 
 
 def smg_config(workdir: Path, knot: KnotDNS, clamd: Clamd, rspamd: Rspamd, key: Path,
-               sink: Sink) -> str:  # fmt: skip
-    return f"""
+               sink: Sink, without: set[str] = frozenset()) -> str:  # fmt: skip
+    """The relay's config; ``without`` turns features off ("virus", "spam", "dkim") to
+    measure what each one costs."""
+    text = f"""
 [gateway]
 hostname = "smg-bench.example.net"
 role = "good"
@@ -179,6 +181,13 @@ domain = "{SENDER_DOMAIN}"
 selector = "bench"
 key = "{key}"
 """
+    if "virus" in without:
+        text = text.replace("[virus]\n", "[virus]\nenabled = false\n")
+    if "spam" in without:
+        text = text.replace("[spam]\n", "[spam]\nenabled = false\n")
+    if "dkim" in without:
+        text = text[: text.index("[[dkim.keys]]")]
+    return text
 
 
 def run_load(endpoint: str, count: int, connections: int, size: int, seed: int) -> dict[str, Any]:
@@ -225,7 +234,8 @@ def measure(name: str, endpoint: str, sink: Sink, mta_pids: list[int], scanner_p
 def run_smg(base: Path, knot, clamd, rspamd, key, args, seed) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="smg-", dir=base))
     sink = Sink(workdir)
-    relay = SmgServe(workdir, smg_config(workdir, knot, clamd, rspamd, key, sink))
+    config = smg_config(workdir, knot, clamd, rspamd, key, sink, set(args.smg_without))
+    relay = SmgServe(workdir, config)
     try:
         scanners = [clamd.proc.pid, rspamd.proc.pid]  # type: ignore[union-attr]
         return measure("smg", relay.endpoint, sink, [relay.proc.pid], scanners, args, seed)
@@ -266,6 +276,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--only", choices=["smg", "postfix"])
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--smg-without", action="append", default=[],
+                        choices=["virus", "spam", "dkim"],
+                        help="turn a feature off in smg (to see what it costs)")  # fmt: skip
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="smg-bench-pipeline-"))

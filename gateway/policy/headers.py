@@ -51,8 +51,11 @@ def fields(header: bytes) -> list[tuple[str, bytes]]:
 def get_values(data: bytes, name: str) -> list[str]:
     """The unfolded values of every field called ``name`` (case-insensitive), in order."""
     wanted = name.lower()
+    header = split_header(data)[0]
+    if wanted.encode() not in header.lower():  # the usual case: not there at all
+        return []
     values = []
-    for field_name, raw in fields(split_header(data)[0]):
+    for field_name, raw in fields(header):
         if field_name == wanted:
             value = raw.split(b":", 1)[1]
             unfolded = re.sub(rb"\r?\n(?=[ \t])", b"", value).strip()
@@ -62,9 +65,10 @@ def get_values(data: bytes, name: str) -> list[str]:
 
 def remove(data: bytes, names: Iterable[str]) -> bytes:
     """``data`` without the fields whose names are in ``names`` (case-insensitive)."""
-    drop = {name.lower() for name in names}
     header, rest = split_header(data)
-    if not drop or not header:
+    lowered = header.lower()
+    drop = {name.lower() for name in names if name.lower().encode() in lowered}
+    if not drop:  # none of them is there: nothing to parse
         return data
     entries = fields(header)
     if not any(name in drop for name, _ in entries):
