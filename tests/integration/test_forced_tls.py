@@ -270,3 +270,27 @@ def test_held_mail_goes_once_released_after_the_far_end_is_fixed(relay, far, tes
     got = delivered(fixme, "fixme-1")
     assert got.tls and got.mail_from == BANK
     wait_for(lambda: all(m.id != queue_id for m in relay.queued()), 10, what="dequeued")
+
+
+def test_held_mail_is_retried_then_bounced_at_the_end_of_its_lifetime(
+    zone, port, far, test_ca, tmp_path
+) -> None:
+    """A relay of its own with a 4 s lifetime and a 1 s TLS retry: held, retried, bounced."""
+    config = base_config(tmp_path, zone.nameserver, hostname="gw.smg-test.example")
+    config["gateway"]["source_address"] = SOURCE
+    config["delivery"] = {"port": port, "max_lifetime": "4s", "scan_interval": "200ms"}
+    config["tls_policy"] = {"ca_bundle": str(test_ca.ca_bundle), "hold_retry": "1s"}
+    config["mta_sts"] = {"enabled": False}
+    relay = TlsRelay(tmp_path, config, RULES)
+    relay.start()
+    try:
+        queue_id = send(relay, BANK, f"ann@expired.{ZONE}", "lifetime-1")
+        assert queue_entry(relay, queue_id, "held").hold_reason == "tls"
+        status, text = ndr_status(ndr_for(far["customer"], "lifetime-1"))
+    finally:
+        relay.stop()
+    assert status in ("4.7.10", "5.7.10") and "no TLS connection could be established" in text
+    attempts = [x for x in relay.log_path.read_text().splitlines() if "<ann@expired" in x]
+    assert len(attempts) >= 3, attempts  # retried on tls_policy.hold_retry until it expired
+    assert "status=bounced" in attempts[-1] and "expired" in attempts[-1]
+    assert not mail_from_logged(far["expired"], BANK)
