@@ -240,6 +240,11 @@ class MtaSts:
             self._context = ctx
         return self._context
 
+    def adopt(self, previous: MtaSts) -> None:
+        """Take over another instance's cached policies (a config reload)."""
+        self._cache = previous._cache
+        self._failed = previous._failed
+
     def cached(self, domain: str) -> MtaStsPolicy | None:
         """The cached, unexpired policy of ``domain``, if any."""
         policy = self._cache.get(domain)

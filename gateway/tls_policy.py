@@ -319,6 +319,15 @@ class TlsPolicy:
         ttl = getattr(config.tls_policy, "failure_memory", config.tls_policy.hold_retry)
         self.failures = failures or TlsFailureCache(ttl)
 
+    def carry_over(self, previous: TlsPolicy) -> None:
+        """After a config reload: keep what the relay learnt (recent TLS failures, cached
+        MTA-STS policies), so a reload neither forgets a failure nor opens the window in which
+        a blocked policy refresh would downgrade a domain."""
+        previous.failures.ttl = self.failures.ttl
+        self.failures = previous.failures
+        if self.mta_sts is not None and previous.mta_sts is not None:
+            self.mta_sts.adopt(previous.mta_sts)
+
     def rule_for(self, sender_domain: str, recipient_domain: str) -> CompiledRule | None:
         """The most specific forced-TLS rule for this pair, or None."""
         sender, recipient = normalize_domain(sender_domain), normalize_domain(recipient_domain)

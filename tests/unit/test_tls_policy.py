@@ -306,3 +306,19 @@ def test_verify_chain_against_another_ca(ca, tmp_path) -> None:
     assert verify_chain(der, "mx.a.net", ca.ca_bundle) == "chain not trusted by the CA bundle"
     assert verify_chain(der, "mx.a.net", other.ca_bundle) is None
     assert describe_tls(None, "mx.a.net", TlsRequirement()).log_fields() == "tls=none"
+
+
+async def test_a_reload_keeps_failures_and_mta_sts_policies() -> None:
+    from gateway.mta_sts import MtaSts
+
+    before_config = config([], mta_sts={"enabled": True})
+    before = TlsPolicy(before_config, resolver=object())
+    before.failures.record_failure("partner.net", "STARTTLS not offered", "encrypt")
+    assert isinstance(before.mta_sts, MtaSts)
+    before.mta_sts._remember(before.mta_sts._cache, "partner.net", sts_policy("enforce"))
+    after_config = config([], mta_sts={"enabled": True}, tls_policy={"failure_memory": "1h"})
+    after = TlsPolicy(after_config, resolver=object())
+    after.carry_over(before)
+    assert after.failures.recent_failure("partner.net") == "STARTTLS not offered"
+    assert after.failures.ttl == 3600
+    assert after.mta_sts is not None and after.mta_sts.cached("partner.net") is not None
