@@ -24,7 +24,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from .ca import LeafCert, TestCA
-from .util import Daemon, HarnessError, free_port, wait_for
+from .util import Daemon, DaemonStartError, HarnessError, free_port, run, wait_for
 
 POSTFIX_DAEMON_DIR = Path("/usr/lib/postfix/sbin")
 TLS_MODES = ("valid", "none", "wrong-name", "expired")
@@ -146,6 +146,8 @@ class PostfixFarEnd(Daemon):
         self.address = address
         self.port = port
         self._fixed_port = port is not None
+        if self._fixed_port:
+            self.start_attempts = 1  # retrying the same taken port cannot help
         self.hostname = hostname
         self.tls = tls
         self.reject_recipients = dict(reject_recipients or {})
@@ -228,6 +230,21 @@ class PostfixFarEnd(Daemon):
 
     def _log_files(self) -> list[Path]:
         return [self._console_log(), self.log_path]
+
+    def _start_error(self, why: str) -> DaemonStartError:
+        """The master logs startup failures only to syslog (absent here): diagnose them."""
+        error = super()._start_error(why)
+        hints = []
+        try:
+            with socket.socket() as probe:
+                probe.bind((self.address, self.port or 0))
+        except OSError as exc:
+            hints.append(f"cannot bind {self.endpoint}: {exc.strerror} (address in use?)")
+        check = run(["postconf", "-c", str(self.config_dir), "-n"], check=False)
+        hints += [line for line in check.splitlines() if "warning" in line or "fatal" in line]
+        if not hints:
+            return error
+        return DaemonStartError(f"{error}\n--- diagnosis ---\n" + "\n".join(hints))
 
     # -- internals ----------------------------------------------------------------------------
     def _certificate(self, ca: TestCA) -> LeafCert | None:
