@@ -6,11 +6,11 @@ address of the fleet, and two would notify twice)."""
 from __future__ import annotations
 
 from pyinfra.api import deploy
-from pyinfra.operations import files, systemd
-from pyinfra.operations.util import any_changed
+from pyinfra.operations import systemd
 
 from gateway.inventory import Gateway, HostPaths
-from roles.render import render, text_io
+from roles import ops
+from roles.render import render
 
 SERVICE = "smg-blacklist.service"
 TIMER = "smg-blacklist.timer"
@@ -37,31 +37,31 @@ def units(gateway: Gateway) -> dict[str, str]:
     }
 
 
+def unit_files(gateway: Gateway) -> list[ops.Wanted]:
+    if gateway.runs_blacklist_monitor:
+        return [ops.File(f"{UNIT_DIR}/{name}", text) for name, text in units(gateway).items()]
+    return [ops.Absent(f"{UNIT_DIR}/{name}") for name in (SERVICE, TIMER)]
+
+
 @deploy("blacklist: the daily check")
 def apply(gateway: Gateway) -> None:
-    if gateway.runs_blacklist_monitor:
-        puts = [
-            files.put(
-                name=f"blacklist: {name}", src=text_io(text), dest=f"{UNIT_DIR}/{name}", mode="644"
-            )
-            for name, text in units(gateway).items()
-        ]
-        systemd.daemon_reload(
-            name="systemd: daemon-reload for the blacklist units", _if=any_changed(*puts)
+    here = gateway.runs_blacklist_monitor
+    if not here:
+        systemd.service(
+            name="blacklist: no timer here", service=TIMER, running=False, enabled=False
         )
+    units_op = ops.ensure(
+        name="blacklist: units" if here else "blacklist: no units here", items=unit_files(gateway)
+    )
+    systemd.daemon_reload(
+        name="systemd: daemon-reload for the blacklist units", _if=units_op.did_change
+    )
+    if here:
         systemd.service(name="blacklist: timer enabled", service=TIMER, running=True, enabled=True)
         systemd.service(
             name="blacklist: restart the changed timer",
             service=TIMER,
+            running=None,
             restarted=True,
-            _if=any_changed(*puts),
+            _if=units_op.did_change,
         )
-        return
-    systemd.service(name="blacklist: no timer here", service=TIMER, running=False, enabled=False)
-    removed = [
-        files.file(name=f"blacklist: no {name}", path=f"{UNIT_DIR}/{name}", present=False)
-        for name in (SERVICE, TIMER)
-    ]
-    systemd.daemon_reload(
-        name="systemd: daemon-reload after removing the blacklist units", _if=any_changed(*removed)
-    )

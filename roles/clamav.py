@@ -10,31 +10,22 @@ from urllib.parse import urlsplit
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.files import FindFiles
-from pyinfra.operations import files, server, systemd
-from pyinfra.operations.util import any_changed
+from pyinfra.operations import server, systemd
 
 from gateway.config import parse_size
 from gateway.inventory import Gateway, HostPaths
-from roles.render import render, text_io
+from roles import ops
+from roles.render import render
 
 PACKAGES = ["clamav-daemon", "clamav-freshclam"]
 DB_DIR = "/var/lib/clamav"
-SIGNATURE_SUFFIXES = (
-    ".hdb",
-    ".hsb",
-    ".ndb",
-    ".ldb",
-    ".cdb",
-    ".ign2",
-    ".fp",
-    ".sfp",
-    ".cvd",
-    ".cld",
-)
+SIGNATURE_SUFFIXES = (".hdb", ".hsb", ".ndb", ".ldb", ".cdb", ".ign2", ".fp", ".sfp")
 DROP_INS = (
     "/etc/systemd/system/clamav-daemon.service.d/smg-shipped-signatures.conf",
     "/etc/systemd/system/clamav-daemon.socket.d/smg-shipped-signatures.conf",
 )
+CLAMD = "clamav-daemon.service"
+FRESHCLAM = "clamav-freshclam.service"
 
 
 def clamd_conf(gateway: Gateway) -> str:
@@ -60,89 +51,67 @@ def shipped_signatures(gateway: Gateway) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in SIGNATURE_SUFFIXES)
 
 
+def signature_files(gateway: Gateway) -> list[ops.Wanted]:
+    return [
+        ops.File(f"{DB_DIR}/{path.name}", src=path, user="clamav", group="clamav")
+        for path in shipped_signatures(gateway)
+    ]
+
+
+def unit_drop_ins(shipped: bool) -> list[ops.Wanted]:
+    """With the kit's signatures there is no main/daily database: lift the units' condition."""
+    if shipped:
+        return [ops.File(path, render("clamav/unconditional.conf.j2")) for path in DROP_INS]
+    return [ops.Absent(path) for path in DROP_INS]
+
+
 @deploy("clamav: clamd and its signatures")
 def apply(gateway: Gateway) -> None:
-    conf = files.put(
-        name="clamav: clamd.conf",
-        src=text_io(clamd_conf(gateway)),
-        dest="/etc/clamav/clamd.conf",
-        mode="644",
-    )
     mirror = gateway["clamav_mirror"]
-    signatures = _shipped(gateway) if mirror is None else _from_mirror(mirror)
-    systemd.service(
-        name="clamd: enabled and running",
-        service="clamav-daemon.service",
-        running=True,
-        enabled=True,
+    have = [Path(p).name for p in host.get_fact(FindFiles, path=DB_DIR, maxdepth=1) or []]
+    conf = ops.ensure(
+        name="clamav: clamd.conf",
+        items=[ops.File("/etc/clamav/clamd.conf", clamd_conf(gateway))],
     )
+    drop_ins = ops.ensure(name="clamav: unit conditions", items=unit_drop_ins(mirror is None))
+    systemd.daemon_reload(name="systemd: daemon-reload for clamav", _if=drop_ins.did_change)
+    if mirror is None:
+        signatures = ops.ensure(name="clamav: the kit's signatures", items=signature_files(gateway))
+        systemd.service(
+            name="freshclam: off (signatures shipped by the kit)",
+            service=FRESHCLAM,
+            running=False,
+            enabled=False,
+        )
+    else:
+        freshclam = ops.ensure(
+            name="freshclam: the inventory's mirror",
+            items=[ops.File("/etc/clamav/freshclam.conf", freshclam_conf(mirror))],
+        )
+        if not any(name.startswith(("main.", "daily.")) for name in have):
+            server.shell(name="freshclam: first download", commands=["freshclam --quiet"])
+        systemd.service(name="freshclam: on", service=FRESHCLAM, running=True, enabled=True)
+        systemd.service(
+            name="freshclam: restart for the changed config",
+            service=FRESHCLAM,
+            running=None,
+            restarted=True,
+            _if=freshclam.did_change,
+        )
+        signatures = None  # freshclam tells clamd itself (NotifyClamd)
+    systemd.service(name="clamd: enabled and running", service=CLAMD, running=True, enabled=True)
     systemd.service(
         name="clamd: restart for the changed config",
-        service="clamav-daemon.service",
+        service=CLAMD,
+        running=None,  # only the restart: never a start as well
         restarted=True,
         _if=conf.did_change,
     )
-    systemd.service(
-        name="clamd: reload the changed signatures",
-        service="clamav-daemon.service",
-        reloaded=True,
-        _if=lambda: signatures() and not conf.did_change(),
-    )
-
-
-def _shipped(gateway: Gateway):
-    """The kit's signature set; freshclam off; clamd starts without main/daily."""
-    shipped = shipped_signatures(gateway)
-    puts = [
-        files.put(
-            name=f"clamav: signatures {path.name}",
-            src=str(path),
-            dest=f"{DB_DIR}/{path.name}",
-            user="clamav",
-            group="clamav",
-            mode="644",
+    if signatures is not None:
+        systemd.service(
+            name="clamd: reload the changed signatures",
+            service=CLAMD,
+            running=None,
+            reloaded=True,
+            _if=lambda: signatures.did_change() and not conf.did_change(),
         )
-        for path in shipped
-    ]
-    drop_ins = [
-        files.put(
-            name=f"clamav: {path}",
-            src=text_io(render("clamav/unconditional.conf.j2")),
-            dest=path,
-            mode="644",
-        )
-        for path in DROP_INS
-    ]
-    systemd.daemon_reload(name="systemd: daemon-reload for clamav", _if=any_changed(*drop_ins))
-    systemd.service(
-        name="freshclam: off (signatures shipped by the kit)",
-        service="clamav-freshclam.service",
-        running=False,
-        enabled=False,
-    )
-    return any_changed(*puts)
-
-
-def _from_mirror(mirror: str):
-    """freshclam against the inventory's mirror; the first run waits for the signatures."""
-    have = host.get_fact(FindFiles, path=DB_DIR, maxdepth=1) or []
-    conf = files.put(
-        name="freshclam: freshclam.conf",
-        src=text_io(freshclam_conf(mirror)),
-        dest="/etc/clamav/freshclam.conf",
-        mode="644",
-    )
-    removed = [files.file(name=f"clamav: no {path}", path=path, present=False) for path in DROP_INS]
-    systemd.daemon_reload(name="systemd: daemon-reload for clamav", _if=any_changed(*removed))
-    if not any(Path(p).name.startswith(("main.", "daily.")) for p in have):
-        server.shell(name="freshclam: first download", commands=["freshclam --quiet"])
-    systemd.service(
-        name="freshclam: enabled", service="clamav-freshclam.service", running=True, enabled=True
-    )
-    systemd.service(
-        name="freshclam: restart for the changed config",
-        service="clamav-freshclam.service",
-        restarted=True,
-        _if=conf.did_change,
-    )
-    return lambda: False  # freshclam tells clamd itself (NotifyClamd)

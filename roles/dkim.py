@@ -10,9 +10,9 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import FindFiles
-from pyinfra.operations import files
 
 from gateway.inventory import Gateway, HostPaths, dkim_entry, dkim_key_path
+from roles import ops
 
 USER = HostPaths.USER
 
@@ -30,29 +30,19 @@ def wanted_keys(gateway: Gateway) -> dict[str, Path]:
     return wanted
 
 
+def key_files(gateway: Gateway, present: list[str]) -> list[ops.Wanted]:
+    wanted = wanted_keys(gateway)
+    items: list[ops.Wanted] = [ops.Directory(HostPaths.DKIM_DIR, USER, USER, "700")]
+    items += [
+        ops.File(dest, src=src, user=USER, group=USER, mode="600")
+        for dest, src in sorted(wanted.items())
+    ]
+    items += [ops.Absent(stale) for stale in sorted(set(present) - set(wanted))]
+    return items
+
+
 @deploy("dkim: signing keys")
 def apply(gateway: Gateway) -> list[OperationMeta]:
     """Returns the operations whose change the relay must be reloaded for."""
-    wanted = wanted_keys(gateway)
     present = host.get_fact(FindFiles, path=HostPaths.DKIM_DIR, maxdepth=1) or []
-    files.directory(
-        name=f"directory {HostPaths.DKIM_DIR}",
-        path=HostPaths.DKIM_DIR,
-        user=USER,
-        group=USER,
-        mode="700",
-    )
-    changes = [
-        files.put(
-            name=f"dkim: {Path(dest).name}",
-            src=str(src),
-            dest=dest,
-            user=USER,
-            group=USER,
-            mode="600",
-        )
-        for dest, src in sorted(wanted.items())
-    ]
-    for stale in sorted(set(present) - set(wanted)):
-        changes.append(files.file(name=f"dkim: remove {stale}", path=stale, present=False))
-    return changes
+    return [ops.ensure(name="dkim: keys (0600 smg), none other", items=key_files(gateway, present))]

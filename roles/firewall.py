@@ -7,10 +7,11 @@ from __future__ import annotations
 import ipaddress
 
 from pyinfra.api import deploy
-from pyinfra.operations import files, systemd
+from pyinfra.operations import systemd
 
 from gateway.inventory import Fleet, Gateway
-from roles.render import render, text_io
+from roles import ops
+from roles.render import render
 
 PACKAGES = ["nftables"]
 CONF = "/etc/nftables.conf"
@@ -47,11 +48,9 @@ def nftables_conf(fleet: Fleet, gateway: Gateway) -> str:
 
 @deploy("firewall: nftables")
 def apply(fleet: Fleet, gateway: Gateway) -> None:
-    conf = files.put(
+    conf = ops.ensure(
         name="nftables: the gateway's rules",
-        src=text_io(nftables_conf(fleet, gateway)),
-        dest=CONF,
-        mode="755",
+        items=[ops.File(CONF, nftables_conf(fleet, gateway), mode="755")],
     )
     systemd.service(
         name="nftables: enabled", service="nftables.service", running=True, enabled=True
@@ -59,6 +58,7 @@ def apply(fleet: Fleet, gateway: Gateway) -> None:
     systemd.service(
         name="nftables: load the changed rules",
         service="nftables.service",
+        running=None,  # only the reload: never a start as well
         reloaded=True,
         _if=conf.did_change,
     )

@@ -19,14 +19,15 @@ from functools import cache
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra.api import FactBase, deploy, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import Sha1File
-from pyinfra.operations import files, pip, server, systemd
+from pyinfra.facts.files import FindFiles
+from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
 from gateway.inventory import Fleet, Gateway, HostPaths
-from roles.render import KIT_DIR, render, text_io
+from roles import ops
+from roles.render import KIT_DIR, render
 
 UNIT = "/etc/systemd/system/smg.service"
 SUMS = "SHA256SUMS"
@@ -133,42 +134,67 @@ def install_commands(wheelhouse: str = HostPaths.WHEELHOUSE) -> list[str]:
     ]
 
 
+def package_files(wheelhouse: Path, present: list[str]) -> list[ops.Wanted]:
+    """The wheelhouse on the host, exactly (stale wheels go); its SHA256SUMS last, so that
+    an upload cut short leaves the old list and is redone."""
+    wheels = {f"{HostPaths.WHEELHOUSE}/{p.name}": p for p in sorted(wheelhouse.glob("*.whl"))}
+    sums = f"{HostPaths.WHEELHOUSE}/{SUMS}"
+    items: list[ops.Wanted] = [ops.Directory(HostPaths.OPT), ops.Directory(HostPaths.WHEELHOUSE)]
+    items += [ops.File(dest, src=src) for dest, src in wheels.items()]
+    items += [ops.Absent(p) for p in sorted(set(present) - set(wheels) - {sums})]
+    items.append(ops.File(sums, src=wheelhouse / SUMS))
+    return items
+
+
+@operation()
+def wheelhouse_on_host(wheelhouse: str, present: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    """Compare SHA256SUMS first: when it is the same, so are the wheels it lists."""
+    items = package_files(Path(wheelhouse), list(present))
+    sums = items[-1]
+    state = host.get_fact(ops.PathStates, paths=(sums.dest,))
+    if sums.matches(state.get(sums.dest, ("-",))):
+        return
+    yield from ops.ensure._inner(items=items)
+
+
+class Installed(FactBase):
+    """The SHA-1 of the wheelhouse list last installed into the venv, or None."""
+
+    def command(self) -> str:
+        return (
+            f"test -x {HostPaths.VENV}/bin/pip && sha1sum < {INSTALLED_SUMS} | cut -c1-40 || true"
+        )
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0] if output and len(output[0]) == 40 else None
+
+
+@operation()
+def installed(wheelhouse: str):  # type: ignore[no-untyped-def]
+    """The venv, and our wheels in it, unless exactly this wheelhouse is installed already."""
+    if host.get_fact(Installed) == sums_sha1(Path(wheelhouse)):
+        return
+    yield f"test -x {HostPaths.VENV}/bin/pip || python3 -m venv {HostPaths.VENV}"
+    yield from install_commands()
+
+
 @deploy("relay: package, config, unit")
 def apply(fleet: Fleet, gateway: Gateway, reload_on: list[OperationMeta]) -> None:
     wheelhouse = build_wheelhouse()
-    installed = host.get_fact(Sha1File, path=INSTALLED_SUMS)
-    files.directory(
-        name=f"directory {HostPaths.OPT}", path=HostPaths.OPT, user="root", group="root", mode="755"
+    present = host.get_fact(FindFiles, path=HostPaths.WHEELHOUSE, maxdepth=1) or []
+    wheelhouse_on_host(
+        name="relay: the wheelhouse", wheelhouse=str(wheelhouse), present=tuple(present)
     )
-    files.sync(
-        name="relay: the wheelhouse",
-        src=str(wheelhouse),
-        dest=HostPaths.WHEELHOUSE,
-        user="root",
-        group="root",
-        mode="644",
-        dir_mode="755",
-        delete=True,
-        exclude=".source-digest",
-    )
-    pip.venv(name=f"relay: {HostPaths.VENV}", path=HostPaths.VENV, python="python3")
-    install = server.shell(
-        name="relay: install the wheels into the venv",
-        commands=install_commands(),
-        _if=lambda: installed != sums_sha1(wheelhouse),
-    )
-
-    config = files.put(
+    install = installed(name="relay: the venv with our wheels", wheelhouse=str(wheelhouse))
+    config = ops.ensure(
         name=f"relay: {HostPaths.CONFIG}",
-        src=text_io(fleet.relay_toml(gateway.name)),
-        dest=HostPaths.CONFIG,
-        user="root",
-        group=HostPaths.USER,
-        mode="640",
+        items=[
+            ops.File(
+                HostPaths.CONFIG, fleet.relay_toml(gateway.name), group=HostPaths.USER, mode="640"
+            )
+        ],
     )
-    unit = files.put(
-        name="relay: smg.service", src=text_io(unit_file(gateway)), dest=UNIT, mode="644"
-    )
+    unit = ops.ensure(name="relay: smg.service", items=[ops.File(UNIT, unit_file(gateway))])
     systemd.daemon_reload(name="systemd: daemon-reload for smg.service", _if=unit.did_change)
 
     restart_for = any_changed(install, unit)
@@ -179,12 +205,14 @@ def apply(fleet: Fleet, gateway: Gateway, reload_on: list[OperationMeta]) -> Non
     systemd.service(
         name="relay: restart for new code or unit",
         service="smg.service",
+        running=None,  # only the restart: never a start as well
         restarted=True,
         _if=restart_for,
     )
     systemd.service(
         name="relay: reload for the changed config (SIGHUP)",
         service="smg.service",
+        running=None,  # only the reload: never a start as well
         reloaded=True,
         _if=_only(reload_for, unless=restart_for),
     )

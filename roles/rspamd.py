@@ -5,19 +5,21 @@ resolvers named in the inventory (else the host's resolver)."""
 from __future__ import annotations
 
 from pyinfra.api import deploy
-from pyinfra.operations import files, systemd
-from pyinfra.operations.util import any_changed
+from pyinfra.operations import systemd
 
 from gateway.inventory import RSPAMD_PORT, Gateway
-from roles.render import render, text_io
+from roles import ops
+from roles.render import render
 
 PACKAGES = ["rspamd"]
 CONTROLLER_PORT = 11334
 
 
 def config_files(gateway: Gateway) -> dict[str, str]:
-    """Path under /etc/rspamd -> content."""
+    """Path under /etc/rspamd -> content.  override.d replaces Debian's bind_socket (local.d
+    would add to it)."""
     off = render("rspamd/worker-off.inc.j2")
+    resolvers = [f"{ip}:53" for ip in gateway["resolvers"]]
     return {
         "override.d/worker-normal.inc": render(
             "rspamd/worker-normal.inc.j2", port=RSPAMD_PORT, count=1
@@ -28,18 +30,16 @@ def config_files(gateway: Gateway) -> dict[str, str]:
         "override.d/worker-proxy.inc": off,
         "override.d/worker-fuzzy.inc": off,
         "local.d/fuzzy_check.conf": render("rspamd/fuzzy_check.conf.j2"),
-        "local.d/options.inc": render(
-            "rspamd/options.inc.j2", resolvers=[f"{ip}:53" for ip in gateway["resolvers"]]
-        ),
+        "local.d/options.inc": render("rspamd/options.inc.j2", resolvers=resolvers),
     }
 
 
 @deploy("rspamd: loopback only")
 def apply(gateway: Gateway) -> None:
-    puts = [
-        files.put(name=f"rspamd: {path}", src=text_io(text), dest=f"/etc/rspamd/{path}", mode="644")
-        for path, text in config_files(gateway).items()
-    ]
+    conf = ops.ensure(
+        name="rspamd: loopback workers, no fuzzy, DNS",
+        items=[ops.File(f"/etc/rspamd/{p}", t) for p, t in config_files(gateway).items()],
+    )
     systemd.service(
         name="rspamd: enabled and running", service="rspamd.service", running=True, enabled=True
     )
@@ -47,6 +47,7 @@ def apply(gateway: Gateway) -> None:
     systemd.service(
         name="rspamd: restart for the changed config",
         service="rspamd.service",
+        running=None,  # only the restart: never a start as well
         restarted=True,
-        _if=any_changed(*puts),
+        _if=conf.did_change,
     )
