@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -22,6 +22,9 @@ from tests.harness import (
     StartTLSStripProxy,
     TestCA,
 )
+from tests.harness.util import Daemon
+
+D = TypeVar("D", bound=Daemon)
 
 
 def in_ci() -> bool:
@@ -48,30 +51,35 @@ def require_root() -> None:
     pytest.skip("needs root")
 
 
+def running(daemon: D) -> Iterator[D]:
+    """Start `daemon`, yield it, and always close it (also when start() failed)."""
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.close()
+
+
 @pytest.fixture(scope="session")
-def test_ca() -> TestCA:
+def test_ca() -> Iterator[TestCA]:
     """A CA with `valid()`, `wrong_name()`, `expired()` leaves and `ca_bundle`."""
-    return TestCA()
+    ca = TestCA()
+    yield ca
+    ca.close()
 
 
 @pytest.fixture(scope="session")
 def clamd() -> Iterator[Clamd]:
     """clamd on the EICAR test database (tests/data/clamav), unix socket + TCP."""
     require_binaries("clamd")
-    daemon = Clamd()
-    daemon.start()
-    yield daemon
-    daemon.close()
+    yield from running(Clamd())
 
 
 @pytest.fixture
 def clamd_private() -> Iterator[Clamd]:
     """A clamd of this test's own, for tests that stop/start it (clamd down)."""
     require_binaries("clamd")
-    daemon = Clamd()
-    daemon.start()
-    yield daemon
-    daemon.close()
+    yield from running(Clamd())
 
 
 @pytest.fixture(scope="session")
@@ -80,20 +88,14 @@ def knot_dns() -> Iterator[KnotDNS]:
     everything) at first. Tests add zones with `knot_dns.set_zone(name, text)` - use zone
     names unique to the test, the server is shared."""
     require_binaries("knotd", "knotc")
-    daemon = KnotDNS()
-    daemon.start()
-    yield daemon
-    daemon.close()
+    yield from running(KnotDNS())
 
 
 @pytest.fixture(scope="session")
 def rspamd(knot_dns: KnotDNS) -> Iterator[Rspamd]:
     """rspamd whose DNS goes to the session's knot_dns; `rspamd.url`, `rspamd.check()`."""
     require_binaries("rspamd")
-    daemon = Rspamd(nameserver=knot_dns.nameserver)
-    daemon.start()
-    yield daemon
-    daemon.close()
+    yield from running(Rspamd(nameserver=knot_dns.nameserver))
 
 
 @pytest.fixture

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import shutil
 import ssl
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,10 @@ class TestCA:
     def __init__(self, directory: Path | None = None, common_name: str = "SMG Test CA") -> None:
         self.dir = Path(directory or tempfile.mkdtemp(prefix="smg-ca-"))
         self.dir.mkdir(parents=True, exist_ok=True)
+        # A temp dir we made goes away with this object (or at exit); a given one stays.
+        self._cleanup = (
+            weakref.finalize(self, shutil.rmtree, self.dir, True) if directory is None else None
+        )
         now = _now()
         self._key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -80,6 +86,11 @@ class TestCA:
         self.ca_bundle = self.dir / "ca.pem"
         self.ca_bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         self._count = 0
+
+    def close(self) -> None:
+        """Remove the temp dir with all keys (only when TestCA created it)."""
+        if self._cleanup is not None:
+            self._cleanup()
 
     def client_context(self) -> ssl.SSLContext:
         """A client SSLContext that trusts only this CA (and checks host names)."""
