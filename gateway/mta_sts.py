@@ -8,18 +8,28 @@ which version it is; the policy itself is fetched from
 Caching: a policy is kept for its ``max_age``.  It is fetched again when the TXT ``id`` changes
 or the cached copy expired.  If a refresh fails (DNS, HTTPS, a bad policy), the cached policy
 stays in use until it expires (RFC 8461 section 5.1): an attacker who blocks the refresh must not
-downgrade the domain to cleartext.  Without a usable policy the domain has none.
+downgrade the domain to cleartext.  Without a usable policy the domain has none.  With a
+``state`` file (the relay passes ``<spool>/mta-sts.json``) the cache is shared by the relay's
+worker processes and survives a restart.
+
+:class:`StateFile` (that shared JSON table) lives here too; the TLS failure memory uses it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import json
 import logging
+import os
 import re
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("smg.mta_sts")
@@ -44,13 +54,70 @@ class MtaStsPolicy:
     mode: str
     mx: tuple[str, ...]
     max_age: int
-    fetched_at: float = field(default_factory=time.monotonic)
+    fetched_at: float = field(default_factory=time.time)  # wall clock: shared, persisted
 
     def expired(self, now: float | None = None) -> bool:
-        return (now if now is not None else time.monotonic()) >= self.fetched_at + self.max_age
+        return (now if now is not None else time.time()) >= self.fetched_at + self.max_age
 
     def allows_mx(self, host: str) -> bool:
         return any(mx_matches(pattern, host) for pattern in self.mx)
+
+
+class StateFile:
+    """A small JSON table shared by the relay's worker processes and kept across restarts.
+
+    Read again only when the file changed (one ``stat`` per look); changed under an exclusive
+    ``flock`` (read, merge, write a temporary file, rename), so workers do not lose each other's
+    entries.  Best effort: an unreadable or unwritable place leaves the caller with what it has
+    in memory, and says so once in the log.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._warned = False
+
+    def changed(self) -> bool:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        return (st.st_mtime_ns, st.st_size, st.st_ino) != self._stamp
+
+    def load(self) -> dict[str, Any] | None:
+        """The table, or None if there is none (or it cannot be read)."""
+        try:
+            st = self.path.stat()
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            self._warn(f"cannot read {self.path}: {exc}")
+            return None
+        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return data if isinstance(data, dict) else None
+
+    def update(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+        """Apply ``change`` to the table on disk; return the new table (None: not saved)."""
+        try:
+            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                data = self.load() or {}
+                change(data)
+                temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+                temporary.write_text(json.dumps(data), encoding="utf-8")
+                os.replace(temporary, self.path)
+                st = self.path.stat()
+                self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+                return data
+        except OSError as exc:
+            self._warn(f"cannot write {self.path}: {exc}")
+            return None
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("%s (kept in this process's memory only)", message)
 
 
 # --- matching and parsing -------------------------------------------------------------------
@@ -219,13 +286,15 @@ class MtaSts:
         self,
         section: Any,
         resolver: Any,
-        clock: Any = time.monotonic,
+        clock: Any = time.time,
         max_domains: int = MAX_CACHED_DOMAINS,
+        state: StateFile | None = None,
     ) -> None:
         self.section = section
         self.resolver = resolver
         self._clock = clock
         self.max_domains = max_domains
+        self.state = state
         self._cache: OrderedDict[str, MtaStsPolicy] = OrderedDict()
         # domain -> (policy id, when) of the last failed fetch: not fetched again for a while
         self._failed: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -247,6 +316,8 @@ class MtaSts:
 
     def cached(self, domain: str) -> MtaStsPolicy | None:
         """The cached, unexpired policy of ``domain``, if any."""
+        if self.state is not None and self.state.changed():
+            self._load_shared(self.state.load())
         policy = self._cache.get(domain)
         if policy is not None and policy.expired(self._clock()):
             del self._cache[domain]
@@ -295,6 +366,8 @@ class MtaSts:
             return cached
         self._failed.pop(domain, None)
         self._remember(self._cache, domain, policy)
+        if self.state is not None:
+            self._load_shared(self.state.update(lambda table: self._share(table, policy)))
         log.info(
             "mta-sts %s: policy id=%s mode=%s mx=%s max_age=%d",
             domain,
@@ -304,6 +377,37 @@ class MtaSts:
             policy.max_age,
         )
         return policy
+
+    def _share(self, table: dict[str, Any], policy: MtaStsPolicy) -> None:
+        """Add ``policy`` to the shared table, dropping expired and the oldest entries."""
+        now = self._clock()
+        table.pop(policy.domain, None)
+        table[policy.domain] = {
+            "id": policy.policy_id,
+            "mode": policy.mode,
+            "mx": list(policy.mx),
+            "max_age": policy.max_age,
+            "fetched_at": policy.fetched_at,
+        }
+        for domain in [d for d, p in table.items() if now >= p["fetched_at"] + p["max_age"]]:
+            del table[domain]
+        for domain in list(table)[: max(0, len(table) - self.max_domains)]:
+            del table[domain]
+
+    def _load_shared(self, table: dict[str, Any] | None) -> None:
+        for domain, entry in (table or {}).items():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                policy = MtaStsPolicy(
+                    domain,
+                    str(entry["id"]),
+                    str(entry["mode"]),
+                    tuple(str(m) for m in entry["mx"]),
+                    int(entry["max_age"]),
+                    float(entry["fetched_at"]),
+                )
+                mine = self._cache.get(domain)
+                if mine is None or mine.fetched_at < policy.fetched_at:
+                    self._remember(self._cache, domain, policy)
 
     def _remember(self, table: OrderedDict[str, Any], domain: str, value: Any) -> None:
         table.pop(domain, None)

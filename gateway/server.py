@@ -85,7 +85,7 @@ class Relay:
         services = Services(config, resolver=resolver, spool=spool, metrics=self.metrics)
         tls_policy_class = _optional("gateway.tls_policy", "TlsPolicy")
         if tls_policy_class is not None:
-            services.tls_policy = tls_policy_class(config, resolver)
+            services.tls_policy = tls_policy_class(config, resolver, shared_state=True)
         if previous is not None and services.tls_policy is not None and previous.tls_policy:
             services.tls_policy.carry_over(previous.tls_policy)  # TLS failures, MTA-STS cache
         if previous is not None:  # scanner clients keep their connections if unchanged

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.mta_sts import MtaSts, MtaStsPolicy, mx_matches
+from gateway.mta_sts import MtaSts, MtaStsPolicy, StateFile, mx_matches
 
 if TYPE_CHECKING:
     from gateway.config import Config, ConfigProblem, TlsRule
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("smg.tls")
 
 OPPORTUNISTIC, ENCRYPT, VERIFY = "opportunistic", "encrypt", "verify"
+FAILURES_STATE = "tls-failures.json"  # in the spool directory, shared by the workers
+MTA_STS_STATE = "mta-sts.json"
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -254,37 +256,57 @@ class TlsFailureCache:
     rule asks :meth:`recent_failure`.  Levels matter: a failure under ``encrypt`` (no STARTTLS)
     means ``verify`` fails too, but a failure under ``verify`` (a bad certificate) says nothing
     about ``encrypt``; likewise a success under ``encrypt`` does not clear a ``verify`` failure.
-    In memory, bounded to ``max_entries`` domains, entries expire after ``ttl`` seconds.
+    Bounded to ``max_entries`` domains; entries expire after ``ttl`` seconds (wall clock).
+    With a ``state`` file (the relay passes ``<spool>/tls-failures.json``) the memory is shared
+    by the relay's worker processes: the worker that delivered is rarely the one that takes the
+    next SMTP session.
     """
 
-    def __init__(self, ttl: float, max_entries: int = 10000, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        max_entries: int = 10000,
+        clock: Any = time.time,
+        state: StateFile | None = None,
+    ) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self._clock = clock
+        self.state = state
         # domain -> {level failed at -> (when, reason)}
         self._failures: OrderedDict[str, dict[str, tuple[float, str]]] = OrderedDict()
 
     def record_failure(
         self, domain: str, reason: str = "TLS could not be established", level: str = VERIFY
     ) -> None:
-        key = normalize_domain(domain)
-        entry = self._failures.pop(key, {})
-        entry[level] = (self._clock(), reason)
-        self._failures[key] = entry
-        while len(self._failures) > self.max_entries:
-            self._failures.popitem(last=False)
+        key, when = normalize_domain(domain), self._clock()
+
+        def change(table: dict[str, Any]) -> None:
+            entry = table.pop(key, {})
+            entry[level] = (when, reason)
+            table[key] = entry
+            self._prune(table)
+
+        self._change(change)
 
     def record_success(self, domain: str, level: str = VERIFY) -> None:
         """TLS at ``level`` worked: failures at that level or a weaker one are void."""
         key = normalize_domain(domain)
-        entry = self._failures.get(key, {})
-        for failed_level in [lv for lv in entry if _STRICTNESS[lv] <= _STRICTNESS[level]]:
-            del entry[failed_level]
-        if not entry:
-            self._failures.pop(key, None)
+
+        def change(table: dict[str, Any]) -> None:
+            entry = table.get(key, {})
+            for failed_level in [lv for lv in entry if _STRICTNESS[lv] <= _STRICTNESS[level]]:
+                del entry[failed_level]
+            if not entry:
+                table.pop(key, None)
+
+        if key in self._failures or (self.state is not None and self.state.changed()):
+            self._change(change)
 
     def recent_failure(self, domain: str, level: str = VERIFY) -> str | None:
         """Why TLS at ``level`` to ``domain`` failed less than ``ttl`` seconds ago, else None."""
+        if self.state is not None and self.state.changed():
+            self._failures = self._from_table(self.state.load())
         entry = self._failures.get(normalize_domain(domain))
         if not entry:
             return None
@@ -295,6 +317,38 @@ class TlsFailureCache:
             if _STRICTNESS[failed_level] <= _STRICTNESS[level] and now - when <= self.ttl
         ]
         return max(relevant)[1] if relevant else None
+
+    def _change(self, change: Any) -> None:
+        """Apply ``change`` to the shared table (or to the memory alone, without one)."""
+        if self.state is not None:
+            table = self.state.update(change)
+            if table is not None:
+                self._failures = self._from_table(table)
+                return
+        change(self._failures)
+
+    def _prune(self, table: dict[str, Any]) -> None:
+        now = self._clock()
+        for key in list(table):
+            table[key] = {lv: w for lv, w in table[key].items() if now - w[0] <= self.ttl}
+            if not table[key]:
+                del table[key]
+        for key in list(table)[: max(0, len(table) - self.max_entries)]:
+            del table[key]
+
+    @staticmethod
+    def _from_table(table: dict[str, Any] | None) -> OrderedDict[str, dict[str, tuple[float, str]]]:
+        failures: OrderedDict[str, dict[str, tuple[float, str]]] = OrderedDict()
+        for domain, entry in (table or {}).items():
+            try:
+                failures[domain] = {
+                    level: (float(when), str(reason))
+                    for level, (when, reason) in entry.items()
+                    if level in _STRICTNESS
+                }
+            except (TypeError, ValueError, AttributeError):
+                continue  # a damaged entry is skipped, not fatal
+        return failures
 
 
 # --- the policy -----------------------------------------------------------------------------
@@ -309,15 +363,26 @@ class TlsPolicy:
         resolver: Any,
         mta_sts: MtaSts | None = None,
         failures: TlsFailureCache | None = None,
+        state_dir: Path | None = None,
+        shared_state: bool = False,
     ) -> None:
+        """``shared_state`` (the relay sets it): keep the failure memory and the MTA-STS cache
+        in the spool directory (or ``state_dir``), shared between worker processes and kept
+        across restarts.  Tools (``smg tls probe``, ``smg explain``) keep theirs in memory."""
+        if shared_state and state_dir is None:
+            from gateway.spool import resolve_path
+
+            state_dir = resolve_path(config.gateway.spool).parent
         self.config = config
         self.rules = compile_rules(config.tls_policy.rules)
         self.ca_bundle = config.tls_policy.ca_bundle
         if mta_sts is None and config.mta_sts.enabled and resolver is not None:
-            mta_sts = MtaSts(config.mta_sts, resolver)
+            state = StateFile(state_dir / MTA_STS_STATE) if state_dir else None
+            mta_sts = MtaSts(config.mta_sts, resolver, state=state)
         self.mta_sts = mta_sts if config.mta_sts.enabled else None
-        ttl = getattr(config.tls_policy, "failure_memory", config.tls_policy.hold_retry)
-        self.failures = failures or TlsFailureCache(ttl)
+        ttl = config.tls_policy.failure_memory
+        state = StateFile(state_dir / FAILURES_STATE) if state_dir else None
+        self.failures = failures or TlsFailureCache(ttl, state=state)
 
     def carry_over(self, previous: TlsPolicy) -> None:
         """After a config reload: keep what the relay learnt (recent TLS failures, cached

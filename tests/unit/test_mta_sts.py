@@ -338,3 +338,22 @@ async def test_the_cache_is_bounded(zone_and_resolver, https, ca) -> None:
     assert sts.cached("example.com") is not None
     sts._remember(sts._cache, "other.example", sts.cached("example.com"))
     assert sts.cached("example.com") is None and sts.cached("other.example") is not None
+
+
+async def test_workers_share_fetched_policies_through_the_state_file(
+    zone_and_resolver, https, ca, tmp_path
+) -> None:
+    from gateway.mta_sts import StateFile
+
+    _, resolver = zone_and_resolver
+    clock = Clock()
+    first = make_sts(resolver, ca, https.port, clock)
+    first.state = StateFile(tmp_path / "mta-sts.json")
+    second = make_sts(resolver, ca, https.port, clock)
+    second.state = StateFile(tmp_path / "mta-sts.json")
+    policy = await first.policy("example.com")
+    assert policy is not None and https.requests == 1
+    shared = await second.policy("example.com")  # same id in DNS: no fetch of its own
+    assert shared is not None and shared.mx == policy.mx and https.requests == 1
+    clock.now += 86400 + 1  # expired for everyone
+    assert second.cached("example.com") is None

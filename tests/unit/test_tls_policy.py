@@ -322,3 +322,45 @@ async def test_a_reload_keeps_failures_and_mta_sts_policies() -> None:
     assert after.failures.recent_failure("partner.net") == "STARTTLS not offered"
     assert after.failures.ttl == 3600
     assert after.mta_sts is not None and after.mta_sts.cached("partner.net") is not None
+
+
+def test_failure_memory_is_shared_through_the_state_file(tmp_path) -> None:
+    from gateway.mta_sts import StateFile
+
+    path = tmp_path / "tls-failures.json"
+    delivering = TlsFailureCache(ttl=60, state=StateFile(path))  # one worker delivers...
+    receiving = TlsFailureCache(ttl=60, state=StateFile(path))  # ...another takes the session
+    assert receiving.recent_failure("partner.net") is None
+    delivering.record_failure("partner.net", "STARTTLS not offered", "encrypt")
+    delivering.record_failure("other.net", "certificate has expired", "verify")
+    assert receiving.recent_failure("partner.net") == "STARTTLS not offered"
+    receiving.record_success("partner.net", "encrypt")
+    assert delivering.recent_failure("partner.net") is None
+    assert delivering.recent_failure("other.net") == "certificate has expired"
+    restarted = TlsFailureCache(ttl=60, state=StateFile(path))  # survives a restart
+    assert restarted.recent_failure("other.net") == "certificate has expired"
+
+
+def test_a_damaged_or_unwritable_state_file_leaves_memory_only(tmp_path, caplog) -> None:
+    from gateway.mta_sts import StateFile
+
+    damaged = tmp_path / "tls-failures.json"
+    damaged.write_text("{not json")
+    cache = TlsFailureCache(ttl=60, state=StateFile(damaged))
+    assert cache.recent_failure("partner.net") is None
+    cache.record_failure("partner.net", "x", "encrypt")  # the file is rewritten whole
+    assert cache.recent_failure("partner.net") == "x"
+    nowhere = TlsFailureCache(ttl=60, state=StateFile(tmp_path / "missing" / "f.json"))
+    nowhere.record_failure("partner.net", "y", "encrypt")
+    assert nowhere.recent_failure("partner.net") == "y"
+    assert "kept in this process's memory only" in caplog.text
+
+
+def test_policy_uses_the_spool_directory_for_shared_state(tmp_path) -> None:
+    cfg = config([], mta_sts={"enabled": True})
+    first = TlsPolicy(cfg, resolver=object(), state_dir=tmp_path)
+    first.failures.record_failure("partner.net", "no STARTTLS", "encrypt")
+    second = TlsPolicy(cfg, resolver=object(), state_dir=tmp_path)
+    assert second.failures.recent_failure("partner.net") == "no STARTTLS"
+    assert (tmp_path / "tls-failures.json").exists()
+    assert second.mta_sts is not None and second.mta_sts.state is not None
