@@ -43,8 +43,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve
+    from gateway.workers import run_event_loop, supervise
 
-    return asyncio.run(serve(args.config))
+    def one() -> int:
+        return run_event_loop(lambda: serve(args.config))
+
+    try:
+        gateway = load_config(args.config).gateway
+    except ConfigError:
+        return one()  # serve() reports the errors and exits 78
+    return supervise(gateway.workers, one, gateway.log_format) if gateway.workers > 1 else one()
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:

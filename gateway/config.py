@@ -236,6 +236,7 @@ class GatewaySection:
     require_tls_from_clients: bool = False
     metrics_listen: tuple[str, int] | None = _parsed(parse_host_port, None)
     log_format: str = _parsed(choice("text", "json"), "text")
+    workers: int = _parsed(int_range(1, 64), 1)  # relay processes sharing listen + spool
 
 
 @dataclass(frozen=True)

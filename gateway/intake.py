@@ -122,7 +122,10 @@ class Intake:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for host, port in self.runtime.config.gateway.listen:
-            server = await loop.create_server(self._new_session, host, port, reuse_address=True)
+            server = await loop.create_server(
+                self._new_session, host, port, reuse_address=True,
+                reuse_port=self.runtime.config.gateway.workers > 1,  # gateway/workers.py
+            )  # fmt: skip
             self.servers.append(server)
             event(log, "listening", address=f"{host}:{port}")
 

@@ -36,6 +36,7 @@ from gateway.intake import Intake, Runtime, make_tls_context
 from gateway.log import event, setup_logging
 from gateway.metrics import Metrics
 from gateway.services import Services
+from gateway.workers import worker_index
 
 log = logging.getLogger("smg.server")
 
@@ -129,7 +130,7 @@ class Relay:
         self.intake = Intake(self.services, runtime)
         try:
             await self.intake.start()
-            if config.gateway.metrics_listen is not None:
+            if config.gateway.metrics_listen is not None and worker_index() == 0:
                 host, port = config.gateway.metrics_listen
                 await self.metrics.serve(host, port)
                 event(log, "metrics", address=f"{host}:{port}")

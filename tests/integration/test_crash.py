@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from aiosmtpd.controller import Controller
 
 from tests.conftest import require_binaries
 from tests.harness import KnotDNS, free_port, wait_for
+from tests.harness.util import pid_alive
 from tests.integration.smg_relay import SmgRelay, base_config
 
 pytestmark = pytest.mark.integration
@@ -89,29 +91,63 @@ def sink() -> Iterator[tuple[RecordingSink, int]]:
     controller.stop()
 
 
-class Killer:
-    """Kills the relay with SIGKILL at random moments and restarts it (by PID only)."""
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
 
-    def __init__(self, relay: SmgRelay, kills: int) -> None:
+
+class Killer:
+    """Kills relay processes with SIGKILL at random moments (by PID only).
+
+    Single process: kill it, start it again.  Several workers: alternately kill one worker
+    (the supervisor starts a new one; the others and the new one must take over its mail) and
+    the whole tree, supervisor and workers at once (then start the relay again).
+    """
+
+    def __init__(self, relay: SmgRelay, kills: int, workers: int) -> None:
         self.relay = relay
         self.kills = kills
+        self.workers = workers
         self.done = 0
         self.restart_times: list[float] = []
 
     async def run(self, sending: asyncio.Event) -> None:
         rng = random.Random(4711)
-        for _ in range(self.kills):
+        for number in range(self.kills):
             await asyncio.sleep(rng.uniform(0.8, 2.5))
             if sending.is_set():
                 break  # all sent: no more kills needed
-            await asyncio.to_thread(self._kill_and_restart)
+            one_worker = self.workers > 1 and number % 2 == 0
+            await asyncio.to_thread(self._kill_worker if one_worker else self._kill_all)
             self.done += 1
 
-    def _kill_and_restart(self) -> None:
+    def _kill_worker(self) -> None:
+        assert self.relay.proc is not None
+        workers = _children(self.relay.proc.pid)
+        assert workers, "no worker processes found"
+        os.kill(workers[0], signal.SIGKILL)
+        started = time.monotonic()
+        wait_for(lambda: len(_children(self.relay.proc.pid)) >= self.workers, 20,
+                 what="the supervisor to start a new worker")  # fmt: skip
+        self.restart_times.append(time.monotonic() - started)
+
+    def _kill_all(self) -> None:
         proc = self.relay.proc
         assert proc is not None
-        os.kill(proc.pid, signal.SIGKILL)
+        victims = [proc.pid, *_children(proc.pid)]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=10)
+        wait_for(lambda: not any(pid_alive(p) for p in victims), 10, what="all of them dead")
         self.relay.proc = None
         started = time.monotonic()
         self.relay.start()
@@ -168,11 +204,16 @@ async def _load_with_kills(relay: SmgRelay, killer: Killer) -> tuple[set[str], i
     return acked, failed, tries, took
 
 
-def test_sigkill_loses_no_acknowledged_message(knot_dns: KnotDNS, sink, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_loses_no_acknowledged_message(
+    knot_dns: KnotDNS, sink, tmp_path: Path, workers: int
+) -> None:
     require_binaries("knotd")
     knot_dns.set_zone(ZONE, ZONE_TEXT)
     recorder, sink_port = sink
-    config = base_config(tmp_path, knot_dns.nameserver, source_address="127.0.24.5")
+    config = base_config(
+        tmp_path, knot_dns.nameserver, source_address="127.0.24.5", workers=workers
+    )
     config["delivery"] = {
         "port": sink_port,
         "retry_initial": "1s",
@@ -182,7 +223,7 @@ def test_sigkill_loses_no_acknowledged_message(knot_dns: KnotDNS, sink, tmp_path
     }
     relay = SmgRelay(tmp_path, config)
     relay.start()
-    killer = Killer(relay, KILLS)
+    killer = Killer(relay, KILLS, workers)
     try:
         acked, failed, tries, took = asyncio.run(_load_with_kills(relay, killer))
         if relay.proc is None:
@@ -192,7 +233,12 @@ def test_sigkill_loses_no_acknowledged_message(knot_dns: KnotDNS, sink, tmp_path
                  what="every acknowledged message at the far end")  # fmt: skip
         wait_for(lambda: not relay.queued(), 60, interval=0.5, what="an empty queue")
     finally:
-        relay.stop()
+        if relay.proc is not None:  # the supervisor, then any worker left behind
+            leftovers = _children(relay.proc.pid)
+            relay.stop()
+            for pid in leftovers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     seen = recorder.seen()
     missing = acked - set(seen)
     duplicates = {mid: count for mid, count in seen.items() if count > 1}
@@ -201,6 +247,7 @@ def test_sigkill_loses_no_acknowledged_message(knot_dns: KnotDNS, sink, tmp_path
     integrity = sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0]
     report = {
         "messages": MESSAGES,
+        "workers": workers,
         "clients": CLIENTS,
         "kills": killer.done,
         "restart_seconds": [round(t, 2) for t in killer.restart_times],
