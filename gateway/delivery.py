@@ -60,6 +60,8 @@ log = logging.getLogger("smg.delivery")
 RCPTS_PER_TRANSACTION = 50  # like Postfix's smtp_destination_recipient_limit
 HANDOFF_BACKLOG = 10000  # messages waiting in memory at most; beyond, the poll finds them
 RECORD_TRIES = 15  # writes of an attempt's result while the spool is unavailable (~6 min)
+ROUTE_CACHE_SECONDS = 10  # MX and address answers reused this long at most (and never past TTL)
+ROUTE_CACHE_SIZE = 10000
 STALE_HANDOFF = 1.0  # a hand-off older than this is re-checked against the spool (held?)
 
 SENT, DEFERRED, BOUNCED, HELD = "sent", "deferred", "bounced", "held"
@@ -293,6 +295,7 @@ class Delivery:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._contexts: dict[tuple[str, str], ssl.SSLContext] = {}
+        self._route_cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
         self.attempts = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -444,6 +447,8 @@ class Delivery:
         else:
             rcpts = [(r.position, r.address) for r in message.pending]
             tasks = [self._deliver_bad_gateway(message, rcpts, payload)]
+        if len(tasks) == 1:  # the usual case: no extra tasks
+            return await tasks[0]
         results = await asyncio.gather(*tasks)
         return [outcome for group in results for outcome in group]
 
@@ -467,7 +472,7 @@ class Delivery:
             requirement = await self._requirement(message, domain)
         except Exception as exc:  # the policy could not be decided (MTA-STS fetch...): later
             return everyone(DEFERRED, f"TLS policy lookup failed: {exc}", "4.7.5")
-        hosts = await self.resolver.mail_hosts(domain)
+        hosts = await self._mail_hosts(domain)
         if hosts.null_mx:
             return everyone(
                 BOUNCED, f"domain {domain} accepts no mail (null MX, RFC 7505)", "5.1.10"
@@ -519,16 +524,40 @@ class Delivery:
                 outcome.status = DEFERRED
         return outcomes
 
+    async def _mail_hosts(self, domain: str) -> Any:
+        """The resolver's answer, kept a few seconds: the resolver caches by TTL already, this
+        saves the lookup's tasks for every message to the same domain."""
+        now = time.monotonic()
+        cached = self._route_cache.get(("mx", domain))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        hosts = await self.resolver.mail_hosts(domain)
+        if hosts.status == "ok":
+            self._remember(("mx", domain), hosts, hosts.ttl, now)
+        return hosts
+
     async def _targets(self, host: str, port: int) -> tuple[list[_Target], str]:
         try:
             ipaddress.ip_address(host)
             return [_Target(host, host, port)], ""
         except ValueError:
             pass
+        now = time.monotonic()
+        cached = self._route_cache.get(("a", host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1], ""
         result = await self.resolver.addresses(host)
         if not result.ok:
             return [], f"address lookup for {host} failed: {result.status} {result.rcode}"
-        return [_Target(host, r.address, port) for r in result.records], ""
+        targets = [_Target(host, r.address, port) for r in result.records]
+        if not result.incomplete:
+            self._remember(("a", host, port), targets, result.ttl, now)
+        return targets, ""
+
+    def _remember(self, key: tuple[Any, ...], value: Any, ttl: int, now: float) -> None:
+        if len(self._route_cache) > ROUTE_CACHE_SIZE:
+            self._route_cache.clear()
+        self._route_cache[key] = (now + min(ttl, ROUTE_CACHE_SECONDS), value)
 
     async def _try_hosts(
         self,
@@ -848,8 +877,17 @@ class Delivery:
             state, hold_reason = "held", HOLD_TLS
             hold_retry = self.config.tls_policy.hold_retry
             next_attempt = min(now + hold_retry, message.created_at + delivery.max_lifetime)
+        complete = len(outcomes) == len(message.pending) and all(
+            o.status in (SENT, BOUNCED) for o in outcomes
+        )
         return AttemptResult(
-            message.id, updates, state, next_attempt, hold_reason, self._ndr(message, outcomes)
+            message.id,
+            updates,
+            state,
+            next_attempt,
+            hold_reason,
+            self._ndr(message, outcomes),
+            complete,
         )
 
     @staticmethod

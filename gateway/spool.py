@@ -246,6 +246,7 @@ class AttemptResult:
     next_attempt: float = 0.0
     hold_reason: str | None = None
     ndr: NewMessage | None = None
+    complete: bool = False  # every recipient is done (delivered or bounced): remove it
 
 
 @dataclass(frozen=True)
@@ -491,6 +492,11 @@ def begin_attempt(
 
 
 def finish_attempt(conn: sqlite3.Connection, result: AttemptResult, now: float) -> AttemptOutcome:
+    if result.complete:  # the common case, in two statements
+        if not _delete(conn, result.queue_id):
+            return AttemptOutcome("gone")  # an operator deleted it during the attempt
+        ndr_id = insert_message(conn, result.ndr, now) if result.ndr is not None else None
+        return AttemptOutcome("removed", ndr_id)
     row = conn.execute("SELECT state FROM messages WHERE id = ?", (result.queue_id,)).fetchone()
     if row is None:
         return AttemptOutcome("gone")  # an operator deleted it during the attempt

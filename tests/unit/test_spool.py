@@ -272,3 +272,17 @@ async def test_a_version_1_spool_is_upgraded(tmp_path: Path) -> None:
         assert await spool.begin_attempt("OLD")
     finally:
         await spool.close()
+
+
+async def test_a_complete_attempt_removes_the_message_unless_deleted(spool: Spool) -> None:
+    done = await spool.enqueue("a@example.net", ["b@x.org"], MESSAGE)
+    deleted = await spool.enqueue("a@example.net", ["b@x.org"], MESSAGE)
+    ndr = NewMessage("", ["a@example.net"], b"Subject: ndr\r\n\r\nx\r\n", kind="ndr")
+    final = [RecipientUpdate(0, "bounced", "550 no")]
+    outcome = await spool.finish_attempt(AttemptResult(done, final, ndr=ndr, complete=True))
+    assert outcome.state == "removed" and outcome.ndr_id
+    assert await spool.load(done) is None and await spool.load(outcome.ndr_id) is not None
+    with SpoolAdmin(spool.path) as admin:
+        admin.delete(deleted)
+    gone = await spool.finish_attempt(AttemptResult(deleted, final, ndr=ndr, complete=True))
+    assert gone.state == "gone" and gone.ndr_id is None  # deleted by the operator: no NDR
