@@ -303,6 +303,7 @@ class Gateway:
     settings: Mapping[str, Any]  # every key of KEYS, parsed, merged by precedence
     sources: Mapping[str, Source]  # where each key that was set came from
     entry: Source  # the host's own entry
+    connection: Mapping[str, Any] = field(default_factory=dict)  # pyinfra's ssh_* data
 
     def __getitem__(self, key: str) -> Any:
         return self.settings[key]
@@ -558,10 +559,13 @@ class _Checker:
         settings: dict[str, Any] = {}
         sources: dict[str, Source] = {}
         winners: dict[str, _Layer] = {}
+        connection: dict[str, Any] = {}
         for layer in self.layers_for(host):
             for key in layer.data:
                 if key in KEYS and not (KEYS[key].per_host and layer.data is not host.data):
                     winners[key] = layer
+                elif key.startswith("ssh_"):
+                    connection[key] = layer.data[key]
         for key, layer in winners.items():
             settings[key], sources[key] = self.parsed(layer, key, layer.data[key]), layer.source
         for key, spec in KEYS.items():
@@ -573,7 +577,7 @@ class _Checker:
                 settings[key] = _BROKEN
             else:
                 settings[key] = _copy(spec.default)
-        return Gateway(host.name, roles[0], settings, sources, host.entry)
+        return Gateway(host.name, roles[0], settings, sources, host.entry, connection)
 
     def source(self, gateway: Gateway, key: str) -> Source:
         return gateway.sources.get(key, gateway.entry)
