@@ -1,8 +1,5 @@
 """Shared pieces of the forced-TLS, MTA-STS and probe integration tests.
 
-- :class:`StartTlsStripProxy`: a TCP proxy that rewrites ``STARTTLS`` in the far end's replies
-  (as broken or hostile middleboxes do), so the client never sees it offered; it also notes
-  whether a client ever sent ``MAIL FROM`` through it (which would be mail in the clear).
 - :class:`TlsRelay`: ``smg serve`` with ``[[tls_policy.rules]]`` written into its TOML.
 - :class:`PolicyServer`: re-exported from the unit tests (HTTPS on a 127.0.0.x address).
 - small helpers: a port free on several addresses, sending with swaks, waiting for states.
@@ -10,10 +7,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +20,6 @@ from tests.unit.test_mta_sts import PolicyServer
 
 __all__ = [
     "PolicyServer",
-    "StartTlsStripProxy",
     "TlsRelay",
     "common_port",
     "mail_from_logged",
@@ -50,81 +44,6 @@ def common_port(*ips: str) -> int:
         except OSError:
             continue
     raise RuntimeError("no common free port")
-
-
-class StartTlsStripProxy:
-    """Listens on ``address:port`` and forwards to ``upstream``, replacing ``STARTTLS`` in the
-    server's replies by ``XXXXXXXA`` (same length).  Threads, bounded by socket timeouts;
-    :meth:`close` stops everything it started."""
-
-    def __init__(self, address: str, port: int, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.connections = 0
-        self.client_commands: list[bytes] = []
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((address, port))
-        self.listener.listen(16)
-        self.listener.settimeout(0.2)
-        self._spawn(self._accept_loop)
-
-    @property
-    def saw_mail_from(self) -> bool:
-        return any(line.upper().startswith(b"MAIL FROM") for line in self.client_commands)
-
-    def _spawn(self, target: Any, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            try:
-                server = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            for sock in (client, server):
-                sock.settimeout(30)
-                self._sockets.append(sock)
-            self._spawn(self._pump, server, client, True)
-            self._spawn(self._pump, client, server, False)
-
-    def _pump(self, source: socket.socket, target: socket.socket, from_server: bool) -> None:
-        pending = b""
-        with contextlib.suppress(OSError):
-            while not self._stop.is_set():
-                data = source.recv(65536)
-                if not data:
-                    break
-                if from_server:
-                    data = data.replace(b"STARTTLS", b"XXXXXXXA")
-                else:
-                    pending += data
-                    *lines, pending = pending.split(b"\r\n")
-                    self.client_commands += lines
-                target.sendall(data)
-        with contextlib.suppress(OSError):
-            target.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.listener.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
-        for thread in self._threads:
-            thread.join(timeout=2)
 
 
 def rules_toml(rules: list[dict[str, str]]) -> str:
