@@ -295,3 +295,27 @@ def test_held_mail_is_retried_then_bounced_at_the_end_of_its_lifetime(
     assert len(attempts) >= 3, attempts  # retried on tls_policy.hold_retry until it expired
     assert "status=bounced" in attempts[-1] and "expired" in attempts[-1]
     assert not mail_from_logged(far["expired"], BANK)
+
+
+def test_the_known_failure_is_shared_by_all_workers(zone, port, far, test_ca, tmp_path) -> None:
+    """``gateway.workers = 2``: the worker that saw the TLS failure is rarely the one that
+    takes the next session; every session must still get 550 5.7.10."""
+    config = base_config(tmp_path, zone.nameserver, hostname="gw.smg-test.example", workers=2)
+    config["gateway"]["source_address"] = SOURCE
+    config["delivery"] = {"port": port, "scan_interval": "200ms"}
+    config["tls_policy"] = {"ca_bundle": str(test_ca.ca_bundle)}
+    config["mta_sts"] = {"enabled": False}
+    relay = TlsRelay(tmp_path, config, RULES)
+    relay.start()
+    try:
+        send(relay, BANK, f"ann@wrongname.{ZONE}", "workers-1")
+        ndr_for(far["customer"], "workers-1")
+        refused = [
+            swaks(relay.endpoint, to=f"ann@wrongname.{ZONE}", mail_from=BANK) for _ in range(16)
+        ]
+    finally:
+        relay.stop()
+    assert all(server_said(r.transcript, "550 5.7.10") for r in refused)
+    lines = [x for x in relay.log_path.read_text().splitlines() if "reason=tls_known_failure" in x]
+    pids = {x.split("smg[", 1)[1].split("]", 1)[0] for x in lines}
+    assert len(lines) == 16 and len(pids) == 2, pids  # both workers refused
