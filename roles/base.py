@@ -20,6 +20,7 @@ PACKAGES = [
     "ca-certificates",
     "tzdata",
     "iproute2",  # ss: tests/infra looks at the listening sockets with it
+    "netbase",  # /etc/protocols and /etc/services, which minimal images lack
     "python3",
     "python3-venv",
 ]
