@@ -582,6 +582,8 @@ class Delivery:
                     continue
                 if requirement.requires_tls and self._failures() is not None:
                     self._failures().record_success(domain, requirement.level)
+                if requirement.testing and outcomes:
+                    _report_mta_sts_testing(message, domain, target, requirement, outcomes[0].tls)
                 return outcomes
         if tls_errors:
             return self._tls_failed(domain, rcpts, requirement, "; ".join(tls_errors[-3:]))
@@ -954,6 +956,17 @@ class Delivery:
             with contextlib.suppress(Exception):
                 for o in outcomes:
                     self.metrics.delivery_outcome(o.status)
+
+
+def _report_mta_sts_testing(
+    message: QueuedMessage, domain: str, target: _Target, req: TlsRequirement, tls: TlsOutcome
+) -> None:
+    """MTA-STS testing: the mail went, but say so if enforce would have refused the session."""
+    if tls.verification == "trusted":
+        return
+    problem = f"TLS {tls.verification} {tls.detail}".strip() if tls.encrypted else "no TLS"
+    event(log, "mta_sts_testing", message.id, domain=domain, mx=target.host, problem=problem,
+          policy=req.source)  # fmt: skip
 
 
 async def _rset(smtp: aiosmtplib.SMTP) -> None:
