@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -21,11 +22,13 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import FindFiles
+from pyinfra.facts.files import FileContents, FindFiles
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
+from gateway.config import ConfigError, parse_config
 from gateway.inventory import Fleet, Gateway, HostPaths
+from gateway.server import _RESTART_ONLY
 from roles import ops
 from roles.render import KIT_DIR, render
 
@@ -186,26 +189,48 @@ def installed(wheelhouse: str):  # type: ignore[no-untyped-def]
     yield from install_commands()
 
 
+def restart_needed(current: str | None, new: str) -> bool:
+    """True when a key the relay reads only at start (``gateway.server._RESTART_ONLY``:
+    listen, spool, metrics_listen, delivery.concurrency) differs between the config on the
+    host and the new one; a SIGHUP would not apply it."""
+    if current is None:
+        return False  # nothing runs with an old config: the start reads the new one
+    try:
+        old_config = parse_config(tomllib.loads(current))
+    except (tomllib.TOMLDecodeError, ConfigError):
+        return True
+    new_config = parse_config(tomllib.loads(new))
+    return any(
+        getattr(getattr(old_config, section), key) != getattr(getattr(new_config, section), key)
+        for section, key in _RESTART_ONLY
+    )
+
+
 @deploy("relay: package, config, unit")
 def apply(fleet: Fleet, gateway: Gateway, reload_on: list[OperationMeta]) -> None:
     wheelhouse = build_wheelhouse()
     present = host.get_fact(FindFiles, path=HostPaths.WHEELHOUSE, maxdepth=1) or []
+    current = host.get_fact(FileContents, path=HostPaths.CONFIG)
+    new_config = fleet.relay_toml(gateway.name)
+    config_needs_restart = restart_needed(
+        "\n".join(current) if current is not None else None, new_config
+    )
     wheelhouse_on_host(
         name="relay: the wheelhouse", wheelhouse=str(wheelhouse), present=tuple(present)
     )
     install = installed(name="relay: the venv with our wheels", wheelhouse=str(wheelhouse))
     config = ops.ensure(
         name=f"relay: {HostPaths.CONFIG}",
-        items=[
-            ops.File(
-                HostPaths.CONFIG, fleet.relay_toml(gateway.name), group=HostPaths.USER, mode="640"
-            )
-        ],
+        items=[ops.File(HostPaths.CONFIG, new_config, group=HostPaths.USER, mode="640")],
     )
     unit = ops.ensure(name="relay: smg.service", items=[ops.File(UNIT, unit_file(gateway))])
     systemd.daemon_reload(name="systemd: daemon-reload for smg.service", _if=unit.did_change)
 
-    restart_for = any_changed(install, unit)
+    code_or_unit = any_changed(install, unit)
+
+    def restart_for() -> bool:
+        return code_or_unit() or (config_needs_restart and config.did_change())
+
     reload_for = any_changed(config, *reload_on)
     systemd.service(
         name="relay: enabled and running", service="smg.service", running=True, enabled=True

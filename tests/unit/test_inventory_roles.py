@@ -155,3 +155,16 @@ def test_install_reinstalls_our_wheel_and_records_what_it_installed() -> None:
     assert "--no-index" in commands[0] and "--find-links /opt/smg/wheelhouse" in commands[0]
     assert "--force-reinstall" in commands[1] and "--no-deps" in commands[1]
     assert commands[2].endswith(relay.INSTALLED_SUMS)
+
+
+def test_a_config_change_is_a_reload_unless_the_relay_reads_the_key_only_at_start(
+    fleet: inv.Fleet,
+) -> None:
+    current = fleet.relay_toml("otc-de-mta01")
+    more_rules = current.replace('sender = "customer.example"', 'sender = "other.example"')
+    assert more_rules != current
+    assert not relay.restart_needed(current, more_rules)  # forced-TLS table: SIGHUP
+    other_port = current.replace("127.0.0.1:9525", "127.0.0.1:9526")
+    assert relay.restart_needed(current, other_port)  # metrics_listen: only at start
+    assert not relay.restart_needed(None, current)  # first install: the start reads it
+    assert relay.restart_needed("not toml [", current)
