@@ -270,6 +270,7 @@ KEYS: dict[str, Key] = {
     # DKIM
     "dkim_domains": Key(_entries, []),
     "dkim_keys_dir": Key(_path, "keys"),
+    "dkim_make_missing_keys": Key(_bool, False),
     # blacklist monitoring
     "operations_mailbox": Key(_optional(parse_email), None),
     "notify_via": Key(_optional(lambda v: parse_host_port(v, 25)), ("127.0.0.1", 25)),
@@ -1040,6 +1041,8 @@ def validate_inventory(inventory_file: str | Path, namespace: Mapping[str, Any])
     if not raw.hosts:
         checker.problem(Source(raw.file, "good"), "", "the inventory names no hosts")
     _check_fleet(checker, gateways)
+    if _CHECK_KEYS.get() and not checker.problems:
+        _make_missing_keys(checker, gateways)
     for gateway in gateways:
         _check_entries(checker, gateway)
         _check_tls_files(checker, gateway)
@@ -1049,6 +1052,23 @@ def validate_inventory(inventory_file: str | Path, namespace: Mapping[str, Any])
     fleet = Fleet(raw.file, tuple(gateways), configs)
     _FLEETS[str(path.resolve())] = fleet
     return fleet
+
+
+def _make_missing_keys(checker: _Checker, gateways: list[Gateway]) -> None:
+    """``dkim_make_missing_keys = True`` (the lab): keys are made when the inventory is loaded,
+    so that ``pyinfra inventories/lab.py deploy.py`` needs no step before it.  Production keeps
+    it False: a key is made on purpose, and published by the customer before it signs."""
+    wanted = [g for g in gateways if g["dkim_make_missing_keys"] is True]
+    if not wanted:
+        return
+    try:
+        make_dkim_keys(
+            Fleet(checker.raw.file, tuple(wanted)),
+            out=lambda line: print(f"{checker.raw.file}: {line}", file=sys.stderr),
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        source = checker.source(wanted[0], "dkim_make_missing_keys")
+        checker.problem(source, "dkim_make_missing_keys", f"making the DKIM keys failed: {exc}")
 
 
 def load_inventory(inventory_file: str | Path, *, check_keys: bool = True) -> Fleet:

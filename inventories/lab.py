@@ -71,6 +71,8 @@ lab = (
             },
         ],
         "dkim_keys_dir": "keys/lab",
+        # Lab keys are made when the inventory loads (production makes them on purpose).
+        "dkim_make_missing_keys": True,
         "dkim_domains": [
             {"domain": "customer-a.example", "selector": "lab", "algorithm": "rsa"},
             {"domain": "customer-b.example", "selector": "lab", "algorithm": "ed25519"},

@@ -67,12 +67,15 @@ def apply(gateway: Gateway, packages: list[str]) -> None:
     installed = host.get_fact(DebPackages) or {}
     missing = [name for name in wanted if name not in installed]
 
-    sources = ops.ensure(name="apt: mirror and proxy of the inventory", items=apt_files(gateway))
+    sources = ops.ensure(
+        name=f"apt: mirror and proxy of the inventory; time zone {gateway['timezone']}",
+        items=apt_files(gateway) + time_zone(gateway),
+    )
+    # A time zone change triggers an update too: rare, and cheaper than another operation.
     apt.update(
         name="apt: update the package lists",
         _if=lambda: bool(missing) or sources.did_change(),
     )
     apt.packages(name="apt: packages", packages=wanted, no_recommends=True)
-    ops.ensure(name=f"time zone {gateway['timezone']}", items=time_zone(gateway))
     ops.system_user(name="service user smg", account=HostPaths.USER, home=HostPaths.STATE_DIR)
     ops.ensure(name="directories of smg", items=directories())

@@ -234,6 +234,49 @@ def test_a_dkim_domain_without_a_key_is_refused_with_the_fix(site: Site) -> None
     assert "python -m gateway.inventory dkim-keys" in problem
 
 
+def test_dkim_keys_command_makes_missing_keys_and_the_dns_records(site: Site) -> None:
+    site.good["dkim_domains"].append(
+        {"domain": "new.example", "selector": "s2025", "algorithm": "ed25519"}
+    )
+    site.write()
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.inventory", "dkim-keys", str(site.inventory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=KIT,
+    )
+    assert done.returncode == 0, done.stderr
+    key = site.keys / "new.example" / "s2025.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    records = (site.keys / "dns-records.txt").read_text()
+    assert 's2025._domainkey.new.example. 3600 IN TXT "v=DKIM1; k=ed25519; p=' in records
+    assert "s1._domainkey.customer.example." in records
+    before = (site.keys / "customer.example" / "s1.key").read_bytes()
+    subprocess.run(
+        [sys.executable, "-m", "gateway.inventory", "dkim-keys", str(site.inventory)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        cwd=KIT,
+    )
+    assert (site.keys / "customer.example" / "s1.key").read_bytes() == before  # never replaced
+
+
+def test_a_lab_style_inventory_makes_missing_keys_when_it_loads(site: Site) -> None:
+    site.all["dkim_make_missing_keys"] = True
+    site.good["dkim_domains"].append(
+        {"domain": "lab.example", "selector": "lab", "algorithm": "ed25519"}
+    )
+    fleet = site.load()
+    assert (site.keys / "lab.example" / "lab.key").is_file()
+    assert "lab._domainkey.lab.example." in (site.keys / "dns-records.txt").read_text()
+    assert [k["domain"] for k in fleet.relay_configs["otc-de-mta01"]["dkim"]["keys"]] == [
+        "customer.example",
+        "lab.example",
+    ]
+
+
 def test_a_dkim_key_of_the_wrong_kind_or_mode_is_refused(site: Site) -> None:
     site.good["dkim_domains"][0]["algorithm"] = "rsa"
     assert "is an ed25519 key, the inventory says rsa" in one(site.problems(), "dkim_domains")
