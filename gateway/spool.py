@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -605,29 +606,59 @@ class _Writer(threading.Thread):
         self.conn: sqlite3.Connection | None = None
         self.commits = 0
         self.operations = 0
+        self._lock_fd: int | None = None
 
     def run(self) -> None:
         while True:
             job = self.jobs.get()
             if job is _STOP:
                 break
-            batch = [job]
-            stop_after = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    more = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stop_after = True
-                    break
-                batch.append(more)
-            self._run_batch(batch)  # type: ignore[arg-type]
+            with self._exclusive():
+                # Taken after the wait for the lock: what arrived meanwhile joins this commit.
+                batch, stop_after = self._drain(job)  # type: ignore[arg-type]
+                self._run_batch(batch)
             if stop_after:
                 break
         if self.conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+
+    def _drain(self, first: _Job) -> tuple[list[_Job], bool]:
+        batch = [first]
+        while len(batch) < MAX_BATCH:
+            try:
+                more = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if more is _STOP:
+                return batch, True
+            batch.append(more)  # type: ignore[arg-type]
+        return batch, False
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Several relay processes on one spool (gateway.workers): take turns on a lock file.
+        SQLite's own busy handler would make a waiting writer sleep in steps of milliseconds;
+        flock wakes it the moment the other commit is done."""
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = os.open(
+                    self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600
+                )
+            except OSError:
+                yield  # no lock file (read-only directory): SQLite's locking alone
+                return
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        except OSError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _run_batch(self, batch: list[_Job]) -> None:
         results: list[tuple[_Job, Any, BaseException | None]] = []

@@ -36,6 +36,7 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 START_GRACE = 5.0  # a worker that exits with an error this soon cannot start at all
 EX_CONFIG = 78  # gateway.server: the configuration is invalid
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_TIMEOUT = 60.0
 
 
@@ -51,6 +52,20 @@ def run_event_loop(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """``asyncio.run(main())``.  (uvloop was tried: about 5 % less CPU per message, but
     aiosmtpd then missed clients that close right after connecting, so it is not used.)"""
     return int(asyncio.run(main()) or 0)
+
+
+def _stop_with_parent() -> None:
+    """Linux: SIGTERM this worker when the supervisor dies, so no worker goes on orphaned
+    (on the same port as the workers of the next start)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the supervisor died before prctl: do not serve
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Supervisor:
@@ -70,6 +85,7 @@ class Supervisor:
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
+                _stop_with_parent()
                 os.environ[WORKER_ENV] = str(index)
                 code = self.serve_worker()
             except BaseException:

@@ -131,17 +131,23 @@ class Killer:
 
     def _kill_worker(self) -> None:
         assert self.relay.proc is not None
-        workers = _children(self.relay.proc.pid)
-        assert workers, "no worker processes found"
+        supervisor = self.relay.proc.pid
+
+        def live_workers() -> list[int]:
+            return [pid for pid in _children(supervisor) if pid_alive(pid)]
+
+        workers = wait_for(live_workers, 10, what=f"workers of {supervisor}")
         os.kill(workers[0], signal.SIGKILL)
         started = time.monotonic()
-        wait_for(lambda: len(_children(self.relay.proc.pid)) >= self.workers, 20,
+        wait_for(lambda: workers[0] not in _children(supervisor)
+                 and len(live_workers()) >= self.workers, 20,
                  what="the supervisor to start a new worker")  # fmt: skip
         self.restart_times.append(time.monotonic() - started)
 
     def _kill_all(self) -> None:
         proc = self.relay.proc
         assert proc is not None
+        os.kill(proc.pid, signal.SIGSTOP)  # no more forks: the list of victims is final
         victims = [proc.pid, *_children(proc.pid)]
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):
@@ -268,3 +274,23 @@ def test_sigkill_loses_no_acknowledged_message(
     assert not missing, sorted(missing)[:20]
     assert integrity == "ok"
     assert len(acked) >= MESSAGES * 0.95, report
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(knot_dns: KnotDNS, tmp_path: Path) -> None:
+    """SIGKILL to smg serve with two workers: the workers go too (no orphans on the port)."""
+    config = base_config(tmp_path, knot_dns.nameserver, workers=2)
+    relay = SmgRelay(tmp_path, config)
+    relay.start()
+    assert relay.proc is not None
+    supervisor = relay.proc.pid
+    workers = wait_for(lambda: len(k := _children(supervisor)) == 2 and k, 10, what="2 workers")
+    os.kill(supervisor, signal.SIGKILL)
+    relay.proc.wait(timeout=10)
+    relay.proc = None
+    try:
+        wait_for(lambda: not any(pid_alive(pid) for pid in workers), 30, what="workers gone")
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert "worker_started" in relay.log_path.read_text()
