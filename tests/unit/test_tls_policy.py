@@ -364,3 +364,23 @@ def test_policy_uses_the_spool_directory_for_shared_state(tmp_path) -> None:
     assert second.failures.recent_failure("partner.net") == "no STARTTLS"
     assert (tmp_path / "tls-failures.json").exists()
     assert second.mta_sts is not None and second.mta_sts.state is not None
+
+
+async def test_encrypt_and_verify_refuse_tls_below_1_2(ca) -> None:
+    """The far end speaks only TLS 1.0/1.1: a required level refuses it in the handshake."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 on purpose
+        old = ca.valid("mx1.partner.net").server_context()
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    server, port = await tls_server(old)
+    try:
+        for level in ("encrypt", "verify"):
+            req = TlsRequirement(level, "hold", "t", (), ca.ca_bundle)
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await handshake(req.ssl_context(), port, "mx1.partner.net")
+    finally:
+        server.close()
