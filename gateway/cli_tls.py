@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import ipaddress
 import json
 import socket
 import ssl
@@ -112,7 +113,10 @@ class _Smtp:
 async def _open(
     address: str, port: int, source: str | None, ehlo: str
 ) -> tuple[_Smtp, str, list[str]]:
-    local = (source, 0) if source else None
+    same_family = (
+        source and ipaddress.ip_address(source).version == ipaddress.ip_address(address).version
+    )
+    local = (source, 0) if same_family else None  # as delivery: only within the same family
     reader, writer = await asyncio.open_connection(address, port, local_addr=local)
     smtp = _Smtp(reader, writer)
     code, banner = await smtp.reply()
