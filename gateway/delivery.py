@@ -570,11 +570,13 @@ class Delivery:
     ) -> list[RcptOutcome]:
         errors: list[str] = []
         tls_errors: list[str] = []
+        last_relay = ""
         for host, port in hosts:
             targets, problem = await self._targets(host, port)
             if problem:
                 errors.append(problem)
             for target in targets:
+                last_relay = target.relay
                 try:
                     outcomes = await self._deliver_to(message, target, rcpts, payload, requirement)
                 except _HostFailed as exc:
@@ -588,7 +590,7 @@ class Delivery:
         if tls_errors:
             return self._tls_failed(domain, rcpts, requirement, "; ".join(tls_errors[-3:]))
         reason = "; ".join(errors[-3:]) or "no host to deliver to"
-        return [RcptOutcome(p, a, DEFERRED, reason, "4.4.1") for p, a in rcpts]
+        return [RcptOutcome(p, a, DEFERRED, reason, "4.4.1", relay=last_relay) for p, a in rcpts]
 
     def _failures(self) -> Any:
         return getattr(self.tls_policy, "failures", None)
