@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -51,9 +52,12 @@ def _timestamp(created: float) -> str:
     return f"{seconds}.{int(created % 1 * 1000):03d}Z"
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\\n\r]')  # one C-level scan per value (hot path)
+
+
 def _text_value(value: Any) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\\\n\r'):
+    if text == "" or _NEEDS_QUOTES.search(text):
         return json.dumps(text, ensure_ascii=False)
     return text
 
