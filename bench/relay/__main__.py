@@ -1,0 +1,5 @@
+import sys
+
+from bench.relay.run import main
+
+sys.exit(main())

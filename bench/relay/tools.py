@@ -1,0 +1,242 @@
+"""Lean SMTP sink and load client for the relay bench, each run as its own process.
+
+    python -m bench.relay.tools sink HOST PORT STATE_FILE
+        Accepts every message (PIPELINING, no TLS).  Every 0.1 s writes
+        "count first_arrival last_arrival" to STATE_FILE.  Stops on SIGTERM.
+
+    python -m bench.relay.tools load HOST:PORT COUNT CONNECTIONS SIZE SEED [SOURCE_IP]
+        Sends COUNT messages of about SIZE bytes over CONNECTIONS sessions (one transaction
+        after another per session).  Prints one JSON line: sent, failed, seconds, p50/p99 of
+        the time from MAIL FROM to the final 250 (ms), a sample of failures.
+
+Both are plain asyncio protocol code without any SMTP library: the machine has two cores, and
+the sink and the load must cost as little as possible and the same for every stack measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+SENDER = "alice@bench-sender.test"
+RECIPIENT = "bob@bench-far.test"
+_WORDS = [
+    "invoice",
+    "quarterly",
+    "figures",
+    "meeting",
+    "agenda",
+    "budget",
+    "review",
+    "release",
+    "schedule",
+    "customer",
+    "contract",
+    "delivery",
+    "project",
+    "milestone",
+    "team",
+    "report",
+    "summary",
+    "proposal",
+    "approval",
+    "minutes",
+    "timeline",
+    "resources",
+    "planning",
+    "forecast",
+    "revenue",
+    "support",
+    "ticket",
+    "upgrade",
+]
+
+
+class SinkProtocol(asyncio.Protocol):
+    """Just enough SMTP to accept mail; counts messages."""
+
+    def __init__(self, stats: dict[str, float]) -> None:
+        self.stats = stats
+        self.buffer = b""
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport.write(b"220 sink.bench ESMTP\r\n")
+
+    def data_received(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        replies: list[bytes] = []
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    self.buffer = self.buffer[-4:]  # keep what may start the end marker
+                    break
+                self.buffer = self.buffer[end + 5 :]
+                self.in_data = False
+                self._message_done()
+                replies.append(b"250 2.0.0 Ok: stored\r\n")
+                continue
+            line_end = self.buffer.find(b"\r\n")
+            if line_end < 0:
+                break
+            line, self.buffer = self.buffer[:line_end], self.buffer[line_end + 2 :]
+            reply = self._command(line)
+            if reply:
+                replies.append(reply)
+        if replies:
+            self.transport.write(b"".join(replies))
+
+    def _command(self, line: bytes) -> bytes:
+        verb = line[:4].upper()
+        if verb in (b"EHLO", b"HELO"):
+            return b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 104857600\r\n"
+        if verb == b"DATA":
+            self.in_data = True
+            self.buffer = b"\r\n" + self.buffer  # so an empty body still ends at \r\n.\r\n
+            return b"354 go ahead\r\n"
+        if verb == b"QUIT":
+            self.transport.write(b"221 bye\r\n")
+            self.transport.close()
+            return b""
+        return b"250 Ok\r\n"
+
+    def _message_done(self) -> None:
+        now = time.time()
+        self.stats["count"] += 1
+        if not self.stats["first"]:
+            self.stats["first"] = now
+        self.stats["last"] = now
+
+
+async def sink(host: str, port: int, state_file: Path) -> None:
+    stats = {"count": 0, "first": 0.0, "last": 0.0}
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SinkProtocol(stats), host, port, backlog=512)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    async with server:
+        while not stop.is_set():
+            tmp = state_file.with_suffix(".tmp")
+            tmp.write_text(f"{stats['count']} {stats['first']:.6f} {stats['last']:.6f}\n")
+            tmp.replace(state_file)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+
+
+def make_message(index: int, size: int, rng: random.Random) -> bytes:
+    """A plain business-like text message of about ``size`` bytes."""
+    head = (
+        f"From: Alice Example <{SENDER}>\r\nTo: Bob Example <{RECIPIENT}>\r\n"
+        f"Subject: {rng.choice(_WORDS).title()} {rng.choice(_WORDS)} #{index}\r\n"
+        f"Date: Mon, 01 Jan 2024 10:{index % 60:02d}:00 +0000\r\n"
+        f"Message-ID: <bench-{index}-{rng.randrange(1 << 30)}@bench-sender.test>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello Bob,\r\n\r\n"
+    )
+    lines, total = [], len(head)
+    while total < size - 40:
+        line = " ".join(rng.choice(_WORDS) for _ in range(11)).capitalize() + "."
+        lines.append(line)
+        total += len(line) + 2
+    return (head + "\r\n".join(lines) + "\r\n\r\nKind regards,\r\nAlice\r\n").encode()
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("connection closed")
+        if line[3:4] != b"-":
+            return line
+
+
+async def _session(
+    host: str,
+    port: int,
+    source: str | None,
+    messages: list[bytes],
+    latencies: list[float],
+    failures: list[str],
+) -> None:
+    local = (source, 0) if source else None
+    reader, writer = await asyncio.open_connection(host, port, local_addr=local)
+    try:
+        await _reply(reader)
+        writer.write(b"EHLO load.bench\r\n")
+        await _reply(reader)
+        for data in messages:
+            started = time.perf_counter()
+            reply = b""
+            for command in (f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RECIPIENT}>", "DATA"):
+                writer.write(command.encode() + b"\r\n")
+                reply = await _reply(reader)
+                if reply[:1] not in (b"2", b"3"):
+                    break
+            else:
+                writer.write(data.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+                reply = await _reply(reader)
+            latencies.append(time.perf_counter() - started)
+            if not reply.startswith(b"250"):
+                failures.append(reply.decode(errors="replace").strip())
+                writer.write(b"RSET\r\n")
+                await _reply(reader)
+        writer.write(b"QUIT\r\n")
+        await writer.drain()
+    finally:
+        writer.close()
+
+
+async def load(
+    target: str, count: int, connections: int, size: int, seed: int, source: str | None
+) -> dict[str, object]:
+    host, port = target.rsplit(":", 1)
+    rng = random.Random(seed)
+    messages = [make_message(seed * 1_000_000 + i, size, rng) for i in range(count)]
+    latencies: list[float] = []
+    failures: list[str] = []
+    started = time.perf_counter()
+    wall_started = time.time()
+    results = await asyncio.gather(
+        *(
+            _session(host, int(port), source, messages[i::connections], latencies, failures)
+            for i in range(connections)
+        ),
+        return_exceptions=True,
+    )
+    elapsed = time.perf_counter() - started
+    errors = [repr(r) for r in results if isinstance(r, BaseException)]
+    latencies.sort()
+    n = len(latencies) or 1
+    return {
+        "sent": len(latencies) - len(failures),
+        "failed": len(failures) + (count - len(latencies)),
+        "started": wall_started,
+        "seconds": elapsed,
+        "p50_ms": 1000 * latencies[n // 2] if latencies else None,
+        "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))] if latencies else None,
+        "failures": (failures + errors)[:5],
+    }
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["sink"]:
+        asyncio.run(sink(argv[1], int(argv[2]), Path(argv[3])))
+        return 0
+    if argv[:1] == ["load"]:
+        target, count, conns, size, seed = argv[1], *map(int, argv[2:6])
+        source = argv[6] if len(argv) > 6 else None
+        print(json.dumps(asyncio.run(load(target, count, conns, size, seed, source))))
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
