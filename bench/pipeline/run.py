@@ -45,7 +45,7 @@ from tests.harness.rspamd import Rspamd  # noqa: E402
 from tests.harness.util import terminate_pid, wait_for  # noqa: E402
 
 TOOLS = Path(__file__).with_name("smtp_tools.py")
-SINK_IP, SMG_IP = "127.0.0.80", "127.0.0.81"
+SINK_IP, SMG_IP = "127.0.26.80", "127.0.26.81"
 SENDER_DOMAIN, FAR_DOMAIN = "bench-sender.test", "bench-far.test"
 DKIM_HEADERS = ["from", "to", "subject", "date", "message-id", "mime-version", "content-type"]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -147,13 +147,14 @@ class SmgServe:
 
 
 def smg_config(workdir: Path, knot: KnotDNS, clamd: Clamd, rspamd: Rspamd, key: Path,
-               sink: Sink, without: set[str] = frozenset()) -> str:  # fmt: skip
+               sink: Sink, without: set[str] = frozenset(), workers: int = 1) -> str:  # fmt: skip
     """The relay's config; ``without`` turns features off ("virus", "spam", "dkim") to
     measure what each one costs."""
     text = f"""
 [gateway]
 hostname = "smg-bench.example.net"
 role = "good"
+workers = {workers}
 listen = ["{SMG_IP}:@PORT@"]
 source_address = "{SMG_IP}"
 spool = "{workdir / "spool"}"
@@ -171,7 +172,7 @@ clamd = "unix:{clamd.socket_path}"
 [spam]
 rspamd_url = "{rspamd.url}"
 [routing]
-bad_gateways = ["127.0.0.82:25"]
+bad_gateways = ["127.0.26.82:25"]
 [mta_sts]
 enabled = false
 [dkim]
@@ -234,7 +235,9 @@ def measure(name: str, endpoint: str, sink: Sink, mta_pids: list[int], scanner_p
 def run_smg(base: Path, knot, clamd, rspamd, key, args, seed) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="smg-", dir=base))
     sink = Sink(workdir)
-    config = smg_config(workdir, knot, clamd, rspamd, key, sink, set(args.smg_without))
+    config = smg_config(
+        workdir, knot, clamd, rspamd, key, sink, set(args.smg_without), args.smg_workers
+    )
     relay = SmgServe(workdir, config)
     try:
         scanners = [clamd.proc.pid, rspamd.proc.pid]  # type: ignore[union-attr]
@@ -247,7 +250,7 @@ def run_smg(base: Path, knot, clamd, rspamd, key, args, seed) -> dict[str, Any]:
 def run_postfix(base: Path, clamd, rspamd, milter_port, key, args, seed) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="postfix-", dir=base))
     sink = Sink(workdir)
-    clam = ClamavMilter(clamd.socket_path)
+    clam = ClamavMilter(clamd.socket_path, workdir=workdir / "clamav-milter")
     dkim = OpenDkimMilter(SENDER_DOMAIN, "bench", key, DKIM_HEADERS)
     daemons: list[Any] = [clam, dkim]
     try:
@@ -255,7 +258,7 @@ def run_postfix(base: Path, clamd, rspamd, milter_port, key, args, seed) -> dict
         dkim.start()
         milters = [f"inet:127.0.0.1:{clam.port}", f"inet:127.0.0.1:{milter_port}",
                    f"inet:127.0.0.1:{dkim.port}"]  # fmt: skip
-        postfix = PostfixRelay(sink.endpoint, milters)
+        postfix = PostfixRelay(sink.endpoint, milters, workdir=workdir / "postfix")
         daemons.append(postfix)
         postfix.start()
         mta = [postfix.proc.pid, clam.proc.pid, dkim.proc.pid]  # type: ignore[union-attr]
@@ -275,13 +278,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--only", choices=["smg", "postfix"])
+    parser.add_argument("--smg-workers", type=int, default=1, help="gateway.workers for smg")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                        help="spools and queues: a real disk (fsync is measured)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--smg-without", action="append", default=[],
                         choices=["virus", "spam", "dkim"],
                         help="turn a feature off in smg (to see what it costs)")  # fmt: skip
     args = parser.parse_args()
 
-    base = Path(tempfile.mkdtemp(prefix="smg-bench-pipeline-"))
+    base = Path(tempfile.mkdtemp(prefix="smg-bench-pipeline-", dir=args.workdir))
     knot = KnotDNS()
     clamd = Clamd(extra_config={"MaxThreads": "8"})
     milter_port = free_port("127.0.0.1")

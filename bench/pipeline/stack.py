@@ -35,8 +35,10 @@ def _listening(host: str, port: int) -> bool:
 class ClamavMilter(Daemon):
     name = "clamav-milter"
 
-    def __init__(self, clamd_socket: Path, host: str = "127.0.0.1") -> None:
-        super().__init__()
+    def __init__(
+        self, clamd_socket: Path, host: str = "127.0.0.1", workdir: Path | None = None
+    ) -> None:
+        super().__init__(workdir)
         self.clamd_socket = clamd_socket
         self.host = host
         self.port = 0
@@ -150,8 +152,10 @@ class PostfixRelay(Daemon):
     name = "postfix-relay"
     start_timeout = 30.0
 
-    def __init__(self, relay: str, milters: list[str], host: str = "127.0.0.1") -> None:
-        super().__init__()
+    def __init__(
+        self, relay: str, milters: list[str], host: str = "127.0.0.1", workdir: Path | None = None
+    ) -> None:
+        super().__init__(workdir)
         self.relay = relay
         self.milters = milters
         self.host = host
