@@ -1,0 +1,5 @@
+import sys
+
+from bench.pipeline.run import main
+
+sys.exit(main())
