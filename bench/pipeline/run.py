@@ -249,6 +249,7 @@ def run_smg(base: Path, knot, clamd, rspamd, key, args, seed) -> dict[str, Any]:
 
 def run_postfix(base: Path, clamd, rspamd, milter_port, key, args, seed) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="postfix-", dir=base))
+    workdir.chmod(0o755)  # Postfix's daemons run as postfix and must reach their queue
     sink = Sink(workdir)
     clam = ClamavMilter(clamd.socket_path, workdir=workdir / "clamav-milter")
     dkim = OpenDkimMilter(SENDER_DOMAIN, "bench", key, DKIM_HEADERS)
@@ -288,6 +289,7 @@ def main() -> int:
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="smg-bench-pipeline-", dir=args.workdir))
+    base.chmod(0o755)
     knot = KnotDNS()
     clamd = Clamd(extra_config={"MaxThreads": "8"})
     milter_port = free_port("127.0.0.1")
