@@ -158,6 +158,13 @@ def parse_url(value: Any) -> str:
     raise _Invalid(f"expected an http:// or https:// URL, got {value!r}")
 
 
+def parse_url_or_unix(value: Any) -> str:
+    """An http(s) URL, or ``unix:/path`` for a daemon's Unix socket (cheaper on one host)."""
+    if isinstance(value, str) and value.startswith("unix:/"):
+        return value
+    return parse_url(value)
+
+
 def parse_email(value: Any) -> str:
     if isinstance(value, str) and re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", value.strip()):
         local, domain = value.strip().rsplit("@", 1)
@@ -274,7 +281,7 @@ class VirusSection:
 @dataclass(frozen=True)
 class SpamSection:
     enabled: bool = True
-    rspamd_url: str = _parsed(parse_url, "http://127.0.0.1:11333")
+    rspamd_url: str = _parsed(parse_url_or_unix, "http://127.0.0.1:11333")
     timeout: float = _parsed(parse_duration, "20s")
     fail_open: bool = False
     spam_score: float = 6.0

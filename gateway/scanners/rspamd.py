@@ -6,8 +6,12 @@ and ``User``, which marks the message as sent by an authenticated (outbound) use
 rspamd applies its outbound view (no SPF/DNSBL verdicts against our own customers' clients).
 The reply is JSON: ``action``, ``score``, ``required_score`` and ``symbols``.
 
-Idle connections are kept (up to ``max_idle``) and reused; a reused connection that turns out
-closed by rspamd is retried once on a fresh one.  Every request is bounded by ``timeout``.
+``spam.rspamd_url`` is ``http://HOST:PORT`` or ``unix:/path`` (rspamd's normal worker bound to
+a Unix socket: no TCP handshake per message, measurably cheaper for both sides on one host).
+Idle connections are kept (up to ``max_idle``) and reused when rspamd allows it (rspamd 3.4's
+normal worker answers ``Connection: close``, so in practice one connection per message); a
+reused connection that turns out closed is retried once on a fresh one.  Every request is
+bounded by ``timeout``.
 """
 
 from __future__ import annotations
@@ -40,17 +44,23 @@ class RspamdClient:
     """``await RspamdClient("http://127.0.0.1:11333").check(data, ip=..., ...)`` -> dict."""
 
     def __init__(self, url: str, timeout: float = 20.0, max_idle: int = 16) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self._idle: list[_Connection] = []
+        self.socket_path: str | None = None
+        self.ssl: ssl.SSLContext | None = None
+        self.base_path = ""
+        if url.startswith("unix:/"):  # rspamd's bind_socket on a Unix socket
+            self.socket_path, self.host, self.port = url[5:], "localhost", 0
+            return
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        self.url = url
+            raise ValueError(f"not an http(s) URL or unix:/path: {url!r}")
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self.base_path = parts.path.rstrip("/")
-        self.timeout = timeout
-        self.max_idle = max_idle
-        self._idle: list[_Connection] = []
 
     @classmethod
     def from_config(cls, section: SpamSection) -> RspamdClient:
@@ -126,7 +136,10 @@ class RspamdClient:
                 return conn
             conn.writer.close()
         try:
-            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
+            if self.socket_path is not None:
+                reader, writer = await asyncio.open_unix_connection(self.socket_path)
+            else:
+                reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
         except OSError as exc:
             raise RspamdError(f"cannot connect to rspamd at {self.url}: {exc}") from None
         return _Connection(reader, writer)

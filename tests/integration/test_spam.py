@@ -129,3 +129,26 @@ async def test_rspamd_down_is_451_unless_fail_open() -> None:
     cfg = config(dead, fail_open=True)
     decision = await build_chain(cfg, Services(cfg)).run(Stage.DATA, ctx(gtube_mail()))
     assert decision.action == Action.ACCEPT
+
+
+def test_rspamd_url_may_be_a_unix_socket(tmp_path_factory: pytest.TempPathFactory) -> None:
+    import asyncio
+
+    from tests.harness import free_port
+
+    socket_dir = tmp_path_factory.mktemp("rspamd-unix")
+    socket_dir.chmod(0o777)  # rspamd's workers run as _rspamd and create the socket here
+    path = socket_dir / "normal.sock"
+    daemon = Rspamd()
+    daemon.port, daemon.controller_port = free_port(), free_port()
+    daemon.local_d["worker-normal.inc"] = (
+        f'bind_socket = "127.0.0.1:{daemon.port}";\nbind_socket = "{path} mode=0666";\ncount = 1;\n'
+    )
+    daemon.start()
+    try:
+        cfg = config(f"unix:{path}")
+        message = ctx(gtube_mail())
+        decision = asyncio.run(build_chain(cfg, Services(cfg)).run(Stage.DATA, message))
+        assert decision.action == Action.REROUTE and message.facts["spam"]["is_spam"]
+    finally:
+        daemon.close()

@@ -298,3 +298,25 @@ def test_rspamd_header_values_cannot_split_the_request() -> None:
 
     raw = _request("/checkv2", "h", [("Helo", "evil\r\nX-Injected: 1")], b"")
     assert b"\r\nX-Injected" not in raw
+
+
+async def test_rspamd_over_a_unix_socket(tmp_path: Path) -> None:
+    seen: list[list[str]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        assert request is not None
+        seen.append(request[0])
+        writer.write(response(json.dumps(REPLY).encode(), "Connection: close\r\n"))
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "rspamd.sock"
+    server = await asyncio.start_unix_server(handler, str(path))
+    async with server:
+        client = RspamdClient(f"unix:{path}", timeout=5)
+        assert (await client.check(b"x", ip="127.0.0.9"))["action"] == "reject"
+        assert (await client.check(b"y"))["score"] == 15.5
+    assert seen[0][0] == "POST /checkv2 HTTP/1.1" and "Host: localhost" in seen[0]
+    with pytest.raises(RspamdError, match="cannot connect"):
+        await RspamdClient(f"unix:{tmp_path}/none.sock", timeout=1).check(b"x")
