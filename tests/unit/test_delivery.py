@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
@@ -25,7 +26,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from gateway.config import Config, parse_config
-from gateway.delivery import Delivery, strip_header
+from gateway.delivery import Delivery, _PipelinedSmtp, data_block, strip_header
 from gateway.dns import DnsResult, MailHost, MailHosts
 from gateway.log import TextFormatter
 from gateway.spool import Spool, SpoolAdmin
@@ -65,10 +66,24 @@ class Behaviour:
 
 
 class SinkHandler:
-    def __init__(self, behaviour: Behaviour) -> None:
+    def __init__(self, behaviour: Behaviour, pipelining: bool) -> None:
         self.behaviour = behaviour
+        self.pipelining = pipelining
         self.received: list[Received] = []
         self.peers: set[tuple[str, int]] = set()
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:  # aiosmtpd answers queued commands in order: PIPELINING works
+            responses.insert(1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if address.startswith("refused"):
+            return "550 5.7.1 sender refused here"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         local = address.split("@")[0]
@@ -102,9 +117,11 @@ class SinkHandler:
 
 
 class Sink:
-    def __init__(self, ip: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, ip: str, port: int, tls: ssl.SSLContext | None = None, pipelining: bool = True
+    ) -> None:
         self.behaviour = Behaviour()
-        self.handler = SinkHandler(self.behaviour)
+        self.handler = SinkHandler(self.behaviour, pipelining)
         kwargs: dict[str, Any] = {"tls_context": tls} if tls else {}
         self.controller = Controller(self.handler, hostname=ip, port=port, **kwargs)
         self.controller.start()
@@ -224,11 +241,12 @@ class Relay:
         return await self.spool.load(queue_id, with_data=False) is None
 
 
-@pytest.fixture
-async def far():
-    """Two far ends (127.0.21.2 and .3) on a common port; .4 has nothing listening."""
+@pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
+async def far(request):
+    """Two far ends (127.0.21.2 and .3) on a common port; .4 has nothing listening.  Each test
+    runs against far ends with PIPELINING (our own transaction code) and without (aiosmtplib)."""
     port = common_port("127.0.21.2", "127.0.21.3", "127.0.21.4")
-    sinks = [Sink("127.0.21.2", port), Sink("127.0.21.3", port)]
+    sinks = [Sink(ip, port, pipelining=request.param) for ip in ("127.0.21.2", "127.0.21.3")]
     yield port, sinks
     for sink in sinks:
         sink.stop()
@@ -261,6 +279,20 @@ async def test_delivers_from_source_address_with_ehlo_name(relay: Relay, far) ->
     assert got.mail_from == "a@customer.test" and got.rcpt_tos == ["b@far.test"]
     assert b"\r\n.leading dot\r\n" in got.data  # dot-stuffing undone by the far end
     await wait_gone(relay, queue_id)
+    sessions = [s for group in relay.delivery.pool._idle.values() for s in group]
+    kind = _PipelinedSmtp if mx.handler.pipelining else aiosmtplib.SMTP
+    assert sessions and all(isinstance(s.smtp, kind) for s in sessions)
+
+
+async def test_sender_refused_bounces_every_recipient(relay: Relay, far) -> None:
+    _, (mx, customer) = far
+    queue_id = await relay.send("refused@customer.test", ["b@far.test", "c@far.test"], message())
+    await wait_until(lambda: customer.received)  # the NDR, to the customer's own MX
+    blocks = list(parse(customer.received[0].data).iter_parts())[1].get_payload()[1:]
+    assert [b["Final-Recipient"] for b in blocks] == ["rfc822; b@far.test", "rfc822; c@far.test"]
+    assert all("550 5.7.1 sender refused here" in b["Diagnostic-Code"] for b in blocks)
+    await wait_gone(relay, queue_id)
+    assert mx.received == []
 
 
 async def test_reuses_connections_and_batches_recipients(relay: Relay, far) -> None:
@@ -410,6 +442,12 @@ async def test_restart_resumes_active_messages(tmp_path: Path, far) -> None:
         await wait_gone(relay, queue_id)
     finally:
         await relay.stop()
+
+
+def test_data_block_line_ends_and_dots() -> None:
+    assert data_block(b"a\r\n.b\r\n") == b"a\r\n..b\r\n.\r\n"
+    assert data_block(b".x\nlone\rend") == b"..x\r\nlone\r\nend\r\n.\r\n"
+    assert data_block(b"") == b"\r\n.\r\n"
 
 
 def test_strip_header_keeps_everything_else() -> None:
