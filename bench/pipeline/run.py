@@ -146,7 +146,7 @@ class SmgServe:
         self.log.close()
 
 
-def smg_config(workdir: Path, knot: KnotDNS, clamd: Clamd, rspamd: Rspamd, key: Path,
+def smg_config(workdir: Path, knot: KnotDNS, clamd: Clamd, rspamd_url: str, key: Path,
                sink: Sink, without: set[str] = frozenset(), workers: int = 1) -> str:  # fmt: skip
     """The relay's config; ``without`` turns features off ("virus", "spam", "dkim") to
     measure what each one costs."""
@@ -170,7 +170,7 @@ max_connections_per_host = 16
 [virus]
 clamd = "unix:{clamd.socket_path}"
 [spam]
-rspamd_url = "{rspamd.url}"
+rspamd_url = "{rspamd_url}"
 [routing]
 bad_gateways = ["127.0.26.82:25"]
 [mta_sts]
@@ -236,7 +236,14 @@ def run_smg(base: Path, knot, clamd, rspamd, key, args, seed) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="smg-", dir=base))
     sink = Sink(workdir)
     config = smg_config(
-        workdir, knot, clamd, rspamd, key, sink, set(args.smg_without), args.smg_workers
+        workdir,
+        knot,
+        clamd,
+        f"unix:{base / 'rspamd-normal.sock'}",
+        key,
+        sink,
+        set(args.smg_without),
+        args.smg_workers,
     )
     relay = SmgServe(workdir, config)
     try:
@@ -247,7 +254,7 @@ def run_smg(base: Path, knot, clamd, rspamd, key, args, seed) -> dict[str, Any]:
         sink.stop()
 
 
-def run_postfix(base: Path, clamd, rspamd, milter_port, key, args, seed) -> dict[str, Any]:
+def run_postfix(base: Path, clamd, rspamd, rspamd_milter, key, args, seed) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="postfix-", dir=base))
     workdir.chmod(0o755)  # Postfix's daemons run as postfix and must reach their queue
     sink = Sink(workdir)
@@ -257,8 +264,7 @@ def run_postfix(base: Path, clamd, rspamd, milter_port, key, args, seed) -> dict
     try:
         clam.start()
         dkim.start()
-        milters = [f"inet:127.0.0.1:{clam.port}", f"inet:127.0.0.1:{milter_port}",
-                   f"inet:127.0.0.1:{dkim.port}"]  # fmt: skip
+        milters = [clam.milter, f"unix:{rspamd_milter}", dkim.milter]
         postfix = PostfixRelay(sink.endpoint, milters, workdir=workdir / "postfix")
         daemons.append(postfix)
         postfix.start()
@@ -292,10 +298,12 @@ def main() -> int:
     base.chmod(0o755)
     knot = KnotDNS()
     clamd = Clamd(extra_config={"MaxThreads": "8"})
-    milter_port = free_port("127.0.0.1")
+    # Both stacks reach rspamd over Unix sockets, as on a gateway host: smg the normal
+    # worker (spam.rspamd_url = unix:...), Postfix the proxy worker in milter mode.
+    normal_socket, milter_socket = base / "rspamd-normal.sock", base / "rspamd-milter.sock"
     proxy = (
         "milter = yes;\ntimeout = 120s;\ncount = 2;\n"
-        f'bind_socket = "127.0.0.1:{milter_port}";\n'
+        f'bind_socket = "{milter_socket} mode=0666";\n'
         'upstream "local" {\n  default = yes;\n  self_scan = yes;\n}\n'
         'discard_on_reject = false;\nquarantine_on_reject = false;\nspam_header = "X-Spam";\n'
     )
@@ -304,8 +312,12 @@ def main() -> int:
         knot.start()
         knot.set_zone(SENDER_DOMAIN, f"@ MX 10 mx\nmx A {SINK_IP}\n")
         knot.set_zone(FAR_DOMAIN, f"@ MX 10 mx\nmx A {SINK_IP}\n")
-        rspamd = Rspamd(nameserver=knot.nameserver, workers=2,
-                        override_d={"worker-proxy.inc": proxy})  # fmt: skip
+        rspamd = Rspamd(nameserver=knot.nameserver, override_d={"worker-proxy.inc": proxy})
+        rspamd.port, rspamd.controller_port = free_port(), free_port()
+        rspamd.local_d["worker-normal.inc"] = (
+            f'bind_socket = "127.0.0.1:{rspamd.port}";\n'
+            f'bind_socket = "{normal_socket} mode=0666";\ncount = 2;\n'
+        )
         clamd.start()
         rspamd.start()
         key, _ = write_new_key(base / "keys", SENDER_DOMAIN, "bench", "rsa")
@@ -317,7 +329,7 @@ def main() -> int:
                 if stack == "smg":
                     result = run_smg(base, knot, clamd, rspamd, key, args, seed)
                 else:
-                    result = run_postfix(base, clamd, rspamd, milter_port, key, args, seed)
+                    result = run_postfix(base, clamd, rspamd, milter_socket, key, args, seed)
                 result["round"] = round_no + 1
                 results.append(result)
                 print(_line(result), flush=True)

@@ -27,26 +27,31 @@ from tests.harness.postfix import _QUEUE_DIRS, POSTFIX_DAEMON_DIR, _make_owned_d
 from tests.harness.util import Daemon, free_port  # noqa: E402
 
 
-def _listening(host: str, port: int) -> bool:
-    with socket.create_connection((host, port), timeout=1):
+def _unix_listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(1)
+        sock.connect(str(path))
         return True
 
 
 class ClamavMilter(Daemon):
     name = "clamav-milter"
 
-    def __init__(
-        self, clamd_socket: Path, host: str = "127.0.0.1", workdir: Path | None = None
-    ) -> None:
+    def __init__(self, clamd_socket: Path, workdir: Path | None = None) -> None:
         super().__init__(workdir)
+        self.dir.chmod(0o755)  # Postfix's smtpd (user postfix) connects to the socket here
         self.clamd_socket = clamd_socket
-        self.host = host
-        self.port = 0
+        self.socket = self.dir / "clamav-milter.sock"
+
+    @property
+    def milter(self) -> str:
+        return f"unix:{self.socket}"
 
     def _prepare(self) -> None:
-        self.port = self.port or free_port(self.host)
         settings = {
-            "MilterSocket": f"inet:{self.port}@{self.host}",
+            "MilterSocket": str(self.socket),
+            "MilterSocketMode": "666",
+            "FixStaleSocket": "yes",
             "ClamdSocket": f"unix:{self.clamd_socket}",
             "Foreground": "yes",
             "PidFile": str(self.dir / "clamav-milter.pid"),
@@ -67,37 +72,36 @@ class ClamavMilter(Daemon):
         return ["clamav-milter", "-c", str(self.dir / "clamav-milter.conf")]
 
     def _ready(self) -> bool:
-        return _listening(self.host, self.port)
-
-    def _forget_ports(self) -> None:
-        self.port = 0
+        return _unix_listening(self.socket)
 
 
 class OpenDkimMilter(Daemon):
     name = "opendkim"
 
-    def __init__(self, domain: str, selector: str, key: Path, headers: list[str],
-                 host: str = "127.0.0.1") -> None:  # fmt: skip
+    def __init__(self, domain: str, selector: str, key: Path, headers: list[str]) -> None:
         # OpenDKIM refuses a config or key file below a directory others may write (/tmp):
         # its files live in a private directory under /run.
         super().__init__(Path(tempfile.mkdtemp(prefix="smg-bench-opendkim-", dir="/run")))
         self._own_dir = True
+        self.dir.chmod(0o755)  # Postfix's smtpd connects to the socket here
         self.key = self.dir / "signing.key"
         shutil.copyfile(key, self.key)
         self.key.chmod(0o600)
         self.domain, self.selector = domain, selector
         self.headers = headers
-        self.host = host
-        self.port = 0
+        self.socket = self.dir / "opendkim.sock"
+
+    @property
+    def milter(self) -> str:
+        return f"unix:{self.socket}"
 
     def _prepare(self) -> None:
-        self.port = self.port or free_port(self.host)
         settings = {
             "Mode": "s",
             "Domain": self.domain,
             "Selector": self.selector,
             "KeyFile": str(self.key),
-            "Socket": f"inet:{self.port}@{self.host}",
+            "Socket": f"local:{self.socket}",
             "Canonicalization": "relaxed/relaxed",
             "SignHeaders": ",".join(self.headers),
             "OversignHeaders": "From",
@@ -105,7 +109,7 @@ class OpenDkimMilter(Daemon):
             "Background": "no",
             "Syslog": "no",
             "PidFile": str(self.dir / "opendkim.pid"),
-            "UMask": "007",
+            "UMask": "000",  # the socket: Postfix's smtpd runs as postfix
         }
         (self.dir / "opendkim.conf").write_text(
             "".join(f"{key} {value}\n" for key, value in settings.items())
@@ -115,10 +119,7 @@ class OpenDkimMilter(Daemon):
         return ["opendkim", "-f", "-x", str(self.dir / "opendkim.conf")]
 
     def _ready(self) -> bool:
-        return _listening(self.host, self.port)
-
-    def _forget_ports(self) -> None:
-        self.port = 0
+        return _unix_listening(self.socket)
 
 
 _MASTER_CF = """\
