@@ -166,11 +166,19 @@ def from_domain(parsed_headers: Iterable[tuple[bytes, bytes]]) -> str | None:
             return match.group(1).decode("ascii").rstrip(".").lower()
     values = [v.decode("utf-8", "replace") for v in raw]
     domains = {
-        addr.rpartition("@")[2].strip().rstrip(".").lower()
-        for _, addr in getaddresses(values)
-        if "@" in addr
+        _ascii_domain(addr.rpartition("@")[2]) for _, addr in getaddresses(values) if "@" in addr
     }
     return domains.pop() if len(domains) == 1 else None
+
+
+def _ascii_domain(domain: str) -> str:
+    """A domain as the configuration holds it: lower case, IDNA (an SMTPUTF8 message's From:
+    may carry the Unicode form)."""
+    domain = domain.strip().rstrip(".").lower()
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
 
 
 def existing_signers(parsed_headers: Iterable[tuple[bytes, bytes]]) -> set[tuple[str, str]]:

@@ -279,3 +279,10 @@ def test_from_domain_fast_path_agrees_with_the_full_parser(value: str) -> None:
     }
     expected = domains.pop() if len(domains) == 1 else None
     assert from_domain([(b"From", f" {value}\r\n".encode())]) == expected
+
+
+def test_unicode_from_domain_matches_its_idna_key() -> None:
+    from gateway.dkim import from_domain
+
+    value = "Jürgen <j@bücher.example>".encode()
+    assert from_domain([(b"From", b" " + value + b"\r\n")]) == "xn--bcher-kva.example"
