@@ -282,23 +282,30 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
-def summary(results: list[Result]) -> str:
-    def best(name: str) -> float:
-        rates = [r.msg_per_s for r in results if r.stack == name]
-        return max(rates) if rates else 0.0
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
-    def median(name: str) -> float:
-        rates = sorted(r.msg_per_s for r in results if r.stack == name)
-        return rates[len(rates) // 2] if rates else 0.0
 
-    smg, postfix = median("smg serve"), median("postfix")
+def summary(results: list[Result], rounds: list[tuple[Result, Result]]) -> str:
+    smg = _median([r.msg_per_s for r in results if r.stack == "smg serve"])
+    postfix = _median([r.msg_per_s for r in results if r.stack == "postfix"])
     if not smg or not postfix:
         return ""
+    ratios = [a.msg_per_s / b.msg_per_s for a, b in rounds]
+    per_round = ", ".join(f"{x:.2f}x" for x in ratios)
     return (
         f"end to end, median of rounds: smg serve {smg:.0f} msg/s, postfix {postfix:.0f} msg/s, "
-        f"ratio {smg / postfix:.2f}x (best rounds: {best('smg serve') / best('postfix'):.2f}x; "
-        "target >= 1.5x)"
+        f"ratio {smg / postfix:.2f}x; per round (same minute) {per_round}, median "
+        f"{_median(ratios):.2f}x (target >= 1.5x)"
     )
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,10 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     base.chmod(0o755)
     knot = KnotDNS(zones=ZONES, address=DNS_IP)
     results: list[Result] = []
+    rounds: list[tuple[Result, Result]] = []
+    load_before = _load()
     try:
         knot.start()
         for round_no in range(args.rounds):
             order = ["smg", "postfix"] if round_no % 2 == 0 else ["postfix", "smg"]
+            this_round: dict[str, Result] = {}
             for stack in order:
                 if args.only and stack != args.only:
                     continue
@@ -337,15 +347,20 @@ def main(argv: list[str] | None = None) -> int:
                     else run_postfix(base, args, seed)
                 )
                 results.append(result)
+                this_round[stack] = result
                 print(f"round {round_no + 1}: {table([result]).splitlines()[-1]}", flush=True)
+            if len(this_round) == 2:
+                rounds.append((this_round["smg"], this_round["postfix"]))
     finally:
         knot.close()
         shutil.rmtree(base, ignore_errors=True)
     print()
+    smg_extra = f", smg config {args.smg_config}" if args.smg_config != "{}" else ""
     print(f"{args.messages} messages of {args.size} bytes over {args.connections} connections, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs")  # fmt: skip
+          f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average "
+          f"{load_before} before, {_load()} after{smg_extra}")  # fmt: skip
     print(table(results))
-    line = summary(results)
+    line = summary(results, rounds)
     if line:
         print(line)
     if args.json:
