@@ -12,7 +12,8 @@ import json
 import shlex
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,18 @@ class Gateway:
 
     def wait_active(self, unit: str, timeout: float = 60) -> None:
         wait_for(f"{unit} active on {self.name}", lambda: self.is_active(unit), timeout, 1)
+
+    def reload_relay(self, timeout: float = 30) -> None:
+        """``systemctl reload smg`` (SIGHUP), then wait for the relay's ``reloaded`` line: new
+        sessions use a fresh configuration and DNS cache."""
+        since = self.check("date +%s").strip()
+        self.systemctl("reload", RELAY_UNIT)
+
+        def reloaded() -> bool:
+            out = self.run(f"journalctl -u {RELAY_UNIT} --since @{since} -o cat --no-pager")
+            return ": reloaded config=" in out.stdout
+
+        wait_for(f"the relay on {self.name} to reload", reloaded, timeout, 0.5)
 
     def journal(self, unit: str = RELAY_UNIT, lines: int = 40) -> str:
         text = self.run(f"journalctl -u {unit} -n {lines * 2} --no-pager -o cat").stdout
@@ -234,13 +247,37 @@ class Fleet:
 # --- faults the lab can inject ----------------------------------------------------------------
 
 
+_lock_depth = 0
+
+
+@contextmanager
+def lab_locked() -> Iterator[None]:
+    """The lab's lock (``python -m lab up``/``down`` wait for it), re-entrant in this process:
+    a fault inside another fault (a host restart while a far end is down) takes it once."""
+    global _lock_depth
+    from lab import fleet as lab_fleet
+
+    if _lock_depth:
+        _lock_depth += 1
+        try:
+            yield
+        finally:
+            _lock_depth -= 1
+        return
+    with lab_fleet.locked():
+        _lock_depth = 1
+        try:
+            yield
+        finally:
+            _lock_depth = 0
+
+
 def restart_gateway_host(name: str, timeout: float = 120) -> float:
     """Reboot the gateway host ``name`` (``systemctl reboot`` inside it) and boot it again:
     systemd-nspawn ends when its container reboots, so the lab starts it again on the same
     root (overlay, address and host keys stay). Holds the lab's lock meanwhile, so no
     concurrent ``python -m lab up``/``down`` sees a half-restarted fleet. Returns the seconds
     from the reboot request to sshd answering again."""
-    from lab import fleet as lab_fleet
     from lab import hosts as lab_hosts
     from lab.config import host_by_name
     from lab.proc import daemon_pid
@@ -248,7 +285,7 @@ def restart_gateway_host(name: str, timeout: float = 120) -> float:
     host = host_by_name(name)
     daemon = lab_hosts.daemon_name(host)
     started = time.monotonic()
-    with lab_fleet.locked():
+    with lab_locked():
         old = daemon_pid(daemon)
         assert old is not None, f"{name} is not running"
         lab_hosts.in_host(host, ["systemctl", "reboot"], timeout=30)

@@ -17,7 +17,7 @@ import pytest
 
 from bench.fleet import mail
 from bench.fleet.smtp import CRLF, RawSmtp, dot_stuff
-from tests.acceptance.lab_fleet import Fleet, Gateway, wait_for
+from tests.acceptance.lab_fleet import Fleet, Gateway, record, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -211,6 +211,11 @@ def test_slow_clients_do_not_block_others(fleet: Fleet, target: Gateway) -> None
         assert quick.accepted, quick.transcript
         assert slow.is_alive(), "the slow client should still be trickling"
         assert quick_seconds < 5, f"a normal client waited {quick_seconds:.1f} s"
+        record(
+            "slow clients",
+            f"20 silent sessions + 1 trickling at 4 lines/s: a normal message took "
+            f"{quick_seconds:.2f} s (swaks, connect to 250)",
+        )
         slow.join(60)
     finally:
         for client in silent:
@@ -241,7 +246,13 @@ def test_connection_flood_is_bounded_and_the_gateway_recovers(fleet: Fleet) -> N
         for client in flood:
             client.close()
     assert greeted <= limit and refused >= 25, (greeted, refused)
-    wait_for("a free slot", lambda: gateway.smtp_ready(fleet.netns), 20, 0.5)
+    closed = time.monotonic()
+    wait_for("a free slot", lambda: gateway.smtp_ready(fleet.netns), 20, 0.1)
+    record(
+        "connection flood",
+        f"{limit + 25} sessions at once to {gateway.name}: {greeted} greeted (limit {limit}), "
+        f"{refused} got 421 4.7.0; 220 again {time.monotonic() - closed:.2f} s after they closed",
+    )
     assert_still_serving(fleet, gateway)
     assert gateway.main_pid() == pid
 

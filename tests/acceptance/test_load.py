@@ -16,7 +16,7 @@ from bench.fleet.load import Fleet as LoadFleet
 from bench.fleet.load import LoadPlan, format_summary, run_load
 from bench.fleet.sink import CustomerMailServer
 from lab.config import RUN_DIR
-from tests.acceptance.lab_fleet import Fleet
+from tests.acceptance.lab_fleet import Fleet, record
 
 pytestmark = pytest.mark.lab
 
@@ -33,6 +33,14 @@ def test_mixed_load_through_the_fleet(fleet: Fleet, customer_mail: CustomerMailS
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
+    latency = summary["latency_ms"]
+    record(
+        "load",
+        f"{MESSAGES} messages over 12 sessions: {summary['results']}; "
+        f"{summary['accepted_per_second']} msg/s accepted, {summary['delivered']} delivered "
+        f"({summary['delivered_per_second']} msg/s end to end); 250 latency p50 "
+        f"{latency['p50']} ms, p99 {latency['p99']} ms",
+    )
     checks, by_kind = summary["checks"], summary["by_kind"]
     assert summary["results"] == {
         "accepted": by_kind["ham"].get("accepted", 0) + by_kind["spam"].get("accepted", 0),
