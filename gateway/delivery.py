@@ -167,9 +167,12 @@ def wire_bytes(data: bytes) -> bytes:
     return data if data.endswith(b"\n") else data + b"\r\n"
 
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _clean_address(address: str) -> bool:
     """No CR, LF or other control characters (they would inject commands)."""
-    return not any(ord(c) < 32 or ord(c) == 127 for c in address)
+    return _CONTROL_CHARACTERS.search(address) is None
 
 
 def _needs_smtputf8(sender: str, recipients: Sequence[str]) -> bool:
