@@ -14,7 +14,7 @@ CONNECTIONS ?= 16
 help:
 	@echo "make test        unit + integration tests (real daemons on loopback)"
 	@echo "make lab-up      python -m lab up: the lab fleet on this machine (root)"
-	@echo "make deploy      pyinfra inventories/lab.py deploy.py -y"
+	@echo "make deploy      DKIM keys if missing, then pyinfra inventories/lab.py deploy.py -y"
 	@echo "make infra       pytest tests/infra (testinfra against the lab hosts)"
 	@echo "make acceptance  pytest tests/acceptance (mechanisms, bad input, load, faults)"
 	@echo "make faults      only the fault tests of the acceptance suite"
@@ -29,6 +29,7 @@ lab-up:
 	$(PY) -m lab up
 
 deploy:
+	$(PY) -m gateway.inventory dkim-keys inventories/lab.py
 	$(PYINFRA) inventories/lab.py deploy.py -y
 
 infra:

@@ -30,10 +30,70 @@ log "ruff check ."
 run_pytest tests/unit tests/integration
 
 # ---------------------------------------------------------------------------------------
-# LAB SUITES (owner: lab helper) - add here, after the suites above pass:
-#   lab up (and a trap to bring it down), then
-#   run_pytest tests/infra
-#   run_pytest tests/acceptance
+# LAB SUITES (owner: acceptance; docs/acceptance.md): root only, mandatory with CI=true.
+#   python -m lab up (a trap takes it down again, whatever happens), the DKIM keys, the
+#   deploy, a second deploy that must change nothing, then tests/infra and tests/acceptance.
 # ---------------------------------------------------------------------------------------
+
+lab_down() {
+    log "python -m lab down"
+    "$PY" -m lab down || log "WARNING: python -m lab down left something behind (listed above)"
+}
+
+# deploy_lab: the lab deploy, its output shown; DEPLOY_CHANGES = operations that changed
+# something (pyinfra's "Grand total" row: Operation Hosts Success Error No-Change).
+deploy_lab() {
+    local out rc started
+    out="$(mktemp)"
+    started=$SECONDS
+    set +e
+    "$REPO/.venv/bin/pyinfra" inventories/lab.py deploy.py -y 2>&1 | tee "$out"
+    rc=${PIPESTATUS[0]}
+    set -e
+    DEPLOY_SECONDS=$((SECONDS - started))
+    DEPLOY_CHANGES="$(sed 's/\x1b\[[0-9;]*m//g' "$out" \
+        | awk '$1 == "Grand" && $2 == "total" { print ($4 == "-" ? 0 : $4) }' | tail -n 1)"
+    rm -f "$out"
+    if [ "$rc" -ne 0 ]; then
+        log "FAIL: the deploy exited $rc"
+        return "$rc"
+    fi
+    if [ -z "$DEPLOY_CHANGES" ]; then
+        log "FAIL: no 'Grand total' row in pyinfra's output"
+        return 1
+    fi
+}
+
+if [ "$(id -u)" -ne 0 ]; then
+    if [ "${CI:-}" = "true" ]; then
+        log "FAIL: CI=true but not root: the lab suites (tests/infra, tests/acceptance) need root"
+        exit 1
+    fi
+    log "SKIP: the lab suites (tests/infra, tests/acceptance) need root"
+else
+    # A lab that was up before this script (someone's working lab) is left up, outside CI.
+    if [ "${CI:-}" = "true" ] || ! "$PY" -m lab status >/dev/null 2>&1; then
+        trap lab_down EXIT
+        trap 'exit 130' INT TERM
+    else
+        log "the lab was already up: it stays up afterwards"
+    fi
+    log "python -m lab up"
+    "$PY" -m lab up
+    log "DKIM keys of the lab inventory"
+    "$PY" -m gateway.inventory dkim-keys inventories/lab.py
+    log "deploy (1/2): pyinfra inventories/lab.py deploy.py -y"
+    deploy_lab
+    log "deploy (1/2): $DEPLOY_CHANGES changes in $DEPLOY_SECONDS s"
+    log "deploy (2/2): the same again must change nothing"
+    deploy_lab
+    log "deploy (2/2): $DEPLOY_CHANGES changes in $DEPLOY_SECONDS s"
+    if [ "$DEPLOY_CHANGES" != "0" ]; then
+        log "FAIL: the second deploy changed $DEPLOY_CHANGES operation(s): not idempotent"
+        exit 1
+    fi
+    run_pytest tests/infra
+    run_pytest tests/acceptance
+fi
 
 log "all passed"
