@@ -61,6 +61,7 @@ log = logging.getLogger("smg.delivery")
 RCPTS_PER_TRANSACTION = 50  # like Postfix's smtp_destination_recipient_limit
 HANDOFF_BACKLOG = 10000  # messages waiting in memory at most; beyond, the poll finds them
 RECORD_TRIES = 15  # writes of an attempt's result while the spool is unavailable (~6 min)
+MAX_SESSION_AGE = 300.0  # a busy session is still renewed after this (like Postfix's 300 s)
 ROUTE_CACHE_SECONDS = 10  # MX and address answers reused this long at most (and never past TTL)
 ROUTE_CACHE_SIZE = 10000
 STALE_HANDOFF = 1.0  # a hand-off older than this is re-checked against the spool (held?)
@@ -331,6 +332,7 @@ class ConnectionPool:
         self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
         self.opened = 0
         self.reused = 0
+        self._quitting: set[asyncio.Task[None]] = set()
 
     def slot(self, target: _Target) -> asyncio.Semaphore:
         key = (target.ip, target.port)
@@ -350,8 +352,14 @@ class ConnectionPool:
         return None
 
     def give_back(self, session: _Session) -> None:
-        if not session.usable or self.reuse <= 0:
-            _close_quietly(session)
+        too_old = time.monotonic() - session.created > MAX_SESSION_AGE
+        if not session.usable or self.reuse <= 0 or too_old:
+            if too_old and session.usable:
+                task = asyncio.get_running_loop().create_task(_quit(session))
+                self._quitting.add(task)  # a reference, so the task is not collected early
+                task.add_done_callback(self._quitting.discard)
+            else:
+                _close_quietly(session)
             return
         session.last_used = time.monotonic()
         self._idle.setdefault(session.key, []).append(session)
