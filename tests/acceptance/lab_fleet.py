@@ -106,6 +106,13 @@ class Gateway:
     def is_active(self, unit: str) -> bool:
         return self.run(f"systemctl is-active {unit}").stdout.strip() == "active"
 
+    def inactive(self, units: tuple[str, ...]) -> list[str]:
+        """The units of ``units`` that are not active (one SSH round trip)."""
+        states = self.run(f"systemctl is-active {' '.join(units)}").stdout.split()
+        if len(states) != len(units):  # an SSH hiccup: ask one by one
+            return [u for u in units if not self.is_active(u)]
+        return [u for u, state in zip(units, states, strict=True) if state != "active"]
+
     def systemctl(self, action: str, unit: str, timeout: int = 120) -> None:
         self.check(f"systemctl {action} {unit}", timeout)
 

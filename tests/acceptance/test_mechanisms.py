@@ -93,6 +93,20 @@ def test_spam_leaves_from_the_bad_gateway_without_the_verdict_header(
     assert opendkim_verify(copy.read(), fleet.dns_server, CUSTOMER_A, tmp_path) == {"lab": "pass"}
 
 
+def test_ndr_from_the_bad_gateway_tells_the_customer_why_it_was_spam(fleet: Fleet) -> None:
+    """Spam to a recipient the far end refuses: the bad gateway sends the NDR to the customer,
+    and it says why the mail was classified as spam (what the customer should check)."""
+    tag = mail.new_tag("spam-ndr")
+    sender, rcpt = f"{tag}@{CUSTOMER_A}", f"reject-{tag}@{PLAIN_DOMAIN}"
+    sent = fleet.send(fleet.gateways["otc-de-mta01"], "spam", tag, sender, rcpt)
+    assert sent.accepted, sent.transcript
+    ndr = ndr_for(fleet, sender)
+    assert ndr.client_address == fleet.bad.address, "the NDR comes from the bad gateway"
+    text = ndr.read().decode(errors="replace")
+    assert "classified as spam" in text and "GTUBE" in text, text[:3000]
+    assert "550 5.1.1" in text and rcpt in text
+
+
 # --- Virus check ----------------------------------------------------------------------------
 
 
