@@ -45,6 +45,22 @@ def postfix_saw(fleet: Fleet, far_end: str, address: str) -> bool:
     return address in lab_farend.connected_clients(far_end)
 
 
+def maillog_mark(fleet: Fleet, far_end: str) -> int:
+    """Where the far end's maillog ends now (read from here on with ``sessions_since``)."""
+    return Path(fleet.state["far_ends"][far_end]["maillog"]).stat().st_size
+
+
+def sessions_since(fleet: Fleet, far_end: str, mark: int, address: str) -> list[str]:
+    """The far end's ``disconnect from ...[address] ehlo=1 ...`` lines after ``mark``: what
+    each SMTP session of that client did (Postfix counts every command it received)."""
+    with open(fleet.state["far_ends"][far_end]["maillog"], "rb") as log:
+        log.seek(mark)
+        text = log.read().decode(errors="replace")
+    return [
+        line for line in text.splitlines() if "disconnect from" in line and f"[{address}]" in line
+    ]
+
+
 def ndr_for(fleet: Fleet, sender: str, timeout: float = 60) -> Arrival:
     """The NDR the customer's mail server received for ``sender``."""
     return fleet.wait_arrival(
@@ -156,6 +172,7 @@ def test_forced_tls_hold_waits_for_tls_and_never_goes_in_clear(fleet: Fleet) -> 
     gateway = fleet.gateways["otc-de-mta01"]
     tag = mail.new_tag("hold")
     sender, rcpt = f"alice@{CUSTOMER_A}", f"{tag}@{TLS_DOMAIN}"
+    mark = maillog_mark(fleet, "mx-plain")
     lab_dns.set_zone(TLS_DOMAIN, "$TTL 2\n@ MX 10 mx.partner-plain.example.\nmx A 198.51.100.20\n")
     try:
         gateway.reload_relay()  # drop the MX answer cached before the change
@@ -167,7 +184,7 @@ def test_forced_tls_hold_waits_for_tls_and_never_goes_in_clear(fleet: Fleet) -> 
             60,
         )
         assert held[0]["hold_reason"] == "tls", held
-        assert postfix_saw(fleet, "mx-plain", gateway.address), "it did try the plain MX"
+        assert_no_mail_command(fleet, mark, gateway)
         assert not fleet.mailboxes.tagged(tag), "nothing may arrive in clear text"
     finally:
         lab_dns.set_zone(TLS_DOMAIN, partner_zone(TLS_DOMAIN))
@@ -186,6 +203,7 @@ def test_forced_tls_reject_bounces_with_ndr_and_never_goes_in_clear(fleet: Fleet
     gateway = fleet.gateways["otc-de-mta02"]
     tag = mail.new_tag("reject")
     sender, rcpt = f"{tag}@{CUSTOMER_B}", f"{tag}@{PLAIN_DOMAIN}"
+    mark = maillog_mark(fleet, "mx-plain")
     sent = fleet.send(gateway, "ham", tag, sender, rcpt)
     if not sent.accepted:  # an earlier run's failure is still remembered: refused at RCPT
         assert sent.said("550 5.7.10"), sent.transcript
@@ -193,9 +211,21 @@ def test_forced_tls_reject_bounces_with_ndr_and_never_goes_in_clear(fleet: Fleet
         ndr = ndr_for(fleet, sender)
         text = ndr.read().decode(errors="replace")
         assert "5.7.10" in text, text[:2000]
+        assert_no_mail_command(fleet, mark, gateway)
         again = fleet.send(gateway, "ham", mail.new_tag("reject2"), sender, rcpt)
         assert again.said("550 5.7.10"), again.transcript
     assert not fleet.mailboxes.tagged(tag), "nothing may arrive in clear text"
+
+
+def assert_no_mail_command(fleet: Fleet, mark: int, gateway: Gateway) -> None:
+    """The gateway connected to the far end without TLS and said EHLO, then nothing: not
+    even the envelope (MAIL FROM) went in clear text."""
+    sessions = wait_for(
+        f"{gateway.name}'s session at mx-plain",
+        lambda: sessions_since(fleet, "mx-plain", mark, gateway.address),
+        30,
+    )
+    assert all(" mail=" not in line for line in sessions), sessions
 
 
 # --- DKIM -----------------------------------------------------------------------------------
