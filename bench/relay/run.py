@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("needs root (Postfix queue directories belong to the postfix user)", file=sys.stderr)
         return 2
-    base = Path(tempfile.mkdtemp(prefix="smg-bench-relay-", dir=args.workdir))
+    base = Path(tempfile.mkdtemp(prefix="relaybench-", dir=args.workdir))
     base.chmod(0o755)
     knot = KnotDNS(zones=ZONES, address=DNS_IP)
     results: list[Result] = []
