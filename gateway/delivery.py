@@ -434,6 +434,7 @@ class Delivery:
         self._cooldown: dict[str, float] = {}  # ids whose result could not be recorded
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()  # the workers' queue is short again (see _poll_loop)
         self._contexts: dict[tuple[str, str], ssl.SSLContext] = {}
         self._route_cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
         self.attempts = 0
@@ -475,28 +476,42 @@ class Delivery:
     async def _poll_loop(self) -> None:
         interval = max(0.05, self.config.delivery.scan_interval)
         while True:
+            backlog = False
             with contextlib.suppress(Exception):
-                await self._poll_once()
+                backlog = await self._poll_once()
+            if backlog:
+                # More is due than one search returned (a restart with a full queue, a flush):
+                # search again as soon as the workers have room, not a whole interval later.
+                await self._room.wait()
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
 
-    async def _poll_once(self) -> None:
+    async def _poll_once(self) -> bool:
+        """Queue due messages for the workers; True if there may be more due right now."""
         if self._queue.qsize() >= self.concurrency:
-            return  # the workers have enough to do; keeps the poll cheap under load
+            return False  # the workers have enough to do; keeps the poll cheap under load
+        limit = len(self._known) + 2 * self.concurrency
         try:
-            due = await self.spool.due(len(self._known) + 2 * self.concurrency, self.clock())
+            due = await self.spool.due(limit, self.clock())
         except SpoolUnavailable as exc:
             log.warning("spool poll failed: %s", exc)
-            return
+            return False
         now = self.clock()
         for queue_id, until in list(self._cooldown.items()):
             if until <= now:
                 del self._cooldown[queue_id]
+        added = 0
         for queue_id in due:
             if queue_id not in self._known and queue_id not in self._cooldown:
                 self._known.add(queue_id)
                 self._queue.put_nowait(_Work(queue_id, None))
+                added += 1
+        if len(due) >= limit and added:
+            self._room.clear()
+            return True
+        return False
 
     async def _reap_loop(self) -> None:
         while True:
@@ -506,6 +521,8 @@ class Delivery:
 
     async def _worker(self) -> None:
         while True:
+            if self._queue.qsize() < self.concurrency:
+                self._room.set()  # the poll may search again
             work = await self._queue.get()
             try:
                 await self._process(work)

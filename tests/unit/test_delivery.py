@@ -618,3 +618,21 @@ def _with_bad_gateways(config: Config, gateways: list[str]) -> Config:
         config.routing, bad_gateways=[(g.split(":")[0], int(g.split(":")[1])) for g in gateways]
     )
     return dataclasses.replace(config, routing=routing)
+
+
+async def test_a_backlog_drains_without_waiting_for_the_next_scan(tmp_path: Path, far) -> None:
+    """After a restart with many messages due, delivery searches again as soon as its workers
+    have room, not one batch per scan_interval."""
+    port, (mx, _) = far
+    spool = await Spool.open(tmp_path / "spool")
+    for _ in range(120):
+        await spool.enqueue("a@customer.test", ["b@far.test"], message())
+    await spool.close()
+    relay = Relay(tmp_path, port, delivery={"concurrency": 4, "scan_interval": "30s"})
+    relay.resolver.route("far.test", ("mx1.far.test", "127.0.21.2"))
+    await relay.start()
+    try:
+        # One batch per scan would be 8 messages per 30 s here.
+        await wait_until(lambda: len(mx.received) >= 120, timeout=15)
+    finally:
+        await relay.stop()
