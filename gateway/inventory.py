@@ -1025,6 +1025,7 @@ def _in_settings(settings: Any, key: str) -> bool:
 _FLEETS: dict[str, Fleet] = {}
 _CHECK_KEYS: contextvars.ContextVar[bool] = contextvars.ContextVar("check_keys", default=True)
 _SKIP: contextvars.ContextVar[bool] = contextvars.ContextVar("skip", default=False)
+_TOOL: contextvars.ContextVar[bool] = contextvars.ContextVar("tool", default=False)
 
 
 def validate_inventory(inventory_file: str | Path, namespace: Mapping[str, Any]) -> Fleet:
@@ -1048,7 +1049,15 @@ def validate_inventory(inventory_file: str | Path, namespace: Mapping[str, Any])
         _check_tls_files(checker, gateway)
     configs = _check_relay_configs(checker, gateways) if not checker.problems else {}
     if checker.problems:
-        raise InventoryError(checker.problems)
+        error = InventoryError(checker.problems)
+        if _TOOL.get():
+            raise error
+        # Loaded by pyinfra: the problems are the message, a traceback would only hide them.
+        print(
+            f"\n{error.render()}\n\nNothing was touched: fix the inventory and run again.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
     fleet = Fleet(raw.file, tuple(gateways), configs)
     _FLEETS[str(path.resolve())] = fleet
     return fleet
@@ -1088,7 +1097,11 @@ def load_inventory(inventory_file: str | Path, *, check_keys: bool = True) -> Fl
             exec(code, namespace)
         finally:
             _SKIP.reset(skip_token)
-        return validate_inventory(path, namespace)
+        tool_token = _TOOL.set(True)
+        try:
+            return validate_inventory(path, namespace)
+        finally:
+            _TOOL.reset(tool_token)
     finally:
         _CHECK_KEYS.reset(check_token)
 
