@@ -122,6 +122,13 @@ class Gateway:
     def main_pid(self, unit: str = RELAY_UNIT) -> int:
         return int(self.check(f"systemctl show -p MainPID --value {unit}").strip() or 0)
 
+    def listening(self, port: int = 25) -> bool:
+        """The relay listens on the host's public address (seen on the host: for the bad
+        gateway, which takes no SMTP from the customer host). ``active`` is not enough:
+        systemd calls smg active when it starts, seconds before it listens."""
+        out = self.run(f"ss -Hltn 'sport = :{port}'").stdout
+        return f"{self.address}:{port}" in out
+
     def smtp_ready(self, netns: str) -> bool:
         return banner_from(netns, self.address, timeout=3).startswith("220")
 

@@ -270,7 +270,7 @@ def test_bad_gateway_down_spam_waits_on_the_good_gateways(fleet: Fleet) -> None:
         assert not any(fleet.mailboxes.tagged(t) for t in spam), "no spam from a good IP"
     finally:
         bad.systemctl("start", "smg.service")
-    bad.wait_active("smg.service", 30)
+    wait_for("the bad gateway to listen", bad.listening, 60, 0.5)
     flushed = time.monotonic()
     good.flush()
     assert_delivered(fleet, spam, {bad.address})
