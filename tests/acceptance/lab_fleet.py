@@ -135,18 +135,6 @@ class Gateway:
     def wait_active(self, unit: str, timeout: float = 60) -> None:
         wait_for(f"{unit} active on {self.name}", lambda: self.is_active(unit), timeout, 1)
 
-    def reload_relay(self, timeout: float = 30) -> None:
-        """``systemctl reload smg`` (SIGHUP), then wait for the relay's ``reloaded`` line: new
-        sessions use a fresh configuration and DNS cache."""
-        since = self.check("date +%s").strip()
-        self.systemctl("reload", RELAY_UNIT)
-
-        def reloaded() -> bool:
-            out = self.run(f"journalctl -u {RELAY_UNIT} --since @{since} -o cat --no-pager")
-            return ": reloaded config=" in out.stdout
-
-        wait_for(f"the relay on {self.name} to reload", reloaded, timeout, 0.5)
-
     def journal(self, unit: str = RELAY_UNIT, lines: int = 40) -> str:
         text = self.run(f"journalctl -u {unit} -n {lines * 2} --no-pager -o cat").stdout
         # systemd in a container without its own cgroup tree repeats these: noise here.

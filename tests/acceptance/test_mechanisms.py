@@ -9,7 +9,10 @@ docs/acceptance.md maps each sentence of the service description to these tests.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,8 +22,8 @@ from bench.fleet.arrivals import Arrival
 from bench.fleet.smtp import banner_from
 from lab import dns as lab_dns
 from lab import farend as lab_farend
-from lab.zones import partner_zone
-from tests.acceptance.lab_fleet import Fleet, Gateway, wait_for
+from lab.config import host_by_name
+from tests.acceptance.lab_fleet import Fleet, Gateway, lab_locked, wait_for
 from tests.integration.test_dkim import mail_dkim_verify, opendkim_verify
 
 pytestmark = pytest.mark.lab
@@ -167,15 +170,13 @@ def test_sender_domain_with_only_an_a_record_is_accepted(fleet: Fleet) -> None:
 
 def test_forced_tls_hold_waits_for_tls_and_never_goes_in_clear(fleet: Fleet) -> None:
     """Rule customer-a.example -> partner-tls.example: verify, on failure hold (lab inventory).
-    The partner's MX is moved to the far end without STARTTLS: held, nothing in clear; the MX
-    gets TLS back, the operator releases the message: delivered, TLS verified."""
+    The partner's server loses STARTTLS: the message is held, nothing goes in clear; the
+    server gets TLS back, the operator releases the message: delivered, TLS verified."""
     gateway = fleet.gateways["otc-de-mta01"]
     tag = mail.new_tag("hold")
     sender, rcpt = f"alice@{CUSTOMER_A}", f"{tag}@{TLS_DOMAIN}"
-    mark = maillog_mark(fleet, "mx-plain")
-    lab_dns.set_zone(TLS_DOMAIN, "$TTL 2\n@ MX 10 mx.partner-plain.example.\nmx A 198.51.100.20\n")
-    try:
-        gateway.reload_relay()  # drop the MX answer cached before the change
+    with far_end_without_tls("mx-tls"):
+        mark = maillog_mark(fleet, "mx-tls")
         sent = fleet.send(gateway, "ham", tag, sender, rcpt)
         assert sent.accepted, sent.transcript
         held = wait_for(
@@ -184,16 +185,36 @@ def test_forced_tls_hold_waits_for_tls_and_never_goes_in_clear(fleet: Fleet) -> 
             60,
         )
         assert held[0]["hold_reason"] == "tls", held
-        assert_no_mail_command(fleet, mark, gateway)
+        assert_no_mail_command(fleet, "mx-tls", mark, gateway)
         assert not fleet.mailboxes.tagged(tag), "nothing may arrive in clear text"
-    finally:
-        lab_dns.set_zone(TLS_DOMAIN, partner_zone(TLS_DOMAIN))
-    time.sleep(3)  # the TTL-2 answer expires
     gateway.release(held[0]["id"])
     copy = only_copy(fleet, tag)
     assert copy.server == "mx-tls" and copy.tls_protocol in ("TLSv1.2", "TLSv1.3")
     assert copy.client_address == gateway.address
     wait_for("the queue entry to go", lambda: not gateway.queued_for(rcpt), 30)
+
+
+@contextmanager
+def far_end_without_tls(name: str) -> Iterator[None]:
+    """The far end's Postfix restarted without STARTTLS (``smtpd_tls_security_level = none``),
+    and with it again (``may``) afterwards. A restart, not a reload, so that no session the
+    gateways keep open from before goes on with TLS. Holds the lab's lock meanwhile."""
+    host = host_by_name(name)
+
+    def restart_with(level: str) -> None:
+        lab_farend.stop(host)
+        setting = f"smtpd_tls_security_level = {level}"
+        postconf = ["postconf", "-c", str(lab_farend.config_dir(host)), "-e", setting]
+        subprocess.run(postconf, check=True, timeout=30)
+        lab_farend.start(host)
+        lab_farend.wait_ready(host)
+
+    with lab_locked():
+        restart_with("none")
+        try:
+            yield
+        finally:
+            restart_with("may")
 
 
 def test_forced_tls_reject_bounces_with_ndr_and_never_goes_in_clear(fleet: Fleet) -> None:
@@ -211,18 +232,18 @@ def test_forced_tls_reject_bounces_with_ndr_and_never_goes_in_clear(fleet: Fleet
         ndr = ndr_for(fleet, sender)
         text = ndr.read().decode(errors="replace")
         assert "5.7.10" in text, text[:2000]
-        assert_no_mail_command(fleet, mark, gateway)
+        assert_no_mail_command(fleet, "mx-plain", mark, gateway)
         again = fleet.send(gateway, "ham", mail.new_tag("reject2"), sender, rcpt)
         assert again.said("550 5.7.10"), again.transcript
     assert not fleet.mailboxes.tagged(tag), "nothing may arrive in clear text"
 
 
-def assert_no_mail_command(fleet: Fleet, mark: int, gateway: Gateway) -> None:
+def assert_no_mail_command(fleet: Fleet, far_end: str, mark: int, gateway: Gateway) -> None:
     """The gateway connected to the far end without TLS and said EHLO, then nothing: not
     even the envelope (MAIL FROM) went in clear text."""
     sessions = wait_for(
-        f"{gateway.name}'s session at mx-plain",
-        lambda: sessions_since(fleet, "mx-plain", mark, gateway.address),
+        f"{gateway.name}'s session at {far_end}",
+        lambda: sessions_since(fleet, far_end, mark, gateway.address),
         30,
     )
     assert all(" mail=" not in line for line in sessions), sessions
