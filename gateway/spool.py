@@ -581,6 +581,21 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
     return p / DB_NAME
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` for the block (no lock if the file cannot be made)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 # --- the writer thread ------------------------------------------------------------------------
 
 Operation = Callable[[sqlite3.Connection], Any]
@@ -766,14 +781,17 @@ class Spool:
     def _open_sync(cls, db_path: Path, busy_timeout: float) -> Spool:
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            conn = connect(db_path, busy_timeout)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                create_schema(conn)
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
-            reader = connect(db_path, busy_timeout)
+            # Several workers start at once: switching a new database to WAL takes a lock that
+            # SQLite does not wait for, so they take turns on the lock file here.
+            with _file_lock(db_path.with_suffix(".lock")):
+                conn = connect(db_path, busy_timeout)
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    create_schema(conn)
+                    conn.execute("COMMIT")
+                finally:
+                    conn.close()
+                reader = connect(db_path, busy_timeout)
         except (sqlite3.Error, OSError) as exc:
             raise SpoolUnavailable(f"cannot open spool {db_path}: {exc}") from exc
         writer = _Writer(db_path, busy_timeout)

@@ -149,7 +149,12 @@ class SmgServe:
             [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config)],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
         )  # fmt: skip
-        wait_for(lambda: tcp_connectable(SMG_IP, self.port), 30, what="smg serve")
+        try:
+            wait_for(lambda: tcp_connectable(SMG_IP, self.port), 30, what="smg serve")
+        except TimeoutError:
+            self.stop()
+            log = (workdir / "smg.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"smg serve did not come up:\n{log}") from None
 
     @property
     def endpoint(self) -> str:

@@ -286,3 +286,29 @@ async def test_a_complete_attempt_removes_the_message_unless_deleted(spool: Spoo
         admin.delete(deleted)
     gone = await spool.finish_attempt(AttemptResult(deleted, final, ndr=ndr, complete=True))
     assert gone.state == "gone" and gone.ndr_id is None  # deleted by the operator: no NDR
+
+
+def test_several_processes_open_a_new_spool_at_once(tmp_path: Path) -> None:
+    """gateway.workers start together: none may fail on the new database's WAL switch."""
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, sys\n"
+        "from gateway.spool import Spool\n"
+        "async def main():\n"
+        "    spool = await Spool.open(sys.argv[1])\n"
+        "    await spool.enqueue('a@x.org', ['b@y.org'], b'x')\n"
+        "    await spool.close()\n"
+        "asyncio.run(main())\n"
+    )
+    for attempt in range(4):
+        path = tmp_path / f"spool{attempt}"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script, str(path)], stderr=subprocess.PIPE)
+            for _ in range(4)
+        ]
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, errors
+        with SpoolAdmin(path) as admin:
+            assert len(admin.list()) == 4
