@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,3 @@ _ENV = jinja2.Environment(
 def render(template: str, **values: Any) -> str:
     """``template`` is relative to templates/, e.g. ``relay/smg.service.j2``."""
     return _ENV.get_template(template).render(managed_note=MANAGED_NOTE, **values)
-
-
-def text_io(text: str) -> StringIO:
-    """A file-like source for ``files.put``: pyinfra compares its SHA-1 with the host's file."""
-    return StringIO(text)
