@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -276,6 +277,8 @@ def summarise(
 
     return {
         "plan": {k: v for k, v in asdict(plan).items() if k != "recipients"},
+        # The machine is shared: the figures only mean something next to its load.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "sent": len(jobs),
         "results": dict(Counter(j.result for j in jobs)),
         "by_kind": {
@@ -455,6 +458,7 @@ def format_summary(s: dict[str, Any]) -> str:
             f"250 latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  "
             f"max {lat['max']}",
             f"checks: {checks}",
+            f"load average at the end: {s['load_average']}",
         ]
     )
 
