@@ -12,10 +12,10 @@ CONNECTIONS ?= 16
 .PHONY: help test lab-up deploy infra acceptance faults load lab-down ci
 
 help:
-	@echo "make test        unit + integration tests (real daemons on loopback)"
+	@echo "make test        unit + integration tests (real daemons on loopback, no lab)"
 	@echo "make lab-up      python -m lab up: the lab fleet on this machine (root)"
 	@echo "make deploy      DKIM keys if missing, then pyinfra inventories/lab.py deploy.py -y"
-	@echo "make infra       pytest tests/infra (testinfra against the lab hosts)"
+	@echo "make infra       pytest tests/infra (testinfra) + the lab tests of tests/integration"
 	@echo "make acceptance  pytest tests/acceptance (mechanisms, bad input, load, faults)"
 	@echo "make faults      only the fault tests of the acceptance suite"
 	@echo "make load        bench/fleet: MESSAGES=$(MESSAGES) mixed messages through the fleet"
@@ -23,7 +23,7 @@ help:
 	@echo "make ci          bash .ci/run (everything, as CI runs it)"
 
 test:
-	$(PYTEST) -ra tests/unit tests/integration
+	$(PYTEST) -ra -m "not lab" tests/unit tests/integration
 
 lab-up:
 	$(PY) -m lab up
@@ -34,6 +34,7 @@ deploy:
 
 infra:
 	$(PYTEST) -ra tests/infra
+	$(PYTEST) -ra -m lab tests/integration
 
 acceptance:
 	$(PYTEST) -ra tests/acceptance
