@@ -69,10 +69,12 @@ def _proc_table() -> dict[int, tuple[int, float, int]]:
     return table
 
 
-def tree(root: int) -> tuple[float, int]:
-    """CPU seconds and RSS bytes of ``root`` and its live descendants."""
+def tree(root: int, pss: bool = False) -> tuple[float, int, int]:
+    """CPU seconds, RSS bytes and (if asked) PSS bytes of ``root`` and its live descendants.
+    PSS shares each shared page among the processes mapping it: the fair sum for a
+    multi-process MTA, where RSS counts the same library pages in every process."""
     table = _proc_table()
-    cpu = rss = 0
+    cpu = rss = proportional = 0
     todo, seen = [root], set()
     while todo:
         pid = todo.pop()
@@ -81,27 +83,45 @@ def tree(root: int) -> tuple[float, int]:
         seen.add(pid)
         cpu += table[pid][1]
         rss += table[pid][2]
+        if pss:
+            proportional += _pss(pid)
         todo += [child for child, (ppid, _, _) in table.items() if ppid == pid]
-    return cpu, rss
+    return cpu, rss, proportional
+
+
+def _pss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 class RssSampler(threading.Thread):
-    """The peak of the tree's summed RSS, sampled every 0.2 s."""
+    """The peaks of the tree's summed RSS and PSS, sampled every 0.2 s."""
 
     def __init__(self, root: int) -> None:
         super().__init__(daemon=True)
         self.root = root
-        self.peak = 0
+        self.peak_rss = self.peak_pss = 0
         self._halt = threading.Event()
+
+    def _sample(self) -> None:
+        _, rss, pss = tree(self.root, pss=True)
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_pss = max(self.peak_pss, pss)
 
     def run(self) -> None:
         while not self._halt.wait(0.2):
-            self.peak = max(self.peak, tree(self.root)[1])
+            self._sample()
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
         self._halt.set()
         self.join(5)
-        return max(self.peak, tree(self.root)[1])
+        self._sample()
+        return self.peak_rss, self.peak_pss
 
 
 # --- the pieces ------------------------------------------------------------------------------
@@ -204,6 +224,7 @@ class Result:
     p99_ms: float
     cpu_ms: float
     peak_rss_mb: float
+    peak_pss_mb: float
     failures: list[str]
 
 
@@ -228,7 +249,7 @@ def measure(name: str, endpoint: str, sink: Sink, root_pid: int, args, seed: int
     wait_for(lambda: sink.read()[0] >= expected, 600, interval=0.05, what=f"{name} at the sink")
     last = sink.read()[2]
     cpu = tree(root_pid)[0] - cpu_before
-    peak = sampler.stop()
+    peak_rss, peak_pss = sampler.stop()
     sent = max(1, load["sent"])
     return Result(
         stack=name,
@@ -239,7 +260,8 @@ def measure(name: str, endpoint: str, sink: Sink, root_pid: int, args, seed: int
         p50_ms=load["p50_ms"],
         p99_ms=load["p99_ms"],
         cpu_ms=1000 * cpu / sent,
-        peak_rss_mb=peak / 2**20,
+        peak_rss_mb=peak_rss / 2**20,
+        peak_pss_mb=peak_pss / 2**20,
         failures=load["failures"],
     )
 
@@ -275,14 +297,14 @@ def run_postfix(base: Path, args: argparse.Namespace, seed: int) -> Result:
 def table(results: list[Result]) -> str:
     head = (
         f"{'stack':<10} {'msgs':>6} {'fail':>4} {'msg/s e2e':>10} {'accept/s':>9} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'CPU ms/msg':>10} {'peak RSS MB':>11}"
+        f"{'p50 ms':>7} {'p99 ms':>7} {'CPU ms/msg':>10} {'peak RSS MB':>11} {'peak PSS MB':>11}"
     )
     rows = [head, "-" * len(head)]
     for r in results:
         rows.append(
             f"{r.stack:<10} {r.messages:>6} {r.failed:>4} {r.msg_per_s:>10.0f} "
             f"{r.accept_msg_per_s:>9.0f} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {r.cpu_ms:>10.2f} "
-            f"{r.peak_rss_mb:>11.1f}"
+            f"{r.peak_rss_mb:>11.1f} {r.peak_pss_mb:>11.1f}"
         )
     return "\n".join(rows)
 
