@@ -11,6 +11,8 @@ delete made during a delivery attempt wins over the attempt's result.
     smg queue hold ID           keep ID in the queue until released
     smg queue release ID        make a held ID due now
     smg queue delete ID         remove ID from the queue (no NDR)
+    smg queue check             SQLite's integrity check of the spool (prints "ok")
+    smg queue backup FILE       a consistent copy of the spool, also while the relay writes
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sqlite3
 import sys
+from pathlib import Path
 from typing import Any
 
 from gateway.config import ConfigError, load_config
@@ -48,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     action("hold", "keep a message until released", _hold, with_id=True)
     action("release", "make a held message due now", _release, with_id=True)
     action("delete", "remove a message from the queue (no NDR)", _delete, with_id=True)
+    action("check", "SQLite's integrity check of the spool database", _check)
+    backup = action("backup", "copy the spool database consistently to FILE", _backup)
+    backup.add_argument("file", metavar="FILE", help="where the copy goes (must not exist)")
 
 
 # --- plumbing ---------------------------------------------------------------------------------
@@ -218,6 +225,32 @@ def _release(args: argparse.Namespace) -> int:
         if not admin.release(args.queue_id):
             return _fail(f"{args.queue_id} is not held (it is {state})")
         print(f"{args.queue_id}: released, due now")
+        return 0
+
+    return _run(args, body)
+
+
+def _check(args: argparse.Namespace) -> int:
+    def body(admin: SpoolAdmin) -> int:
+        problems = [row[0] for row in admin.conn.execute("PRAGMA integrity_check")]
+        print("\n".join(problems))
+        return 0 if problems == ["ok"] else 1
+
+    return _run(args, body)
+
+
+def _backup(args: argparse.Namespace) -> int:
+    target = Path(args.file)
+    if target.exists():
+        return _fail(f"{target} exists; give a new file name")
+
+    def body(admin: SpoolAdmin) -> int:
+        copy = sqlite3.connect(target)
+        try:
+            admin.conn.backup(copy)  # page by page, a consistent snapshot
+        finally:
+            copy.close()
+        print(f"{admin.path} copied to {target} ({target.stat().st_size} bytes)")
         return 0
 
     return _run(args, body)

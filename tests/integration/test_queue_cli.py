@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.spool import SpoolAdmin
 from tests.conftest import require_binaries
 from tests.harness import KnotDNS, free_port, wait_for
 from tests.harness.postfix import PostfixFarEnd
@@ -158,3 +159,17 @@ def test_unknown_ids_and_bad_config(relay: SmgRelay, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert bad.returncode == 1 and "missing.toml" in bad.stderr
+
+
+def test_check_and_backup_on_a_live_relay(relay: SmgRelay, tmp_path: Path) -> None:
+    queue_id = send(relay, "operator-3")
+    wait_for(lambda: attempts(relay, queue_id) >= 1, 15, what="the first attempt")
+    check = smg_queue(relay, "check")
+    assert check.returncode == 0 and check.stdout.strip() == "ok"
+    copy = tmp_path / "copy.sqlite"
+    assert smg_queue(relay, "backup", str(copy)).returncode == 0
+    with SpoolAdmin(copy) as admin:  # the copy is a whole spool, readable on its own
+        assert queue_id in {m.id for m in admin.list()}
+    again = smg_queue(relay, "backup", str(copy))
+    assert again.returncode == 1 and "exists" in again.stderr
+    assert smg_queue(relay, "delete", queue_id).returncode == 0
