@@ -420,7 +420,7 @@ class Delivery:
         metrics: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
+        self._config = config
         self.spool = spool
         self.resolver = resolver
         self.tls_policy = tls_policy
@@ -464,6 +464,20 @@ class Delivery:
     @property
     def in_progress(self) -> int:
         return len(self._known)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload (SIGHUP): new settings for the next attempts; TLS contexts (CA bundles may
+        have changed) and remembered routes are built again; idle sessions are kept.
+        ``delivery.concurrency`` and the pool's limits change with a restart only."""
+        self._config = config
+        self._contexts.clear()
+        self._route_cache.clear()
+        self.pool.reuse = config.delivery.connection_reuse
 
     # -- scheduling -----------------------------------------------------------------------
 
