@@ -589,7 +589,10 @@ class Delivery:
 
     async def _process(self, work: _Work) -> None:
         message = await self._claim(work)
-        if message is None or not message.pending:
+        if message is None:
+            return
+        if not message.pending:  # nothing left to do (should not happen): do not keep it active
+            await self._record(AttemptResult(message.id, [], complete=True))
             return
         started = time.monotonic()
         outcomes = await self.attempt(message)
