@@ -851,7 +851,11 @@ class Delivery:
             chunk = rcpts[start : start + RCPTS_PER_TRANSACTION]
             try:
                 outcomes += await self._transaction(session, message, chunk, payload)
-            except _Lost as lost:
+            except (Exception, asyncio.CancelledError) as exc:
+                if not isinstance(exc, _Lost):  # a bug or a stop: never reuse this session
+                    _close_quietly(session)
+                    raise
+                lost = exc
                 _close_quietly(session)
                 if not outcomes and not lost.during_data:
                     if session.transactions > 0 or session.last_used > 0:
