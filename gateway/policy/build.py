@@ -39,6 +39,4 @@ def build_chain(config: Config, services: Services) -> Chain:
         services.rspamd = services.rspamd or RspamdClient.from_config(config.spam)
         rules.append(SpamRule(services.rspamd, config.spam))
     rules.append(RouteRule(config.gateway.role))
-    # Each feature appends its rules here, e.g.:
-    #   rules.append(SenderDomainRule(services.resolver, config.dns))
     return Chain(rules)
