@@ -125,7 +125,6 @@ class Relay:
                 config, spool, self.services.resolver, self.services.tls_policy,
                 metrics=self.metrics,
             )  # fmt: skip
-            self.services.extras["delivery"] = self.delivery
             await self.delivery.start()
         self.intake = Intake(self.services, runtime)
         try:
@@ -196,7 +195,6 @@ class Relay:
         except Exception as exc:  # the new certificate or a DKIM key is unusable
             event(log, "reload_failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
             return False
-        services.extras = self.services.extras
         self.config, self.services = config, services
         self.intake.services = services
         self.intake.reload(runtime)
