@@ -11,7 +11,7 @@ from .proxy import StartTLSStripProxy
 from .rspamd import GTUBE, Rspamd
 from .sink import SinkMessage, SmtpSink
 from .swaks import SwaksResult, swaks
-from .util import DaemonStartError, HarnessError, free_port, wait_for
+from .util import DaemonStartError, HarnessError, common_port, free_port, wait_for
 
 __all__ = [
     "EICAR",
@@ -33,6 +33,7 @@ __all__ = [
     "StartTLSStripProxy",
     "SwaksResult",
     "TestCA",
+    "common_port",
     "free_port",
     "swaks",
     "wait_for",

@@ -1,6 +1,7 @@
 """Small building blocks shared by every daemon of the test harness.
 
 - `free_port(addr)`: a port that was free on `addr` a moment ago (bind port 0, close).
+- `common_port(*ips)`: one TCP port free on several addresses (far ends sharing an MX port).
 - `wait_for(predicate, timeout)`: bounded polling, raises `TimeoutError` with a description.
 - `Daemon`: base class for a daemon the harness starts by hand in its own temp dir: start()
   writes the config, spawns the process, waits (bounded) for readiness and raises
@@ -54,6 +55,22 @@ def free_port(addr: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
         if _udp_and_tcp_free(addr, port):
             return port
     raise HarnessError(f"no free port found on {addr} after 50 tries")
+
+
+def common_port(*ips: str) -> int:
+    """A TCP port free on every one of `ips`: `delivery.port` is one port for every MX."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((ips[0], 0))
+            port = probe.getsockname()[1]
+        try:
+            for ip in ips:
+                with socket.socket() as other:
+                    other.bind((ip, port))
+            return port
+        except OSError:
+            continue
+    raise HarnessError(f"no common free port on {', '.join(ips)} after 50 tries")
 
 
 def _udp_and_tcp_free(addr: str, port: int) -> bool:

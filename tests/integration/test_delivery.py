@@ -14,14 +14,13 @@ The relay sends from 127.0.22.5.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require_binaries
-from tests.harness import KnotDNS, wait_for
+from tests.harness import KnotDNS, common_port, wait_for
 from tests.harness.postfix import PostfixFarEnd, ReceivedMessage
 from tests.harness.swaks import swaks
 from tests.integration.smg_relay import SmgRelay, base_config
@@ -45,22 +44,6 @@ nullmx          MX 0 .
 """
 SENDER = f"alice@customer.{ZONE}"
 HOSTNAME = "gw.smg-test.example"
-
-
-def common_port(*ips: str) -> int:
-    """A port free on all ``ips``: ``delivery.port`` is one port for every MX."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((ips[0], 0))
-            port = probe.getsockname()[1]
-        try:
-            for ip in ips:
-                with socket.socket() as other:
-                    other.bind((ip, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no common free port")
 
 
 def mail(subject: str, mid: str, to: str) -> str:

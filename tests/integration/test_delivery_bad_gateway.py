@@ -10,14 +10,13 @@ Addresses: good gateway sends from 127.0.26.5, bad gateway listens on 127.0.26.2
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import require_binaries
-from tests.harness import KnotDNS, TestCA, free_port, wait_for
+from tests.harness import KnotDNS, TestCA, common_port, free_port, wait_for
 from tests.harness.postfix import PostfixFarEnd
 from tests.harness.rspamd import GTUBE, Rspamd
 from tests.harness.swaks import swaks
@@ -35,21 +34,6 @@ bad          A 127.0.26.20
 """
 SENDER = f"alice@customer.{ZONE}"
 GOOD_SOURCE, BAD_LISTEN, BAD_SOURCE = "127.0.26.5", "127.0.26.20", "127.0.26.21"
-
-
-def common_port(*ips: str) -> int:
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((ips[0], 0))
-            port = probe.getsockname()[1]
-        try:
-            for ip in ips:
-                with socket.socket() as other:
-                    other.bind((ip, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no common free port")
 
 
 def spam(mid: str, to: str) -> str:

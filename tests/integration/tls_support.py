@@ -7,12 +7,11 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.harness import wait_for
+from tests.harness import common_port, wait_for
 from tests.harness.postfix import PostfixFarEnd, ReceivedMessage
 from tests.harness.swaks import swaks
 from tests.integration.smg_relay import SMG, SmgRelay, to_toml
@@ -28,22 +27,6 @@ __all__ = [
     "smg",
     "with_mid",
 ]
-
-
-def common_port(*ips: str) -> int:
-    """A port free on all ``ips``: ``delivery.port`` is one port for every MX."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((ips[0], 0))
-            port = probe.getsockname()[1]
-        try:
-            for ip in ips:
-                with socket.socket() as other:
-                    other.bind((ip, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no common free port")
 
 
 def rules_toml(rules: list[dict[str, str]]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from gateway.dns import DnsResult, MailHost, MailHosts
 from gateway.log import TextFormatter
 from gateway.spool import Spool, SpoolAdmin
 from gateway.tls_policy import TlsPolicy
-from tests.harness import TestCA
+from tests.harness import TestCA, common_port
 
 SOURCE = "127.0.21.1"
 HOSTNAME = "gw1.example.net"
@@ -156,22 +155,6 @@ class FakeResolver:
             return DnsResult(host, "A+AAAA", "nxdomain", rcode="NXDOMAIN")
         records = [dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.A, ip) for ip in ips]
         return DnsResult(host, "A+AAAA", "ok", records, 300)
-
-
-def common_port(*ips: str) -> int:
-    """A TCP port free on every one of ``ips`` (delivery.port is one port for all MX)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((ips[0], 0))
-            port = probe.getsockname()[1]
-        try:
-            for ip in ips:
-                with socket.socket() as other:
-                    other.bind((ip, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no common free port")
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
