@@ -35,6 +35,7 @@ from tests.integration.tls_support import (
     queue_entry,
     send,
     smg,
+    started_far_ends,
     with_mid,
 )
 
@@ -108,20 +109,16 @@ def zone(knot_dns: KnotDNS) -> KnotDNS:
     return knot_dns
 
 
+def far_end_name(name: str) -> str:
+    """The far end behind the StartTLS-strip proxy answers with the proxy's MX name."""
+    return "mx.strip.tls.test" if name == "stripped" else f"mx.{name}.{ZONE}"
+
+
 @pytest.fixture(scope="module")
 def far(port: int, test_ca: TestCA) -> Iterator[dict[str, PostfixFarEnd]]:
     require_binaries("postfix", "swaks")
-    started: dict[str, PostfixFarEnd] = {}
-    try:
-        for name, (address, tls) in FAR_ENDS.items():
-            host = "mx.strip.tls.test" if name == "stripped" else f"mx.{name}.{ZONE}"
-            daemon = PostfixFarEnd(address, port, hostname=host, tls=tls, ca=test_ca)
-            started[name] = daemon
-            daemon.start()
+    with started_far_ends(FAR_ENDS, port, test_ca, far_end_name) as started:
         yield started
-    finally:
-        for daemon in started.values():
-            daemon.close()
 
 
 @pytest.fixture(scope="module")

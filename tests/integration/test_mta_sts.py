@@ -26,6 +26,7 @@ from tests.integration.tls_support import (
     mail_from_logged,
     queue_entry,
     send,
+    started_far_ends,
     with_mid,
 )
 
@@ -95,16 +96,8 @@ def https(test_ca: TestCA) -> Iterator[PolicyServer]:
 @pytest.fixture(scope="module")
 def far(port: int, test_ca: TestCA) -> Iterator[dict[str, PostfixFarEnd]]:
     require_binaries("postfix", "swaks")
-    started: dict[str, PostfixFarEnd] = {}
-    try:
-        for name, (address, tls) in FAR_ENDS.items():
-            daemon = PostfixFarEnd(address, port, hostname=f"mx.{name}.{ZONE}", tls=tls, ca=test_ca)
-            started[name] = daemon
-            daemon.start()
+    with started_far_ends(FAR_ENDS, port, test_ca, lambda name: f"mx.{name}.{ZONE}") as started:
         yield started
-    finally:
-        for daemon in started.values():
-            daemon.close()
 
 
 @pytest.fixture(scope="module")

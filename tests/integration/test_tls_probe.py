@@ -21,7 +21,13 @@ from tests.conftest import require_binaries
 from tests.harness import KnotDNS, TestCA
 from tests.harness.postfix import PostfixFarEnd
 from tests.integration.smg_relay import base_config
-from tests.integration.tls_support import PolicyServer, TlsRelay, common_port, smg
+from tests.integration.tls_support import (
+    PolicyServer,
+    TlsRelay,
+    common_port,
+    smg,
+    started_far_ends,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -65,16 +71,8 @@ def port() -> int:
 def far(port: int, test_ca: TestCA, knot_dns: KnotDNS) -> Iterator[dict[str, PostfixFarEnd]]:
     require_binaries("postfix")
     knot_dns.set_zone(ZONE, ZONE_TEXT)
-    started: dict[str, PostfixFarEnd] = {}
-    try:
-        for name, (address, tls) in FAR_ENDS.items():
-            daemon = PostfixFarEnd(address, port, hostname=f"{name}.{ZONE}", tls=tls, ca=test_ca)
-            started[name] = daemon
-            daemon.start()
+    with started_far_ends(FAR_ENDS, port, test_ca, lambda name: f"{name}.{ZONE}") as started:
         yield started
-    finally:
-        for daemon in started.values():
-            daemon.close()
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,19 @@
 
 - :class:`TlsRelay`: ``smg serve`` with ``[[tls_policy.rules]]`` written into its TOML.
 - :class:`PolicyServer`: re-exported from the unit tests (HTTPS on a 127.0.0.x address).
+- :func:`started_far_ends`: one Postfix far end per MX, started and closed together.
 - small helpers: a port free on several addresses, sending with swaks, waiting for states.
 """
 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.harness import common_port, wait_for
+from tests.harness import TestCA, common_port, wait_for
 from tests.harness.postfix import PostfixFarEnd, ReceivedMessage
 from tests.harness.swaks import swaks
 from tests.integration.smg_relay import SMG, SmgRelay, to_toml
@@ -25,8 +28,27 @@ __all__ = [
     "queue_entry",
     "send",
     "smg",
+    "started_far_ends",
     "with_mid",
 ]
+
+
+@contextmanager
+def started_far_ends(
+    far_ends: dict[str, tuple[str, str]], port: int, ca: TestCA, hostname: Callable[[str], str]
+) -> Iterator[dict[str, PostfixFarEnd]]:
+    """Start a Postfix far end for each ``name: (address, tls)`` of ``far_ends``, all on
+    ``port``, named ``hostname(name)``; close every one that was started when done."""
+    started: dict[str, PostfixFarEnd] = {}
+    try:
+        for name, (address, tls) in far_ends.items():
+            daemon = PostfixFarEnd(address, port, hostname=hostname(name), tls=tls, ca=ca)
+            started[name] = daemon
+            daemon.start()
+        yield started
+    finally:
+        for daemon in started.values():
+            daemon.close()
 
 
 def rules_toml(rules: list[dict[str, str]]) -> str:
