@@ -262,7 +262,7 @@ class DkimSigner:
         linesep = header_tools.line_end(data)
         include = self._include_headers(message_headers)
         body_hash = base64.b64encode(hashlib.sha256(canonical_body(body)).digest())
-        canonical = _POLICY.canonicalize_headers(message_headers)
+        canonical = canonical_headers(message_headers, include)
         timestamp = str(int(time.time()) if now is None else now).encode("ascii")
         return [_signature(key, include, canonical, body_hash, timestamp, linesep) for key in keys]
 
@@ -301,6 +301,28 @@ def canonical_body(body: bytes) -> bytes:
     if b"\t" in body or b"  " in body:
         body = compress_whitespace(body)
     return correct_empty_body(strip_trailing_lines(body))
+
+
+_WSP_RUN = re.compile(rb"[\t ]+")
+
+
+def canonical_headers(
+    message_headers: list[list[bytes]], include: Iterable[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """dkimpy's relaxed header canonicalization, of only the fields named in ``include``
+    (``dkim.select_headers`` picks from these by name, so the result is the same); with
+    str methods instead of two regex passes per field where they change nothing."""
+    wanted = set(include)
+    result = []
+    for name, value in message_headers:
+        lower = name.lower().rstrip()
+        if lower not in wanted:
+            continue
+        value = value.replace(b"\r\n", b"").replace(b"\n", b"")  # unfold: re "\r?\n"
+        if b"\t" in value or b"  " in value:
+            value = _WSP_RUN.sub(b" ", value)
+        result.append((lower, value.strip() + b"\r\n"))
+    return result
 
 
 def _signature(
