@@ -128,6 +128,14 @@ def server_said(transcript: str, reply: str) -> bool:
     return False
 
 
+def queued_as(transcript: str) -> str:
+    """The queue id from the relay's ``250 ... queued as ID`` reply in a swaks transcript."""
+    line = next(
+        x for x in transcript.splitlines() if "<-" in x and "250" in x and "queued" in x.lower()
+    )
+    return line.split()[-1]
+
+
 def message_ids(relay: SmgRelay) -> list[str]:
     """The Message-ID local parts of every queued message (sorted)."""
     ids = []

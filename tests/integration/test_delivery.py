@@ -23,7 +23,7 @@ from tests.conftest import require_binaries
 from tests.harness import KnotDNS, common_port, wait_for
 from tests.harness.postfix import PostfixFarEnd, ReceivedMessage
 from tests.harness.swaks import swaks
-from tests.integration.smg_relay import SmgRelay, base_config
+from tests.integration.smg_relay import SmgRelay, base_config, queued_as
 
 pytestmark = pytest.mark.integration
 
@@ -58,12 +58,7 @@ def send(relay: SmgRelay, to: str | list[str], subject: str, mid: str) -> str:
     rcpts = [to] if isinstance(to, str) else to
     result = swaks(relay.endpoint, to=rcpts, mail_from=SENDER, data=mail(subject, mid, rcpts[0]))
     assert result.ok, result.transcript
-    line = next(
-        x
-        for x in result.transcript.splitlines()
-        if "<-" in x and "250" in x and "queued" in x.lower()
-    )
-    return line.split()[-1]
+    return queued_as(result.transcript)
 
 
 def with_mid(messages: list[ReceivedMessage], mid: str) -> list[ReceivedMessage]:

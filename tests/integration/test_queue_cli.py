@@ -21,7 +21,7 @@ from tests.conftest import require_binaries
 from tests.harness import KnotDNS, free_port, wait_for
 from tests.harness.postfix import PostfixFarEnd
 from tests.harness.swaks import swaks
-from tests.integration.smg_relay import SMG, SmgRelay, base_config
+from tests.integration.smg_relay import SMG, SmgRelay, base_config, queued_as
 
 pytestmark = pytest.mark.integration
 
@@ -78,8 +78,7 @@ def send(relay: SmgRelay, subject: str) -> str:
     )
     result = swaks(relay.endpoint, to=f"bob@down.{ZONE}", mail_from=SENDER, data=data)
     assert result.ok, result.transcript
-    line = next(x for x in result.transcript.splitlines() if "<-" in x and "queued" in x.lower())
-    return line.split()[-1]
+    return queued_as(result.transcript)
 
 
 def attempts(relay: SmgRelay, queue_id: str) -> int:

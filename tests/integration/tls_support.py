@@ -17,7 +17,7 @@ from typing import Any
 from tests.harness import TestCA, common_port, wait_for
 from tests.harness.postfix import PostfixFarEnd, ReceivedMessage
 from tests.harness.swaks import swaks
-from tests.integration.smg_relay import SMG, SmgRelay, to_toml
+from tests.integration.smg_relay import SMG, SmgRelay, queued_as, to_toml
 from tests.unit.test_mta_sts import PolicyServer
 
 __all__ = [
@@ -83,12 +83,7 @@ def send(relay: SmgRelay, sender: str, to: str, mid: str) -> str:
     """Send one message with swaks; return the queue id from the 250 reply."""
     result = swaks(relay.endpoint, to=to, mail_from=sender, data=mail(sender, to, mid, mid))
     assert result.ok, result.transcript
-    line = next(
-        x
-        for x in result.transcript.splitlines()
-        if "<-" in x and "250" in x and "queued" in x.lower()
-    )
-    return line.split()[-1]
+    return queued_as(result.transcript)
 
 
 def with_mid(messages: list[ReceivedMessage], mid: str) -> list[ReceivedMessage]:
