@@ -204,3 +204,33 @@ async def test_sender_domain_rule(resolver: Resolver, mail_from: str, reply: str
         assert result.action is None, result
     else:
         assert str(result.reply).startswith(reply), result
+
+
+async def test_sender_verdict_reused_within_ttl_but_never_a_tempfail(resolver: Resolver) -> None:
+    now = [100.0]
+    rule = SenderDomainRule(resolver, clock=lambda: now[0])
+    calls: list[str] = []
+    real_addresses = resolver.addresses
+
+    async def counting(name: str):  # type: ignore[no-untyped-def]
+        calls.append(name)
+        return await real_addresses(name)
+
+    resolver.addresses = counting  # type: ignore[method-assign]
+    for _ in range(3):
+        ctx = MessageContext("127.0.0.1", mail_from="someone@mx-ok.test")
+        assert (await rule.evaluate(ctx)).action is None
+        assert ctx.facts["sender_domain"]["host"] == "mx.mx-ok.test"
+    assert calls == ["mx.mx-ok.test"]  # one check, reused
+    now[0] += 5.1  # past VERDICT_SECONDS (TTL 300): checked again
+    assert (
+        await rule.evaluate(MessageContext("127.0.0.1", mail_from="a@MX-OK.test"))
+    ).action is None
+    assert calls == ["mx.mx-ok.test"] * 2
+    for _ in range(2):  # a 550 is reused as well, a 451 never
+        result = await rule.evaluate(MessageContext("127.0.0.1", mail_from="a@nxdomain.test"))
+        assert str(result.reply).startswith("550 5.1.8")
+    for _ in range(2):
+        result = await rule.evaluate(MessageContext("127.0.0.1", mail_from="a@mx-servfail.test"))
+        assert str(result.reply).startswith("451 4.4.3")
+    assert calls.count("mx.broken.test") == 2

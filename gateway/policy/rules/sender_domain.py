@@ -13,6 +13,7 @@ domain and is accepted.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,10 @@ from gateway.dns import NXDOMAIN, TEMPFAIL, DnsResult, Resolver
 from gateway.policy.chain import Action, MessageContext, Reply, RuleResult, Stage
 
 MAX_MX_HOSTS = 10  # MX hosts looked at, in preference order (a domain needs one public one)
+# A verdict is reused for at most this long, and never longer than the smallest TTL of the
+# answers it came from: within that time the resolver's cache would give the same answers.
+VERDICT_SECONDS = 5.0
+MAX_CACHED_VERDICTS = 4096
 
 
 @dataclass
@@ -32,6 +37,7 @@ class SenderVerdict:
     reply: Reply | None
     summary: str
     details: dict[str, Any] = field(default_factory=dict)
+    ttl: int = 0  # the smallest TTL of the DNS answers the verdict rests on (0: unknown)
 
     @property
     def exit_code(self) -> int:
@@ -39,9 +45,9 @@ class SenderVerdict:
         return {None: 0, Action.REJECT: 1}.get(self.action, 2)
 
 
-def _reject(domain: str, why: str, details: dict[str, Any]) -> SenderVerdict:
+def _reject(domain: str, why: str, details: dict[str, Any], ttl: int = 0) -> SenderVerdict:
     reply = Reply(550, "5.1.8", f"Sender Domain must resolve ({domain}: {why})")
-    return SenderVerdict(domain, Action.REJECT, reply, why, details)
+    return SenderVerdict(domain, Action.REJECT, reply, why, details, ttl)
 
 
 def _tempfail(domain: str, why: str, details: dict[str, Any]) -> SenderVerdict:
@@ -60,29 +66,35 @@ async def check_sender_domain(resolver: Resolver, domain: str) -> SenderVerdict:
     hosts = await resolver.mail_hosts(domain)
     if hosts.status == TEMPFAIL:
         return _tempfail(domain, f"MX lookup: {hosts.rcode}", details)
+    ttl = hosts.ttl
     if hosts.status == NXDOMAIN:
-        return _reject(domain, "no such domain", details)
+        return _reject(domain, "no such domain", details, ttl)
     if hosts.null_mx:
-        return _reject(domain, "null MX, the domain takes no mail (RFC 7505)", details)
+        return _reject(domain, "null MX, the domain takes no mail (RFC 7505)", details, ttl)
     unsure: list[str] = []
     if not hosts.implicit:
         names = hosts.names[:MAX_MX_HOSTS]
         details["mx"] = names
-        results = await asyncio.gather(*(resolver.addresses(name) for name in names))
+        if len(names) == 1:  # the usual case: no gather, no extra task
+            results = [await resolver.addresses(names[0])]
+        else:
+            results = await asyncio.gather(*(resolver.addresses(name) for name in names))
         for name, result in zip(names, results, strict=True):
+            ttl = min(ttl, result.ttl)
             public = _public(resolver, result)
             if public:
                 details.update(via="mx", host=name, public=public)
-                return SenderVerdict(
-                    domain, None, None, f"MX {name} has public {public[0]}", details
-                )
+                summary = f"MX {name} has public {public[0]}"
+                return SenderVerdict(domain, None, None, summary, details, ttl)
             if result.status == TEMPFAIL or result.incomplete:
                 unsure.append(f"{name}: {result.rcode}")
     own = await resolver.addresses(domain)
+    ttl = min(ttl, own.ttl)
     public = _public(resolver, own)
     if public:
         details.update(via="address", public=public)
-        return SenderVerdict(domain, None, None, f"{domain} has public {public[0]}", details)
+        summary = f"{domain} has public {public[0]}"
+        return SenderVerdict(domain, None, None, summary, details, ttl)
     if own.status == TEMPFAIL or own.incomplete:
         unsure.append(f"{domain}: {own.rcode}")
     if unsure:
@@ -90,18 +102,24 @@ async def check_sender_domain(resolver: Resolver, domain: str) -> SenderVerdict:
         return _tempfail(domain, "address lookup: " + ", ".join(unsure), details)
     if own.texts():
         details["not_public"] = own.texts()
-        return _reject(domain, "only non-public addresses " + ", ".join(own.texts()), details)
+        why = "only non-public addresses " + ", ".join(own.texts())
+        return _reject(domain, why, details, ttl)
     if "mx" in details:
-        return _reject(domain, "no MX host with a public address and no A/AAAA record", details)
-    return _reject(domain, "no MX and no A/AAAA record", details)
+        why = "no MX host with a public address and no A/AAAA record"
+        return _reject(domain, why, details, ttl)
+    return _reject(domain, "no MX and no A/AAAA record", details, ttl)
 
 
 class SenderDomainRule:
     name = "sender_domain"
     stage = Stage.MAIL
 
-    def __init__(self, resolver: Resolver) -> None:
+    def __init__(self, resolver: Resolver, clock: Any = time.monotonic) -> None:
         self.resolver = resolver
+        self._clock = clock
+        # domain -> (expiry, verdict): accepts and 550s only; a 451 is never reused, so a
+        # domain whose DNS recovers is accepted at the client's next try.
+        self._verdicts: dict[str, tuple[float, SenderVerdict]] = {}
 
     async def evaluate(self, ctx: MessageContext) -> RuleResult:
         if ctx.mail_from == "":
@@ -117,11 +135,26 @@ class SenderDomainRule:
         if mailbox.is_address_literal:
             verdict = _reject(mailbox.domain, "an address literal is not a domain", {})
         else:
-            verdict = await check_sender_domain(self.resolver, mailbox.domain)
-        ctx.facts["sender_domain"] = verdict.details
+            verdict = await self._verdict(mailbox.domain)
+        ctx.facts["sender_domain"] = dict(verdict.details)  # the verdict may be reused
         return RuleResult(
             self.name, verdict.summary, verdict.action, verdict.reply, verdict.details
         )
+
+    async def _verdict(self, domain: str) -> SenderVerdict:
+        """:func:`check_sender_domain`, reused per domain for min(TTL, VERDICT_SECONDS)."""
+        key = domain.rstrip(".").lower()
+        now = self._clock()
+        cached = self._verdicts.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        verdict = await check_sender_domain(self.resolver, key)
+        lifetime = min(float(verdict.ttl), VERDICT_SECONDS)
+        if verdict.action != Action.TEMPFAIL and lifetime > 0:
+            if len(self._verdicts) >= MAX_CACHED_VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[key] = (now + lifetime, verdict)
+        return verdict
 
     def _syntax(self, text: str) -> RuleResult:
         return RuleResult(self.name, text, Action.REJECT, Reply(553, "5.1.7", text))
