@@ -12,12 +12,19 @@ Idle connections are kept (up to ``max_idle``) and reused when rspamd allows it 
 normal worker answers ``Connection: close``, so in practice one connection per message); a
 reused connection that turns out closed is retried once on a fresh one.  Every request is
 bounded by ``timeout``.
+
+Plain HTTP and Unix sockets talk through the event loop's ``sock_*`` calls on a bare socket
+(:class:`_SocketStream`) rather than asyncio streams: with one connection per message, the
+transport, protocol and stream objects of ``open_connection`` were about half of the client's
+CPU per check (0.16 against 0.08 ms measured).  HTTPS uses asyncio streams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +40,115 @@ class RspamdError(Exception):
     """rspamd could not give a verdict: down, too slow, or a bad reply."""
 
 
+class _SocketStream:
+    """Just the parts of ``StreamReader``/``StreamWriter`` this client uses, over a connected
+    non-blocking socket and the loop's ``sock_*`` calls."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.pending = b""
+        self.eof = False
+        self.closed = False
+
+    # reader side
+    async def _fill(self) -> None:
+        chunk = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+        if not chunk:
+            self.eof = True
+            raise asyncio.IncompleteReadError(bytes(self.buffer), None)
+        self.buffer += chunk
+
+    def _take(self, size: int) -> bytes:
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    async def readuntil(self, separator: bytes) -> bytes:
+        while True:
+            end = self.buffer.find(separator)
+            if end >= 0:
+                return self._take(end + len(separator))
+            if len(self.buffer) > MAX_HEADER_BYTES:
+                raise asyncio.LimitOverrunError("separator not found", len(self.buffer))
+            await self._fill()
+
+    async def readexactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            await self._fill()
+        return self._take(size)
+
+    async def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes, reading until the far end closes."""
+        while len(self.buffer) < size:
+            try:
+                await self._fill()
+            except asyncio.IncompleteReadError:
+                break
+        return self._take(size)
+
+    def at_eof(self) -> bool:
+        """Closed by the far end while idle (a peek: nothing is consumed)."""
+        if self.eof or self.closed:
+            return True
+        try:
+            self.eof = self.sock.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            self.eof = True
+        return self.eof
+
+    # writer side
+    def write(self, data: bytes) -> None:
+        self.pending += data
+
+    async def drain(self) -> None:
+        data, self.pending = self.pending, b""
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
+async def _open_socket(family: int, address: Any) -> _SocketStream:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:  # also a cancellation by the timeout: never leak the socket
+        sock.close()
+        raise
+    return _SocketStream(sock)
+
+
+async def _open_tcp(host: str, port: int) -> _SocketStream:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        return await _open_socket(family, (host, port))
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, _, _, _, address in infos:
+        try:
+            return await _open_socket(family, address)
+        except OSError as exc:
+            error = exc
+    raise error
+
+
 @dataclass
 class _Connection:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    reader: asyncio.StreamReader | _SocketStream
+    writer: asyncio.StreamWriter | _SocketStream
     reused: bool = False
 
 
@@ -136,13 +248,16 @@ class RspamdClient:
                 return conn
             conn.writer.close()
         try:
-            if self.socket_path is not None:
-                reader, writer = await asyncio.open_unix_connection(self.socket_path)
-            else:
+            if self.ssl is not None:
                 reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
+                return _Connection(reader, writer)
+            if self.socket_path is not None:
+                stream = await _open_socket(socket.AF_UNIX, self.socket_path)
+            else:
+                stream = await _open_tcp(self.host, self.port)
         except OSError as exc:
             raise RspamdError(f"cannot connect to rspamd at {self.url}: {exc}") from None
-        return _Connection(reader, writer)
+        return _Connection(stream, stream)
 
     def _release(self, conn: _Connection, keep: bool) -> None:
         if keep and len(self._idle) < self.max_idle:
@@ -165,7 +280,7 @@ def _request(path: str, host: str, headers: list[tuple[str, str]], body: bytes) 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "replace") + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+async def _read_response(reader: asyncio.StreamReader | _SocketStream) -> tuple[int, bytes, bool]:
     """Read one HTTP/1.1 response; return (status, body, connection reusable)."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -196,7 +311,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
     return int(parts[1]), body, keep
 
 
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+async def _read_chunked(reader: asyncio.StreamReader | _SocketStream) -> bytes:
     body = bytearray()
     while True:
         size_line = await reader.readuntil(b"\r\n")
