@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
+from devkit import certs
 from lab.config import PKI_DIR
 
 CA_CERT = PKI_DIR / "ca.crt"
@@ -27,13 +28,7 @@ class Issued:
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    path.write_bytes(certs.key_pem(key))
     path.chmod(0o600)
 
 
@@ -50,33 +45,10 @@ def ensure_ca() -> None:
     if CA_CERT.exists() and CA_KEY.exists():
         return
     PKI_DIR.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = certs.new_key()
     now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("Secure Mail Gateway lab CA"))
-        .issuer_name(_name("Secure Mail Gateway lab CA"))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+    cert = certs.ca_certificate(
+        key, _name("Secure Mail Gateway lab CA"), now - dt.timedelta(hours=1), now + VALIDITY
     )
     _write_key(key, CA_KEY)
     CA_CERT.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -87,32 +59,19 @@ def issue(label: str, dns_names: list[str], addresses: list[str]) -> Issued:
     ensure_ca()
     ca_key = serialization.load_pem_private_key(CA_KEY.read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(CA_CERT.read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = certs.new_key()
     now = dt.datetime.now(dt.UTC)
     san = [x509.DNSName(n) for n in dns_names] + [
         x509.IPAddress(ipaddress.ip_address(a)) for a in addresses
     ]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(dns_names[0]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    cert = certs.leaf_certificate(
+        key,
+        _name(dns_names[0]),
+        san,
+        now - dt.timedelta(hours=1),
+        now + VALIDITY,
+        ca_cert,
+        ca_key,  # type: ignore[arg-type]
     )
     out = PKI_DIR / "certs"
     out.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
+
+from devkit import certs
 
 WRONG_NAME = "wrong-name.invalid"
 
@@ -53,35 +55,10 @@ class TestCA:
             weakref.finalize(self, shutil.rmtree, self.dir, True) if directory is None else None
         )
         now = _now()
-        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._key = certs.new_key()
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False
-            )
-            .sign(self._key, hashes.SHA256())
+        self.cert = certs.ca_certificate(
+            self._key, subject, now - dt.timedelta(days=1), now + dt.timedelta(days=3650)
         )
         self.ca_bundle = self.dir / "ca.pem"
         self.ca_bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
@@ -122,28 +99,15 @@ class TestCA:
         now = _now()
         not_before = not_before or now - dt.timedelta(hours=1)
         not_after = not_after or now + dt.timedelta(days=365)
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName(_general_names(names)), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                critical=False,
-            )
-            .sign(self._key, hashes.SHA256())
+        key = certs.new_key()
+        cert = certs.leaf_certificate(
+            key,
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]),
+            _general_names(names),
+            not_before,
+            not_after,
+            self.cert,
+            self._key,
         )
         return self._write(names, key, cert)
 
@@ -155,11 +119,7 @@ class TestCA:
     ) -> LeafCert:
         self._count += 1
         stem = self.dir / f"leaf{self._count}-{names[0].replace('*', 'star')}"
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        key_pem = certs.key_pem(key)
         chain_pem = cert.public_bytes(serialization.Encoding.PEM) + self.ca_bundle.read_bytes()
         cert_path, key_path, pem_path = (Path(f"{stem}.{ext}") for ext in ("crt", "key", "pem"))
         cert_path.write_bytes(chain_pem)
