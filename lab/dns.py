@@ -28,11 +28,11 @@ import dns.message
 import dns.name
 import dns.query
 import dns.rcode
-import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
 import dns.zone
 
+from devkit import knot_zone
 from lab.config import DNS_ADDR, DNS_PORT, DNSBL_ZONE, DOMAIN, RUN_DIR
 from lab.proc import LabError, daemon_pid, run, start_daemon, stop_daemon, wait_until
 from lab.zones import DEFAULT_TTL, default_zones
@@ -44,7 +44,6 @@ CONTROL_SOCKET = DNS_DIR / "run" / "knot.sock"
 LOCK = DNS_DIR / "zones.lock"
 DAEMON = "knotd"
 NS_NAME = f"ns1.{DOMAIN}."
-SOA_TIMERS = "3600 600 86400"  # refresh retry expire: irrelevant (no secondaries)
 
 
 class ZoneError(LabError):
@@ -266,22 +265,16 @@ def _restore(fqdn: str, previous: str | None) -> None:
 
 def render_zone(fqdn: str, text: str, serial: int) -> str:
     """Zone text with $TTL, an SOA carrying serial, and NS at the apex; ZoneError if bad."""
-    if "$TTL" not in text:
-        text = f"$TTL {DEFAULT_TTL}\n{text}"
-    try:
-        z = dns.zone.from_text(text, origin=fqdn, relativize=False, check_origin=False)
-    except dns.exception.DNSException as exc:
-        raise ZoneError(f"zone {fqdn} does not parse: {exc}\n{text}") from exc
-    apex = z.find_node(fqdn, create=True)
-    soa = apex.get_rdataset(dns.rdataclass.IN, dns.rdatatype.SOA)
-    if soa is None:
-        soa_text = f"{NS_NAME} hostmaster.{DOMAIN}. {serial} {SOA_TIMERS} {DEFAULT_TTL}"
-        z.replace_rdataset(fqdn, _rdataset("SOA", soa_text))
-    else:
-        z.replace_rdataset(fqdn, _rdataset("SOA", str(soa[0].replace(serial=serial))))
-    if apex.get_rdataset(dns.rdataclass.IN, dns.rdatatype.NS) is None:
-        z.replace_rdataset(fqdn, _rdataset("NS", NS_NAME))
-    return z.to_text(relativize=False)
+    return knot_zone.render_zone(
+        fqdn,
+        text,
+        serial,
+        ttl=DEFAULT_TTL,
+        nameserver=NS_NAME,
+        hostmaster=f"hostmaster.{DOMAIN}.",
+        negative_ttl=DEFAULT_TTL,
+        error=ZoneError,
+    )
 
 
 def _rdataset(rdtype: str, rdata: str) -> dns.rdataset.Rdataset:

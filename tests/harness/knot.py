@@ -9,13 +9,14 @@ import threading
 import time
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.name
 import dns.query
 import dns.rcode
-import dns.rdataclass
 import dns.rdatatype
-import dns.zone
+
+from devkit import knot_zone
 
 from .util import Daemon, HarnessError, free_port, run, wait_for
 
@@ -232,27 +233,17 @@ def _fqdn(zone: str) -> str:
 
 def _render_zone(fqdn: str, text: str, serial: int) -> str:
     """Zone text with $TTL, an SOA (serial set to `serial`) and NS at the apex."""
-    if "$TTL" not in text:
-        text = f"$TTL {_DEFAULT_TTL}\n{text}"
-    try:
-        zone = dns.zone.from_text(text, origin=fqdn, relativize=False, check_origin=False)
-    except dns.exception.DNSException as exc:
-        raise HarnessError(f"zone {fqdn} does not parse: {exc}\n{text}") from exc
-    apex = zone.find_node(fqdn, create=True)
-    soa = apex.get_rdataset(dns.rdataclass.IN, dns.rdatatype.SOA)
     host = "test." if fqdn == "." else fqdn
-    if soa is None:
-        soa_rdata = f"ns.{host} hostmaster.{host} {serial} 3600 600 86400 60"
-        zone.replace_rdataset(fqdn, _rdataset("SOA", soa_rdata))
-    else:
-        zone.replace_rdataset(fqdn, _rdataset("SOA", str(soa[0].replace(serial=serial))))
-    if apex.get_rdataset(dns.rdataclass.IN, dns.rdatatype.NS) is None:
-        zone.replace_rdataset(fqdn, _rdataset("NS", f"ns.{host}"))
-    return zone.to_text(relativize=False)
-
-
-def _rdataset(rdtype: str, rdata: str) -> dns.rdataset.Rdataset:
-    return dns.rdataset.from_text("IN", rdtype, _DEFAULT_TTL, rdata)
+    return knot_zone.render_zone(
+        fqdn,
+        text,
+        serial,
+        ttl=_DEFAULT_TTL,
+        nameserver=f"ns.{host}",
+        hostmaster=f"hostmaster.{host}",
+        negative_ttl=60,
+        error=HarnessError,
+    )
 
 
 class DeadNameserver:
