@@ -140,14 +140,18 @@ class ClamdClient:
 
     async def _scan_on(self, session: _Session, data: bytes) -> ScanResult:
         keep = False
-        # Read while sending: clamd answers early when the size limit is hit and then closes;
-        # a reply read before the close cannot be lost to the reset that follows.
-        reply_task = asyncio.ensure_future(_read_reply(session.reader))
-        await asyncio.sleep(0)  # let the reader wait for data before anything can arrive
+        # Read while sending in chunks: clamd answers early when the size limit is hit and
+        # then closes; a reply read before the close cannot be lost to the reset that follows.
+        # A message sent in one write needs no reader task (and no extra turn of the loop):
+        # the transport buffers whatever clamd answers meanwhile.
+        reply_task = None
+        if len(data) > self.chunk_size:
+            reply_task = asyncio.ensure_future(_read_reply(session.reader))
+            await asyncio.sleep(0)  # let the reader wait for data before anything can arrive
         try:
             write_error = await self._send_stream(session.writer, data, reply_task)
             try:
-                reply = await reply_task
+                reply = await (reply_task or _read_reply(session.reader))
             except (OSError, asyncio.IncompleteReadError) as exc:
                 if session.reused:
                     raise _StaleSession from None
@@ -162,11 +166,12 @@ class ClamdClient:
             keep = True
             return result
         finally:
-            reply_task.cancel()
+            if reply_task is not None:
+                reply_task.cancel()
             self._release(session, keep)
 
     async def _send_stream(
-        self, writer: asyncio.StreamWriter, data: bytes, reply: asyncio.Future[str]
+        self, writer: asyncio.StreamWriter, data: bytes, reply: asyncio.Future[str] | None
     ) -> OSError | None:
         """Send the INSTREAM command and the chunks, stopping early if clamd has answered.  A
         write error is returned, not raised: clamd's reply may still be there to read."""
@@ -178,7 +183,7 @@ class ClamdClient:
             view = memoryview(data)
             writer.write(b"zINSTREAM\0")
             for start in range(0, len(view), self.chunk_size):
-                if reply.done():
+                if reply is not None and reply.done():
                     return None
                 chunk = view[start : start + self.chunk_size]
                 writer.write(struct.pack(">I", len(chunk)))
