@@ -1,10 +1,12 @@
-"""Lean SMTP sink and load client for the relay bench, each run as its own process.
+"""Lean SMTP sink and load client shared by the benches, each run as its own process.
 
-    python -m bench.relay.tools sink HOST PORT STATE_FILE
+    python -m bench.common sink HOST PORT STATE_FILE [signed]
         Accepts every message (PIPELINING, no TLS).  Every 0.1 s writes
-        "count first_arrival last_arrival" to STATE_FILE.  Stops on SIGTERM.
+        "count first_arrival last_arrival" to STATE_FILE, with "signed" as
+        "count signed first_arrival last_arrival" (signed: messages with a DKIM-Signature in
+        their first 20000 bytes).  Stops on SIGTERM.
 
-    python -m bench.relay.tools load HOST:PORT COUNT CONNECTIONS SIZE SEED [SOURCE_IP]
+    python -m bench.common load HOST:PORT COUNT CONNECTIONS SIZE SEED [SOURCE_IP]
         Sends COUNT messages of about SIZE bytes over CONNECTIONS sessions (one transaction
         after another per session).  Prints one JSON line: sent, failed, seconds, p50/p99 of
         the time from MAIL FROM to the final 250 (ms), a sample of failures.
@@ -58,13 +60,18 @@ _WORDS = [
 ]
 
 
-class SinkProtocol(asyncio.Protocol):
-    """Just enough SMTP to accept mail; counts messages."""
+SIGNED_LOOKS_AT = 20000  # bytes of each message searched for a DKIM-Signature
 
-    def __init__(self, stats: dict[str, float]) -> None:
+
+class SinkProtocol(asyncio.Protocol):
+    """Just enough SMTP to accept mail; counts messages (and, if asked, signed ones)."""
+
+    def __init__(self, stats: dict[str, float], count_signed: bool = False) -> None:
         self.stats = stats
+        self.count_signed = count_signed
         self.buffer = b""
         self.in_data = False
+        self.head: bytearray | None = None  # the message's first bytes, when counting signed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -77,8 +84,10 @@ class SinkProtocol(asyncio.Protocol):
             if self.in_data:
                 end = self.buffer.find(b"\r\n.\r\n")
                 if end < 0:
+                    self._keep(self.buffer[:-4])
                     self.buffer = self.buffer[-4:]  # keep what may start the end marker
                     break
+                self._keep(self.buffer[:end])
                 self.buffer = self.buffer[end + 5 :]
                 self.in_data = False
                 self._message_done()
@@ -100,6 +109,7 @@ class SinkProtocol(asyncio.Protocol):
             return b"250-sink.bench\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 104857600\r\n"
         if verb == b"DATA":
             self.in_data = True
+            self.head = bytearray() if self.count_signed else None
             self.buffer = b"\r\n" + self.buffer  # so an empty body still ends at \r\n.\r\n
             return b"354 go ahead\r\n"
         if verb == b"QUIT":
@@ -108,24 +118,34 @@ class SinkProtocol(asyncio.Protocol):
             return b""
         return b"250 Ok\r\n"
 
+    def _keep(self, data: bytes) -> None:
+        if self.head is not None and len(self.head) < SIGNED_LOOKS_AT:
+            self.head += data[: SIGNED_LOOKS_AT - len(self.head)]
+
     def _message_done(self) -> None:
         now = time.time()
         self.stats["count"] += 1
+        if self.head is not None and b"DKIM-Signature:" in self.head:
+            self.stats["signed"] += 1
         if not self.stats["first"]:
             self.stats["first"] = now
         self.stats["last"] = now
 
 
-async def sink(host: str, port: int, state_file: Path) -> None:
-    stats = {"count": 0, "first": 0.0, "last": 0.0}
+async def sink(host: str, port: int, state_file: Path, count_signed: bool = False) -> None:
+    stats = {"count": 0, "signed": 0, "first": 0.0, "last": 0.0}
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: SinkProtocol(stats), host, port, backlog=512)
+    server = await loop.create_server(
+        lambda: SinkProtocol(stats, count_signed), host, port, backlog=512
+    )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with server:
         while not stop.is_set():
             tmp = state_file.with_suffix(".tmp")
-            tmp.write_text(f"{stats['count']} {stats['first']:.6f} {stats['last']:.6f}\n")
+            signed = f" {stats['signed']}" if count_signed else ""
+            times = f"{stats['first']:.6f} {stats['last']:.6f}"
+            tmp.write_text(f"{stats['count']}{signed} {times}\n")
             tmp.replace(state_file)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.1)
@@ -227,7 +247,7 @@ async def load(
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["sink"]:
-        asyncio.run(sink(argv[1], int(argv[2]), Path(argv[3])))
+        asyncio.run(sink(argv[1], int(argv[2]), Path(argv[3]), argv[4:5] == ["signed"]))
         return 0
     if argv[:1] == ["load"]:
         target, count, conns, size, seed = argv[1], *map(int, argv[2:6])

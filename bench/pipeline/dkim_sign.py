@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import dkim  # noqa: E402
 
-from bench.pipeline.smtp_tools import make_message  # noqa: E402
+from bench.common import make_message  # noqa: E402
 from gateway.config import DkimSection  # noqa: E402
 from gateway.dkim import DkimSigner, SigningKey, load_private_key, write_new_key  # noqa: E402
 

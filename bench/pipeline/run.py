@@ -44,7 +44,7 @@ from tests.harness.knot import KnotDNS  # noqa: E402
 from tests.harness.rspamd import Rspamd  # noqa: E402
 from tests.harness.util import terminate_pid, wait_for  # noqa: E402
 
-TOOLS = Path(__file__).with_name("smtp_tools.py")
+TOOLS = Path(__file__).parents[1] / "common.py"  # the sink and the load, shared
 SINK_IP, SMG_IP = "127.0.26.80", "127.0.26.81"
 SENDER_DOMAIN, FAR_DOMAIN = "bench-sender.test", "bench-far.test"
 DKIM_HEADERS = ["from", "to", "subject", "date", "message-id", "mime-version", "content-type"]
@@ -91,9 +91,10 @@ class Sink:
         self.port = free_port(SINK_IP)
         self.state = workdir / f"sink-{self.port}.state"
         self.proc = subprocess.Popen(
-            [sys.executable, str(TOOLS), "sink", SINK_IP, str(self.port), str(self.state)],
+            [sys.executable, str(TOOLS), "sink", SINK_IP, str(self.port), str(self.state),
+             "signed"],
             start_new_session=True,
-        )
+        )  # fmt: skip
         wait_for(self.state.exists, 10, what="the sink")
 
     @property

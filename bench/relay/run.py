@@ -128,7 +128,7 @@ class RssSampler(threading.Thread):
 
 
 def _tools(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bench.relay.tools", *args]
+    return [sys.executable, "-m", "bench.common", *args]
 
 
 ROOT = Path(__file__).resolve().parents[2]
