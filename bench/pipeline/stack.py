@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.harness.postfix import _QUEUE_DIRS, POSTFIX_DAEMON_DIR, _make_owned_dir  # noqa: E402
-from tests.harness.util import Daemon, free_port  # noqa: E402
+from bench.postfix import PostfixRelay as BasePostfixRelay  # noqa: E402
+from tests.harness.util import Daemon  # noqa: E402
 
 
 def _unix_listening(path: Path) -> bool:
@@ -122,105 +122,27 @@ class OpenDkimMilter(Daemon):
         return _unix_listening(self.socket)
 
 
-_MASTER_CF = """\
-# written by bench/pipeline/stack.py
-{listen} inet n - n - - smtpd
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-tlsmgr    unix  - - n 1000? 1 tlsmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
-smtp      unix  - - n - - smtp
-relay     unix  - - n - - smtp
-showq     unix  n - n - - showq
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-"""
-
-
-class PostfixRelay(Daemon):
-    """Postfix relaying mail from loopback to ``relay`` ("host:port") through ``milters``."""
-
-    name = "postfix-relay"
-    start_timeout = 30.0
+class PostfixRelay(BasePostfixRelay):
+    """Postfix relaying mail from loopback to ``relay`` ("host:port") through ``milters``: the
+    relay bench's instance (``bench/postfix.py``) plus the milters."""
 
     def __init__(
         self, relay: str, milters: list[str], host: str = "127.0.0.1", workdir: Path | None = None
     ) -> None:
-        super().__init__(workdir)
-        self.relay = relay
+        super().__init__(relay, host, workdir)
         self.milters = milters
-        self.host = host
-        self.port = 0
-        self.config_dir = self.dir / "conf"
-        self.queue_dir = self.dir / "queue"
-        self.data_dir = self.dir / "data"
-        self.log_path = self.dir / "maillog"
 
-    @property
-    def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def _prepare(self) -> None:
-        self.port = self.port or free_port(self.host)
-        self.dir.chmod(0o755)
-        self.config_dir.mkdir(exist_ok=True)
-        self.queue_dir.mkdir(exist_ok=True)
-        self.queue_dir.chmod(0o755)
-        for name, (owner, group, mode) in _QUEUE_DIRS.items():
-            _make_owned_dir(self.queue_dir / name, owner, group, mode)
-        _make_owned_dir(self.data_dir, "postfix", "root", 0o700)
-        relay_host, relay_port = self.relay.rsplit(":", 1)
-        settings = {
-            "compatibility_level": "3.6",
-            "queue_directory": str(self.queue_dir),
-            "data_directory": str(self.data_dir),
-            "myhostname": "postfix-bench.example.net",
-            "mydestination": "",
-            "inet_interfaces": "127.0.0.1",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
-            "smtpd_relay_restrictions": "permit_mynetworks, reject",
-            "relayhost": f"[{relay_host}]:{relay_port}",
-            "smtp_dns_support_level": "disabled",
-            "smtpd_peername_lookup": "no",
+    def main_cf(self) -> dict[str, str]:
+        return {
+            **super().main_cf(),
             "smtpd_milters": ", ".join(self.milters),
             "milter_default_action": "tempfail",
             "milter_protocol": "6",
-            "alias_maps": "",
-            "alias_database": "",
-            "local_recipient_maps": "",
-            "biff": "no",
-            "maillog_file": str(self.log_path),
-            "maillog_file_prefixes": str(self.dir),
-            "syslog_name": "postfix-bench",
-            "smtpd_tls_security_level": "none",
-            "smtp_tls_security_level": "none",
             "default_destination_concurrency_limit": "16",
             "smtp_connection_cache_on_demand": "yes",
         }
-        (self.config_dir / "main.cf").write_text(
-            "".join(f"{key} = {value}\n" for key, value in settings.items())
-        )
-        (self.config_dir / "master.cf").write_text(_MASTER_CF.format(listen=self.endpoint))
 
-    def _command(self) -> list[str]:
-        return [str(POSTFIX_DAEMON_DIR / "master"), "-c", str(self.config_dir), "-d"]
-
-    def _ready(self) -> bool:
-        with socket.create_connection((self.host, self.port), timeout=1) as sock:
-            banner = sock.recv(512)
-            sock.sendall(b"QUIT\r\n")
-        return banner.startswith(b"220")
-
-    def _forget_ports(self) -> None:
-        self.port = 0
+    def master_cf(self) -> str:
+        # No pickup service: nothing here submits through the sendmail command.
+        lines = super().master_cf().splitlines(keepends=True)
+        return "".join(line for line in lines if not line.startswith("pickup "))

@@ -32,7 +32,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: bench/relay/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.relay.postfix import PostfixRelay
+from bench.postfix import PostfixRelay
 from tests.harness.knot import KnotDNS
 from tests.harness.util import free_port, tcp_connectable, terminate_pid, wait_for
 

@@ -320,6 +320,10 @@ def _make_owned_dir(path: Path, owner: str, group: str, mode: int) -> None:
     path.chmod(mode)
 
 
+# Public names for the benches' own Postfix instances (bench/postfix.py).
+QUEUE_DIRS, make_owned_dir = _QUEUE_DIRS, _make_owned_dir
+
+
 def _read_message(env_path: Path) -> ReceivedMessage:
     fields: dict[str, list[str]] = {}
     for line in env_path.read_text().splitlines():

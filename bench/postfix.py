@@ -2,6 +2,9 @@
 master in the foreground (``master -c DIR -d``), everything from loopback relayed to one
 ``relayhost`` (the bench's sink).  Durability is Postfix's own: the queue file is fsynced before
 the ``250``, as the spool's commit is in ``smg serve``.
+
+Shared by both benches: ``bench/relay`` uses it as it is, ``bench/pipeline/stack.py`` adds its
+milters through :meth:`PostfixRelay.main_cf` and :meth:`PostfixRelay.master_cf`.
 """
 
 from __future__ import annotations
@@ -9,11 +12,11 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.harness.postfix import _QUEUE_DIRS, POSTFIX_DAEMON_DIR, _make_owned_dir
+from tests.harness.postfix import POSTFIX_DAEMON_DIR, QUEUE_DIRS, make_owned_dir
 from tests.harness.util import Daemon, free_port
 
 _MASTER_CF = """\
-# written by bench/relay/postfix.py: the stock services a relay needs
+# written by bench/postfix.py: the stock services a relay needs
 {listen} inet n - n - - smtpd
 pickup    unix  n - n 60 1 pickup
 cleanup   unix  n - n - 0 cleanup
@@ -93,14 +96,17 @@ class PostfixRelay(Daemon):
         for path in (self.config_dir, self.queue_dir):
             path.mkdir(exist_ok=True)
         self.queue_dir.chmod(0o755)
-        for name, (owner, group, mode) in _QUEUE_DIRS.items():
-            _make_owned_dir(self.queue_dir / name, owner, group, mode)
-        _make_owned_dir(self.data_dir, "postfix", "root", 0o700)
+        for name, (owner, group, mode) in QUEUE_DIRS.items():
+            make_owned_dir(self.queue_dir / name, owner, group, mode)
+        make_owned_dir(self.data_dir, "postfix", "root", 0o700)
         settings = self.main_cf()
         (self.config_dir / "main.cf").write_text(
             "".join(f"{key} = {value}\n" for key, value in settings.items())
         )
-        (self.config_dir / "master.cf").write_text(_MASTER_CF.format(listen=self.endpoint))
+        (self.config_dir / "master.cf").write_text(self.master_cf())
+
+    def master_cf(self) -> str:
+        return _MASTER_CF.format(listen=self.endpoint)
 
     def _command(self) -> list[str]:
         return [str(POSTFIX_DAEMON_DIR / "master"), "-c", str(self.config_dir), "-d"]
