@@ -145,6 +145,8 @@ def boot(host: Host) -> int:
         "--keep-unit",
         "--console=passive",
         f"--network-namespace-path=/run/netns/{host.netns}",
+        # nftables (the deploy's firewall role) needs it; it acts on the host's own netns only.
+        "--capability=CAP_NET_ADMIN",
         "--resolv-conf=off",
         "--timezone=off",
         "--link-journal=no",
