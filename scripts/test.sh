@@ -27,7 +27,7 @@ bash "$REPO/scripts/setup.sh"
 log "ruff check ."
 "$REPO/.venv/bin/ruff" check .
 
-run_pytest tests/unit tests/integration
+run_pytest -m "not lab" tests/unit tests/integration
 
 # ---------------------------------------------------------------------------------------
 # LAB SUITES (owner: acceptance; docs/acceptance.md): root only, mandatory with CI=true.
@@ -93,6 +93,7 @@ else
         exit 1
     fi
     run_pytest tests/infra
+    run_pytest -m lab tests/integration  # tests/integration/test_deploy.py: the change request
     run_pytest tests/acceptance
 fi
 
