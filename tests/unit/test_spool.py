@@ -312,3 +312,16 @@ def test_several_processes_open_a_new_spool_at_once(tmp_path: Path) -> None:
         assert [p.returncode for p in procs] == [0] * 4, errors
         with SpoolAdmin(path) as admin:
             assert len(admin.list()) == 4
+
+
+def test_commit_delay_only_while_several_callers_are_busy(tmp_path: Path) -> None:
+    writer = spool_mod._Writer(tmp_path / "queue.sqlite", 1.0)  # not started: the gate alone
+    assert not writer._busy()  # idle
+    writer._last_commit, writer._last_batch = time.monotonic(), 1
+    assert not writer._busy()  # a lone client: one operation per commit, commit at once
+    writer._last_batch = 3
+    assert writer._busy()  # several callers just now: wait for more
+    writer._last_commit = time.monotonic() - 2 * spool_mod.BUSY_GAP
+    assert not writer._busy()  # quiet again
+    writer._last_commit, writer.commit_delay = time.monotonic(), 0
+    assert not writer._busy()  # switched off
