@@ -325,3 +325,20 @@ def test_commit_delay_only_while_several_callers_are_busy(tmp_path: Path) -> Non
     assert not writer._busy()  # quiet again
     writer._last_commit, writer.commit_delay = time.monotonic(), 0
     assert not writer._busy()  # switched off
+
+
+def test_commit_gathering_stops_at_the_target_or_the_delay(tmp_path: Path) -> None:
+    writer = spool_mod._Writer(tmp_path / "queue.sqlite", 1.0)  # not started: the gathering alone
+    for n in range(spool_mod.COMMIT_TARGET + 2):
+        writer.jobs.put(n)
+    batch: list = ["first"]
+    started = time.monotonic()
+    assert writer._gather(batch) is False
+    assert len(batch) == spool_mod.COMMIT_TARGET and time.monotonic() - started < 0.5
+    assert writer._drain(batch) is False and len(batch) == spool_mod.COMMIT_TARGET + 3
+    writer.commit_delay = 0.02
+    started = time.monotonic()
+    assert writer._gather(["lonely"]) is False  # nothing comes: waits the delay, not more
+    assert 0.015 <= time.monotonic() - started < 1.0
+    writer.jobs.put(spool_mod._STOP)
+    assert writer._gather(["first"]) is True
