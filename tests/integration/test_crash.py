@@ -18,7 +18,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiosmtplib
@@ -119,10 +119,14 @@ class Killer:
         self.done = 0
         self.restart_times: list[float] = []
 
-    async def run(self, sending: asyncio.Event) -> None:
+    async def run(self, sending: asyncio.Event, acknowledged: Callable[[], int]) -> None:
+        """Kill each time the acknowledged count passes the next of ``kills`` evenly spaced
+        marks (with jitter), so the kills fall inside the load however fast the relay is."""
         rng = random.Random(4711)
         for number in range(self.kills):
-            await asyncio.sleep(rng.uniform(0.8, 2.5))
+            mark = MESSAGES * (number + rng.uniform(0.5, 1.0)) / (self.kills + 1)
+            while acknowledged() < mark and not sending.is_set():
+                await asyncio.sleep(0.01)
             if sending.is_set():
                 break  # all sent: no more kills needed
             one_worker = self.workers > 1 and number % 2 == 0
@@ -160,13 +164,13 @@ class Killer:
         self.restart_times.append(time.monotonic() - started)
 
 
-async def _send_all(endpoint: str, deadline: float) -> tuple[set[str], int, int]:
-    """Send MESSAGES over CLIENTS connections; returns (acked ids, failures, tries)."""
+async def _send_all(endpoint: str, deadline: float, acked: set[str]) -> tuple[int, int]:
+    """Send MESSAGES over CLIENTS connections, adding each acknowledged Message-ID to
+    ``acked``; returns (failures, tries)."""
     host, port = endpoint.rsplit(":", 1)
     pending: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
     for n in range(MESSAGES):
         pending.put_nowait((n, 0))
-    acked: set[str] = set()
     counters = {"failed": 0, "tries": 0}
 
     async def client() -> None:
@@ -195,15 +199,16 @@ async def _send_all(endpoint: str, deadline: float) -> tuple[set[str], int, int]
             smtp.close()
 
     await asyncio.gather(*(client() for _ in range(CLIENTS)))
-    return acked, counters["failed"], counters["tries"]
+    return counters["failed"], counters["tries"]
 
 
 async def _load_with_kills(relay: SmgRelay, killer: Killer) -> tuple[set[str], int, int, float]:
     deadline = time.monotonic() + DEADLINE / 2
     sending_done = asyncio.Event()
-    kill_task = asyncio.create_task(killer.run(sending_done))
+    acked: set[str] = set()
+    kill_task = asyncio.create_task(killer.run(sending_done, lambda: len(acked)))
     started = time.monotonic()
-    acked, failed, tries = await _send_all(relay.endpoint, deadline)
+    failed, tries = await _send_all(relay.endpoint, deadline, acked)
     took = time.monotonic() - started
     sending_done.set()
     await kill_task
