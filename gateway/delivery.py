@@ -891,15 +891,7 @@ class Delivery:
             timeout=delivery.command_timeout,
             start_tls=False,
         )
-        try:
-            await smtp.connect(timeout=delivery.connect_timeout)
-            await smtp.ehlo()
-        except smtp_errors.SMTPResponseException as exc:
-            smtp.close()
-            raise _HostFailed(_reply_text(exc.code, exc.message)) from exc
-        except (smtp_errors.SMTPException, OSError, TimeoutError) as exc:
-            smtp.close()
-            raise _HostFailed(str(exc) or type(exc).__name__) from exc
+        await self._connect_ehlo(smtp)
         tls = await self._starttls(smtp, target, requirement)
         self.pool.opened += 1
         session = _PipelinedSmtp(smtp) if smtp.supports_extension("pipelining") else smtp
@@ -936,6 +928,11 @@ class Delivery:
         event(
             log, "tls_fallback", relay=target.relay, error=why, action="cleartext (opportunistic)"
         )
+        await self._connect_ehlo(smtp)
+        return NO_TLS
+
+    async def _connect_ehlo(self, smtp: aiosmtplib.SMTP) -> None:
+        """Connect and greet; any failure closes the client and becomes ``_HostFailed``."""
         try:
             await smtp.connect(timeout=self.config.delivery.connect_timeout)
             await smtp.ehlo()
@@ -945,7 +942,6 @@ class Delivery:
         except (smtp_errors.SMTPException, OSError, TimeoutError) as exc:
             smtp.close()
             raise _HostFailed(str(exc) or type(exc).__name__) from exc
-        return NO_TLS
 
     async def _transaction(
         self,
