@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
 import sys
@@ -260,3 +261,55 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# --- process accounting ---------------------------------------------------------------------
+
+
+def _proc_table() -> dict[int, tuple[int, float, int]]:
+    """pid -> (ppid, CPU seconds incl. reaped children, RSS bytes)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = sum(int(x) for x in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
+        table[int(entry)] = (int(fields[1]), cpu, int(fields[21]) * PAGE)
+    return table
+
+
+def tree(root: int, pss: bool = False) -> tuple[float, int, int]:
+    """CPU seconds, RSS bytes and (if asked) PSS bytes of ``root`` and its live descendants.
+    PSS shares each shared page among the processes mapping it: the fair sum for a
+    multi-process MTA, where RSS counts the same library pages in every process."""
+    table = _proc_table()
+    cpu = rss = proportional = 0
+    todo, seen = [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in table:
+            continue
+        seen.add(pid)
+        cpu += table[pid][1]
+        rss += table[pid][2]
+        if pss:
+            proportional += _pss(pid)
+        todo += [child for child, (ppid, _, _) in table.items() if ppid == pid]
+    return cpu, rss, proportional
+
+
+def _pss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

@@ -37,6 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from bench.common import tree  # noqa: E402
 from bench.pipeline.stack import ClamavMilter, OpenDkimMilter, PostfixRelay  # noqa: E402
 from gateway.dkim import write_new_key  # noqa: E402
 from tests.harness import Clamd, free_port  # noqa: E402
@@ -48,39 +49,10 @@ TOOLS = Path(__file__).parents[1] / "common.py"  # the sink and the load, shared
 SINK_IP, SMG_IP = "127.0.26.80", "127.0.26.81"
 SENDER_DOMAIN, FAR_DOMAIN = "bench-sender.test", "bench-far.test"
 DKIM_HEADERS = ["from", "to", "subject", "date", "message-id", "mime-version", "content-type"]
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-# --- CPU accounting -------------------------------------------------------------------------
-
-
-def tree_cpu(root: int) -> float:
-    """CPU seconds of ``root`` and all its live descendants, including children they reaped."""
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ppid = int(fields[1])
-        cpu = sum(int(x) for x in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
-        stats[int(entry)] = (ppid, cpu)
-    total, todo = 0.0, [root]
-    seen = set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen or pid not in stats:
-            continue
-        seen.add(pid)
-        total += stats[pid][1]
-        todo += [child for child, (ppid, _) in stats.items() if ppid == pid]
-    return total
 
 
 def cpu_of(pids: list[int]) -> float:
-    return sum(tree_cpu(pid) for pid in pids)
+    return sum(tree(pid)[0] for pid in pids)
 
 
 # --- the pieces -----------------------------------------------------------------------------
