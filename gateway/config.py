@@ -448,6 +448,25 @@ class Config:
     source: str = "<memory>"
 
 
+# Keys the relay reads only when it starts: a SIGHUP does not apply them, so the deploy restarts
+# the relay when one of them changes (roles/relay.py) and a reload logs a warning.
+RESTART_ONLY: tuple[tuple[str, str], ...] = (
+    ("gateway", "listen"),
+    ("gateway", "spool"),
+    ("gateway", "metrics_listen"),
+    ("delivery", "concurrency"),
+)
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The ``section.key`` names of :data:`RESTART_ONLY` whose values differ."""
+    return [
+        f"{section}.{key}"
+        for section, key in RESTART_ONLY
+        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+    ]
+
+
 # --- loading --------------------------------------------------------------------------------
 
 _PARSERS: dict[Any, Callable[[Any], Any]] = {

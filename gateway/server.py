@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config, restart_only_changes
 from gateway.dns import Resolver
 from gateway.intake import Intake, Runtime, make_tls_context
 from gateway.log import event, setup_logging
@@ -42,13 +42,6 @@ log = logging.getLogger("smg.server")
 
 EX_CONFIG = 78  # sysexits.h: configuration error (systemd: RestartPreventExitStatus=78)
 SHUTDOWN_GRACE = 30.0  # seconds transactions in flight get to finish on SIGTERM
-
-_RESTART_ONLY = [
-    ("gateway", "listen"),
-    ("gateway", "spool"),
-    ("gateway", "metrics_listen"),
-    ("delivery", "concurrency"),
-]
 
 
 class StartupError(Exception):
@@ -182,13 +175,8 @@ class Relay:
                 event(log, "reload_failed", level=logging.ERROR, error=line)
             return False
         assert self.services is not None and self.intake is not None
-        for section, key in _RESTART_ONLY:
-            if getattr(getattr(config, section), key) != getattr(
-                getattr(self.config, section), key
-            ):
-                log.warning(
-                    "reload: %s.%s changed; it takes effect at the next restart", section, key
-                )
+        for name in restart_only_changes(self.config, config):
+            log.warning("reload: %s changed; it takes effect at the next restart", name)
         try:
             services = self._services(config, self.services.spool, self.services)
             runtime = self._runtime(config, services)

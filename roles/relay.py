@@ -26,9 +26,8 @@ from pyinfra.facts.files import FileContents, FindFiles
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
-from gateway.config import ConfigError, parse_config
+from gateway.config import ConfigError, parse_config, restart_only_changes
 from gateway.inventory import Fleet, Gateway, HostPaths
-from gateway.server import _RESTART_ONLY
 from roles import ops
 from roles.render import KIT_DIR, render
 
@@ -190,7 +189,7 @@ def installed(wheelhouse: str):  # type: ignore[no-untyped-def]
 
 
 def restart_needed(current: str | None, new: str) -> bool:
-    """True when a key the relay reads only at start (``gateway.server._RESTART_ONLY``:
+    """True when a key the relay reads only at start (``gateway.config.RESTART_ONLY``:
     listen, spool, metrics_listen, delivery.concurrency) differs between the config on the
     host and the new one; a SIGHUP would not apply it."""
     if current is None:
@@ -200,10 +199,7 @@ def restart_needed(current: str | None, new: str) -> bool:
     except (tomllib.TOMLDecodeError, ConfigError):
         return True
     new_config = parse_config(tomllib.loads(new))
-    return any(
-        getattr(getattr(old_config, section), key) != getattr(getattr(new_config, section), key)
-        for section, key in _RESTART_ONLY
-    )
+    return bool(restart_only_changes(old_config, new_config))
 
 
 @deploy("relay: package, config, unit")
