@@ -124,7 +124,7 @@ def _services(config: Config) -> Services:
     resolver = Resolver(config.dns)
     services = Services(config, resolver=resolver)
     try:
-        tls_policy = importlib.import_module("gateway.tls_policy").TlsPolicy
+        tls_policy = importlib.import_module("gateway.tls.policy").TlsPolicy
     except ModuleNotFoundError:
         tls_policy = None
     if tls_policy is not None:

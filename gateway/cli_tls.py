@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config, parse_config
-from gateway.tls_policy import OPPORTUNISTIC, VERIFY, TlsPolicy, TlsRequirement, peer_chain_der
+from gateway.tls.levels import OPPORTUNISTIC, VERIFY
+from gateway.tls.policy import TlsPolicy, TlsRequirement
+from gateway.tls.verify import peer_chain_der
 
 MAX_REPLY_LINES = 100
 

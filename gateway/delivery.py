@@ -54,7 +54,9 @@ from gateway.spool import (
     Spool,
     SpoolUnavailable,
 )
-from gateway.tls_policy import NO_TLS, VERIFY, TlsOutcome, TlsRequirement, describe_tls
+from gateway.tls.levels import VERIFY
+from gateway.tls.policy import TlsRequirement
+from gateway.tls.verify import NO_TLS, TlsOutcome, describe_tls
 
 log = logging.getLogger("smg.delivery")
 

@@ -77,7 +77,7 @@ class Relay:
     def _services(self, config: Config, spool: Any, previous: Services | None = None) -> Services:
         resolver = Resolver(config.dns)
         services = Services(config, resolver=resolver, spool=spool, metrics=self.metrics)
-        tls_policy_class = _optional("gateway.tls_policy", "TlsPolicy")
+        tls_policy_class = _optional("gateway.tls.policy", "TlsPolicy")
         if tls_policy_class is not None:
             services.tls_policy = tls_policy_class(config, resolver, shared_state=True)
         if previous is not None and services.tls_policy is not None and previous.tls_policy:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # the types only: importing the modules here would make impor
     from gateway.scanners.clamd import ClamdClient
     from gateway.scanners.rspamd import RspamdClient
     from gateway.spool import Spool
-    from gateway.tls_policy import TlsPolicy
+    from gateway.tls.policy import TlsPolicy
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """From ``blacklist.zones`` in the config to :class:`ZoneSpec`: every key filled in.
 
 A key set in the config wins; else the catalogue entry of a known list; else the generic
-RFC 5782 reading.  ``check_section`` is the config's cross-key check for the section.
+RFC 5782 reading.  The section's checks across keys live with the config
+(:mod:`gateway.config.checks`): they need no catalogue.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from gateway.blacklist.catalogue import (
     GENERIC_LISTING_CODES,
     known_list,
 )
-from gateway.config import BlacklistSection, Config, ConfigProblem, DnsblZone
+from gateway.config import BlacklistSection, DnsblZone
 
 PROCEDURE_MAIL = "mail"  # a removal mail goes to the provider automatically
 PROCEDURE_FORM = "form"  # an operator fills in the provider's delisting form
@@ -81,29 +82,3 @@ def zone_specs(section: BlacklistSection) -> list[ZoneSpec]:
     """The zones to check: the configured ones, or the catalogue's defaults."""
     entries = section.zones or [DnsblZone(zone=zone) for zone in DEFAULT_ZONES]
     return [zone_spec(entry) for entry in entries]
-
-
-def check_section(config: Config) -> list[ConfigProblem]:
-    """Cross-key checks of ``[blacklist]`` (registered in ``gateway.config.CROSS_CHECKS``)."""
-    section = config.blacklist
-    problems: list[ConfigProblem] = []
-
-    def problem(key: str, message: str) -> None:
-        problems.append(ConfigProblem(f"blacklist.{key}", message))
-
-    if (section.operations_mailbox is None) != (section.notify_via is None):
-        problem("notify_via", "operations_mailbox and notify_via go together")
-    seen_zones: set[str] = set()
-    for index, entry in enumerate(section.zones):
-        if entry.zone in seen_zones:
-            problem(f"zones[{index}].zone", f"{entry.zone} is configured twice")
-        seen_zones.add(entry.zone)
-        if entry.removal_mail and section.notify_via is None:
-            problem(f"zones[{index}].removal_mail", "a removal mail needs notify_via to be sent")
-    if len(set(section.addresses)) != len(section.addresses):
-        problem("addresses", "an address is listed twice")
-    if not section.ticket_id_field.strip():
-        problem("ticket_id_field", "must name the key of the ticket id in the reply")
-    if section.notify_attempts < 1:
-        problem("notify_attempts", "must be at least 1")
-    return problems

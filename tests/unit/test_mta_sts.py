@@ -1,4 +1,4 @@
-"""gateway.mta_sts: parsing, MX matching, and discovery + HTTPS fetch + caching (RFC 8461).
+"""gateway.tls.mta_sts: parsing, MX matching, and discovery + HTTPS fetch + caching (RFC 8461).
 
 The DNS side is the in-process fake DNS server through the real gateway.dns.Resolver; the
 HTTPS side is :class:`PolicyServer`, a local http.server over TLS with a TestCA certificate for
@@ -21,7 +21,7 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.dns import Resolver
-from gateway.mta_sts import (
+from gateway.tls.mta_sts import (
     MAX_AGE_LIMIT,
     MtaSts,
     MtaStsError,
@@ -343,7 +343,7 @@ async def test_the_cache_is_bounded(zone_and_resolver, https, ca) -> None:
 async def test_workers_share_fetched_policies_through_the_state_file(
     zone_and_resolver, https, ca, tmp_path
 ) -> None:
-    from gateway.mta_sts import StateFile
+    from gateway.tls.mta_sts import StateFile
 
     _, resolver = zone_and_resolver
     clock = Clock()

@@ -1,4 +1,4 @@
-"""gateway.tls_policy: patterns, precedence, config errors, MTA-STS fallback, failure memory,
+"""gateway.tls: patterns, precedence, config errors, MTA-STS fallback, failure memory,
 TLS contexts and the description of a TLS session (the far end is a local asyncio TLS server)."""
 
 from __future__ import annotations
@@ -12,16 +12,11 @@ from typing import Any
 import pytest
 
 from gateway.config import ConfigError, parse_config
-from gateway.mta_sts import MtaStsPolicy
-from gateway.tls_policy import (
-    TlsFailureCache,
-    TlsPolicy,
-    TlsRequirement,
-    describe_tls,
-    pattern_matches,
-    pattern_rank,
-    verify_chain,
-)
+from gateway.domains import pattern_matches, pattern_rank
+from gateway.tls.failures import TlsFailureCache
+from gateway.tls.mta_sts import MtaStsPolicy
+from gateway.tls.policy import TlsPolicy, TlsRequirement
+from gateway.tls.verify import describe_tls, verify_chain
 from tests.harness import TestCA
 
 
@@ -309,7 +304,7 @@ def test_verify_chain_against_another_ca(ca, tmp_path) -> None:
 
 
 async def test_a_reload_keeps_failures_and_mta_sts_policies() -> None:
-    from gateway.mta_sts import MtaSts
+    from gateway.tls.mta_sts import MtaSts
 
     before_config = config([], mta_sts={"enabled": True})
     before = TlsPolicy(before_config, resolver=object())
@@ -325,7 +320,7 @@ async def test_a_reload_keeps_failures_and_mta_sts_policies() -> None:
 
 
 def test_failure_memory_is_shared_through_the_state_file(tmp_path) -> None:
-    from gateway.mta_sts import StateFile
+    from gateway.tls.mta_sts import StateFile
 
     path = tmp_path / "tls-failures.json"
     delivering = TlsFailureCache(ttl=60, state=StateFile(path))  # one worker delivers...
@@ -342,7 +337,7 @@ def test_failure_memory_is_shared_through_the_state_file(tmp_path) -> None:
 
 
 def test_a_damaged_or_unwritable_state_file_leaves_memory_only(tmp_path, caplog) -> None:
-    from gateway.mta_sts import StateFile
+    from gateway.tls.mta_sts import StateFile
 
     damaged = tmp_path / "tls-failures.json"
     damaged.write_text("{not json")

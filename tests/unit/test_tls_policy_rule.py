@@ -5,7 +5,7 @@ from __future__ import annotations
 from gateway.config import parse_config
 from gateway.policy.chain import Action, MessageContext
 from gateway.policy.rules.tls_known_failure import TlsKnownFailureRule
-from gateway.tls_policy import TlsPolicy
+from gateway.tls.policy import TlsPolicy
 
 
 def policy() -> TlsPolicy:

@@ -12,7 +12,7 @@ directly.  ``hold`` rules and MTA-STS never refuse here: their mail waits in the
 from __future__ import annotations
 
 from gateway.policy.chain import Action, MessageContext, Reply, RuleResult, Stage
-from gateway.tls_policy import TlsPolicy
+from gateway.tls.policy import TlsPolicy
 
 
 class TlsKnownFailureRule:

@@ -1,0 +1,242 @@
+"""The relay's configuration schema: one frozen dataclass per TOML section, and :class:`Config`.
+
+A field's type says how its TOML value is parsed (see :mod:`gateway.config.loader`);
+``field(metadata={"parse": ...})`` overrides that for values with units (sizes, durations) or
+structure (addresses, networks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config.values import (
+    choice,
+    int_range,
+    list_of,
+    parse_answer_codes,
+    parse_calendar,
+    parse_domain,
+    parse_duration,
+    parse_email,
+    parse_endpoint,
+    parse_host_port,
+    parse_ip,
+    parse_network,
+    parse_size,
+    parse_timezone,
+    parse_url,
+    parse_url_or_unix,
+)
+
+
+def _parsed(parse: Callable[[Any], Any], default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A field whose TOML value goes through ``parse``; its default is written the same way
+    (``"5s"``) and parsed once here, so a section built in code gets typed values too."""
+    if default is dataclasses.MISSING or default is None:
+        return field(default=default, metadata={"parse": parse}, **kw)
+    value = parse(default)
+    if isinstance(value, list):
+        return field(default_factory=lambda: list(value), metadata={"parse": parse}, **kw)
+    return field(default=value, metadata={"parse": parse}, **kw)
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    hostname: str = _parsed(parse_domain)
+    role: str = _parsed(choice("good", "bad"), "good")
+    listen: list[tuple[str, int]] = _parsed(list_of(parse_host_port), ["127.0.0.1:2525"])
+    source_address: str | None = _parsed(parse_ip, None)
+    spool: Path = Path("/var/spool/smg")
+    max_message_size: int = _parsed(parse_size, "25MiB")
+    client_networks: list[Any] = _parsed(list_of(parse_network), ["127.0.0.0/8"])
+    max_recipients: int = _parsed(int_range(1), 100)
+    max_connections: int = _parsed(int_range(1), 200)
+    idle_timeout: float = _parsed(parse_duration, "300s")
+    data_timeout: float = _parsed(parse_duration, "600s")
+    max_line_length: int = _parsed(int_range(78), 998)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_tls_from_clients: bool = False
+    metrics_listen: tuple[str, int] | None = _parsed(parse_host_port, None)
+    log_format: str = _parsed(choice("text", "json"), "text")
+    workers: int = _parsed(int_range(1, 64), 1)  # relay processes sharing listen + spool
+
+
+@dataclass(frozen=True)
+class DnsSection:
+    nameservers: list[tuple[str, int]] = _parsed(
+        list_of(lambda v: parse_host_port(v, default_port=53)), []
+    )
+    extra_public_networks: list[Any] = _parsed(list_of(parse_network), [])
+    timeout: float = _parsed(parse_duration, "5s")
+    cache_size: int = _parsed(int_range(0), 10000)
+    negative_ttl_max: float = _parsed(parse_duration, "15m")
+
+
+@dataclass(frozen=True)
+class DeliverySection:
+    port: int = _parsed(int_range(1, 65535), 25)
+    max_lifetime: float = _parsed(parse_duration, "5d")
+    retry_initial: float = _parsed(parse_duration, "5m")
+    retry_max: float = _parsed(parse_duration, "1h")
+    connect_timeout: float = _parsed(parse_duration, "30s")
+    command_timeout: float = _parsed(parse_duration, "300s")
+    concurrency: int = _parsed(int_range(1), 64)
+    max_connections_per_host: int = _parsed(int_range(1), 10)
+    connection_reuse: float = _parsed(parse_duration, "30s")
+    scan_interval: float = _parsed(parse_duration, "1s")
+
+
+@dataclass(frozen=True)
+class VirusSection:
+    enabled: bool = True
+    clamd: str = _parsed(parse_endpoint, "unix:/run/clamav/clamd.ctl")
+    timeout: float = _parsed(parse_duration, "60s")
+
+
+@dataclass(frozen=True)
+class SpamSection:
+    enabled: bool = True
+    rspamd_url: str = _parsed(parse_url_or_unix, "http://127.0.0.1:11333")
+    timeout: float = _parsed(parse_duration, "20s")
+    fail_open: bool = False
+    spam_score: float = 6.0
+    spam_actions: list[str] = _parsed(
+        list_of(choice("reject", "soft reject", "rewrite subject", "add header", "greylist")),
+        ["reject", "rewrite subject", "add header"],
+    )
+
+
+@dataclass(frozen=True)
+class RoutingSection:
+    bad_gateways: list[tuple[str, int]] = _parsed(
+        list_of(lambda v: parse_host_port(v, default_port=25)), []
+    )
+    good_gateways: list[str] = _parsed(list_of(parse_ip), [])
+    internal_ca: Path | None = None
+    verdict_header: str = "X-SMG-Verdict"
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str = _parsed(parse_domain)
+    selector: str = ""
+    key: Path = Path()
+
+
+@dataclass(frozen=True)
+class DkimSection:
+    keys: list[DkimKey] = field(default_factory=list)
+    headers: list[str] = field(
+        default_factory=lambda: [
+            "from",
+            "to",
+            "cc",
+            "subject",
+            "date",
+            "message-id",
+            "reply-to",
+            "mime-version",
+            "content-type",
+            "content-transfer-encoding",
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class TlsRule:
+    sender: str = ""
+    recipient: str = ""
+    level: str = _parsed(choice("encrypt", "verify"), "encrypt")
+    on_failure: str = _parsed(choice("hold", "reject"), "hold")
+
+
+@dataclass(frozen=True)
+class TlsPolicySection:
+    ca_bundle: Path = Path("/etc/ssl/certs/ca-certificates.crt")
+    rules: list[TlsRule] = field(default_factory=list)
+    hold_retry: float = _parsed(parse_duration, "15m")
+    failure_memory: float = _parsed(parse_duration, "15m")  # intake's 5.7.10 after a TLS failure
+
+
+@dataclass(frozen=True)
+class MtaStsSection:
+    enabled: bool = True
+    https_port: int = 443
+    ca_bundle: Path | None = None
+    fetch_timeout: float = _parsed(parse_duration, "10s")
+
+
+@dataclass(frozen=True)
+class DnsblZone:
+    """One DNSBL zone to check.  Keys left out come from the built-in catalogue when the zone
+    is a known list (``gateway/blacklist/catalogue.py``), else from the generic RFC 5782
+    reading; see docs/blacklist.md."""
+
+    zone: str = _parsed(parse_domain)
+    name: str = ""  # shown in tables and mails; default: the catalogue's name, else the zone
+    major: bool | None = None  # a listing here exits 2 (critical); default: catalogue, else no
+    ipv6: bool | None = None  # ask for IPv6 addresses; default: catalogue, else yes
+    removal_url: str = ""  # the provider's delisting form
+    removal_mail: str | None = _parsed(parse_email, None)  # removal request mailed here
+    listing_codes: dict[str, str] | None = _parsed(parse_answer_codes, None)
+    error_codes: dict[str, str] | None = _parsed(parse_answer_codes, None)
+    test_points: bool = True  # RFC 5782: 127.0.0.2 must be listed and 127.0.0.1 must not
+
+
+@dataclass(frozen=True)
+class BlacklistSection:
+    addresses: list[str] = _parsed(list_of(parse_ip), [])  # the fleet's outbound addresses
+    zones: list[DnsblZone] = field(default_factory=list)  # empty: the catalogue's defaults
+    operations_mailbox: str | None = _parsed(parse_email, None)
+    notify_via: tuple[str, int] | None = _parsed(parse_host_port, None)  # SMTP relay
+    mail_from: str | None = _parsed(parse_email, None)  # default smg-blacklist@<hostname>
+    ticket_url: str | None = _parsed(parse_url, None)
+    ticket_id_field: str = "id"  # which key of the ticket system's JSON reply is the id
+    notify_attempts: int = 10  # a failing notification is retried at this many checks
+    notify_timeout: float = _parsed(parse_duration, "30s")  # per SMTP or HTTP attempt
+    nameservers: list[tuple[str, int]] = _parsed(
+        list_of(lambda v: parse_host_port(v, default_port=53)), []
+    )  # empty: dns.nameservers (then /etc/resolv.conf)
+    timeout: float = _parsed(parse_duration, "5s")  # per DNS lookup
+    state: Path = Path("/var/lib/smg/blacklist.sqlite")
+    schedule: str = _parsed(parse_calendar, "*-*-* 05:00:00")
+    timezone: str = _parsed(parse_timezone, "Europe/Berlin")
+
+
+@dataclass(frozen=True)
+class Config:
+    gateway: GatewaySection
+    dns: DnsSection = field(default_factory=DnsSection)
+    delivery: DeliverySection = field(default_factory=DeliverySection)
+    virus: VirusSection = field(default_factory=VirusSection)
+    spam: SpamSection = field(default_factory=SpamSection)
+    routing: RoutingSection = field(default_factory=RoutingSection)
+    dkim: DkimSection = field(default_factory=DkimSection)
+    tls_policy: TlsPolicySection = field(default_factory=TlsPolicySection)
+    mta_sts: MtaStsSection = field(default_factory=MtaStsSection)
+    blacklist: BlacklistSection = field(default_factory=BlacklistSection)
+    source: str = "<memory>"
+
+
+# Keys the relay reads only when it starts: a SIGHUP does not apply them, so the deploy restarts
+# the relay when one of them changes (roles/relay.py) and a reload logs a warning.
+RESTART_ONLY: tuple[tuple[str, str], ...] = (
+    ("gateway", "listen"),
+    ("gateway", "spool"),
+    ("gateway", "metrics_listen"),
+    ("delivery", "concurrency"),
+)
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The ``section.key`` names of :data:`RESTART_ONLY` whose values differ."""
+    return [
+        f"{section}.{key}"
+        for section, key in RESTART_ONLY
+        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+    ]
