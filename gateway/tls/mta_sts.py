@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.config import MtaStsSection
+from gateway.dns import Resolver
+
 log = logging.getLogger("smg.mta_sts")
 
 POLICY_PATH = "/.well-known/mta-sts.txt"
@@ -284,9 +287,9 @@ class MtaSts:
 
     def __init__(
         self,
-        section: Any,
-        resolver: Any,
-        clock: Any = time.time,
+        section: MtaStsSection,
+        resolver: Resolver,
+        clock: Callable[[], float] = time.time,
         max_domains: int = MAX_CACHED_DOMAINS,
         state: StateFile | None = None,
     ) -> None:
