@@ -123,12 +123,13 @@ def _check_blacklist(config: Config) -> list[ConfigProblem]:
     return problems
 
 
-# Run in this order once every key parsed; each returns its problems (none: fine).
-CROSS_CHECKS: list[Callable[[Config], list[ConfigProblem]]] = [
+# Run in this order once every key parsed; each returns its problems (none: fine).  A fixed
+# tuple: a feature registering its own check here would make the config depend on importing it.
+CROSS_CHECKS: tuple[Callable[[Config], list[ConfigProblem]], ...] = (
     _check_gateway_limits,
     _check_routing,
     _check_tls_listener,
     _check_dkim_keys,
     _check_tls_rules,
     _check_blacklist,
-]
+)
