@@ -157,7 +157,6 @@ class Relay:
             event(log, "reload_failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
             return False
         self.config, self.services = config, services
-        self.intake.services = services
         self.intake.reload(runtime)
         if self.delivery is not None:
             self.delivery.config = config

@@ -174,7 +174,9 @@ def _refused(decision: Decision, result: Explanation) -> bool:
     return True
 
 
-async def _tls(config: Config, services: Services, ctx: MessageContext, result: Explanation):
+async def _tls(
+    config: Config, services: Services, ctx: MessageContext, result: Explanation
+) -> None:
     if result.outcome == _OUTCOMES[Action.REROUTE]:
         hosts = ", ".join(f"{h}:{p}" for h, p in config.routing.bad_gateways) or "(none set)"
         ca = config.routing.internal_ca or "the system CAs"
@@ -191,8 +193,7 @@ async def _tls(config: Config, services: Services, ctx: MessageContext, result: 
         except Exception as exc:  # MTA-STS lookups may fail: say so rather than guess
             result.tls[rcpt] = f"unknown: {exc}"
             continue
-        describe = getattr(requirement, "describe", None)
-        result.tls[rcpt] = describe() if callable(describe) else str(requirement.level)
+        result.tls[rcpt] = requirement.describe()
 
 
 def render(x: Explanation) -> str:

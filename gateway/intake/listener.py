@@ -46,7 +46,8 @@ class Intake:
     """The listeners and the sessions; :meth:`reload` swaps the runtime for new sessions."""
 
     def __init__(self, services: Services, runtime: Runtime) -> None:
-        self.services = services
+        """``services``: only their metrics are the intake's; the runtime's cleanup step
+        holds the rest (the spool, the DKIM signer)."""
         self.metrics: Metrics = services.metrics or Metrics()
         self.sessions: set[GatewaySMTP] = set()
         self.servers: list[asyncio.AbstractServer] = []
