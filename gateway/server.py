@@ -1,8 +1,9 @@
 """``smg serve``: build the relay's services, run intake + delivery + metrics, handle signals.
 
 Start-up: load and validate the config (a bad one exits ``78``, EX_CONFIG, naming file and
-key), open the spool, build the resolver, the TLS policy, the chain (clamd/rspamd clients) and
-the pipeline (DKIM keys), then start delivery, the SMTP listeners and the metrics endpoint.
+key), open the spool, build the services (``gateway.services.build_services``: resolver, TLS
+policy, clamd/rspamd clients, DKIM keys), the chain and the cleanup step, then start delivery,
+the SMTP listeners and the metrics endpoint.
 Something that cannot start (spool not writable, port taken, a DKIM key unusable) exits ``1``
 with the reason.
 
@@ -23,19 +24,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 from gateway.config import Config, ConfigError, load_config, restart_only_changes
-from gateway.dns import Resolver
+from gateway.delivery import Delivery
 from gateway.intake import Intake, Runtime, make_tls_context
 from gateway.log import event, setup_logging
 from gateway.metrics import Metrics
-from gateway.services import Services
+from gateway.policy.build import build_chain
+from gateway.policy.cleanup import Cleanup
+from gateway.services import Services, build_services
+from gateway.spool import Spool, SpoolUnavailable
 from gateway.workers import worker_index
 
 log = logging.getLogger("smg.server")
@@ -48,17 +50,6 @@ class StartupError(Exception):
     """The relay cannot start; the message says why."""
 
 
-def _optional(module: str, attribute: str) -> Any:
-    """A feature class from a module that may not be there (features land independently)."""
-    try:
-        return getattr(importlib.import_module(module), attribute)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        log.warning("%s is not installed: that feature is off", module)
-        return None
-
-
 class Relay:
     """The running relay: services, intake, delivery, metrics."""
 
@@ -68,38 +59,23 @@ class Relay:
         self.metrics = Metrics()
         self.services: Services | None = None
         self.intake: Intake | None = None
-        self.delivery: Any = None
+        self.delivery: Delivery | None = None
         self._stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
 
     # --- building -----------------------------------------------------------------------
 
-    def _services(self, config: Config, spool: Any, previous: Services | None = None) -> Services:
-        resolver = Resolver(config.dns)
-        services = Services(config, resolver=resolver, spool=spool, metrics=self.metrics)
-        tls_policy_class = _optional("gateway.tls.policy", "TlsPolicy")
-        if tls_policy_class is not None:
-            services.tls_policy = tls_policy_class(config, resolver, shared_state=True)
-        if previous is not None and services.tls_policy is not None and previous.tls_policy:
-            services.tls_policy.carry_over(previous.tls_policy)  # TLS failures, MTA-STS cache
-        if previous is not None:  # scanner clients keep their connections if unchanged
-            if previous.config.virus == config.virus:
-                services.clamd = previous.clamd
-            if previous.config.spam == config.spam:
-                services.rspamd = previous.rspamd
-        return services
+    def _services(self, config: Config, spool: Spool, previous: Services | None = None) -> Services:
+        return build_services(
+            config, spool=spool, metrics=self.metrics, shared_tls_state=True, previous=previous
+        )
 
     def _runtime(self, config: Config, services: Services) -> Runtime:
-        from gateway.policy.build import build_chain
-        from gateway.policy.pipeline import MessagePipeline
-
-        chain = build_chain(config, services)
-        pipeline = MessagePipeline(services)
-        return Runtime(config, chain, pipeline, make_tls_context(config))
+        # The intake checks relay control when a client connects: not again in the chain.
+        chain = build_chain(config, services, relay_control=False)
+        return Runtime(config, chain, Cleanup(services), make_tls_context(config))
 
     async def start(self) -> None:
-        from gateway.spool import Spool, SpoolUnavailable
-
         config = self.config
         try:
             spool = await Spool.open(config.gateway.spool)
@@ -112,13 +88,10 @@ class Relay:
             await spool.close()
             raise StartupError(f"{type(exc).__name__}: {exc}") from None
         self._register_gauges(spool)
-        delivery_class = _optional("gateway.delivery", "Delivery")
-        if delivery_class is not None:
-            self.delivery = delivery_class(
-                config, spool, self.services.resolver, self.services.tls_policy,
-                metrics=self.metrics,
-            )  # fmt: skip
-            await self.delivery.start()
+        self.delivery = Delivery(
+            config, spool, self.services.resolver, self.services.tls_policy, metrics=self.metrics
+        )
+        await self.delivery.start()
         self.intake = Intake(self.services, runtime)
         try:
             await self.intake.start()
@@ -132,7 +105,7 @@ class Relay:
         event(log, "ready", role=config.gateway.role, hostname=config.gateway.hostname,
               listen=",".join(f"{h}:{p}" for h, p in self.intake.addresses))  # fmt: skip
 
-    def _register_gauges(self, spool: Any) -> None:
+    def _register_gauges(self, spool: Spool) -> None:
         async def queue_sizes() -> dict[tuple[tuple[str, str], ...], float]:
             counts = await spool.counts()
             return {(("state", state),): float(n) for state, n in counts.items()}
@@ -184,7 +157,6 @@ class Relay:
             event(log, "reload_failed", level=logging.ERROR, error=f"{type(exc).__name__}: {exc}")
             return False
         self.config, self.services = config, services
-        self.intake.services = services
         self.intake.reload(runtime)
         if self.delivery is not None:
             self.delivery.config = config
@@ -204,7 +176,7 @@ class Relay:
         await self.metrics.close()
         if self.services is not None:
             rspamd = self.services.rspamd
-            if rspamd is not None and hasattr(rspamd, "close"):
+            if rspamd is not None:
                 with contextlib.suppress(Exception):
                     await rspamd.close()
             if self.services.spool is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from gateway.config import Config
 from gateway.policy.chain import Chain, Rule
 from gateway.policy.rules.recipient import RecipientRule
@@ -12,17 +14,22 @@ from gateway.policy.rules.spam import SpamRule
 from gateway.policy.rules.tls_known_failure import TlsKnownFailureRule
 from gateway.policy.rules.verdict import VerdictRule
 from gateway.policy.rules.virus import VirusRule
-from gateway.scanners.clamd import ClamdClient
-from gateway.scanners.rspamd import RspamdClient
 from gateway.services import Services
 
+_Client = TypeVar("_Client")
 
-def build_chain(config: Config, services: Services) -> Chain:
+
+def build_chain(config: Config, services: Services, *, relay_control: bool = True) -> Chain:
     """The one place that orders the rules.  MAIL stage, RCPT stage, then DATA stage; within
-    the DATA stage: virus, spam, then route, which always decides."""
+    the DATA stage: virus, spam, then route, which always decides.
+
+    ``relay_control=False``: the intake refuses clients outside ``gateway.client_networks``
+    when they connect (``gateway.intake.handler``), so the relay's chain does not ask again;
+    ``smg explain`` keeps the rule to show the verdict."""
     rules: list[Rule] = []
     # MAIL stage: relay control first (a stranger learns nothing about DNS), then the sender.
-    rules.append(RelayControlRule(config.gateway.client_networks))
+    if relay_control:
+        rules.append(RelayControlRule(config.gateway.client_networks))
     rules.append(SenderDomainRule(services.resolver))
     # RCPT stage: syntax, relay tricks and the recipient limit before any other RCPT rule.
     rules.append(RecipientRule(config.gateway.max_recipients))
@@ -32,11 +39,16 @@ def build_chain(config: Config, services: Services) -> Chain:
     # only from good gateways, always removed), spam (good gateways: the bad one trusts the
     # verdict), then route, which always decides.
     if config.virus.enabled:
-        services.clamd = services.clamd or ClamdClient.from_config(config.virus)
-        rules.append(VirusRule(services.clamd))
+        rules.append(VirusRule(_client(services.clamd, "virus")))
     rules.append(VerdictRule(config.routing, config.gateway.role))
     if config.gateway.role == "good" and config.spam.enabled:
-        services.rspamd = services.rspamd or RspamdClient.from_config(config.spam)
-        rules.append(SpamRule(services.rspamd, config.spam))
+        rules.append(SpamRule(_client(services.rspamd, "spam"), config.spam))
     rules.append(RouteRule(config.gateway.role))
     return Chain(rules)
+
+
+def _client(client: _Client | None, section: str) -> _Client:
+    """A scanner client ``build_services`` made; never silently skip a scan that is on."""
+    if client is None:
+        raise ValueError(f"[{section}] is enabled but the services have no client for it")
+    return client

@@ -1,6 +1,6 @@
 """Byte-exact work on a message's header block: read, remove and prepend header fields.
 
-The pipeline changes only the header fields it means to change; every other byte of the
+The cleanup step changes only the header fields it means to change; every other byte of the
 message (other headers, their folding, the body) is kept as it came, so DKIM signatures made
 before us and the body hash stay valid.  Messages with CRLF or bare LF line ends both work; new
 fields use the message's own line end.

@@ -14,10 +14,10 @@ from gateway.config import Config, parse_config
 from gateway.policy import headers
 from gateway.policy.build import build_chain
 from gateway.policy.chain import Action, MessageContext, Stage
-from gateway.policy.pipeline import MessagePipeline
+from gateway.policy.cleanup import Cleanup
 from gateway.policy.rules.verdict import parse_verdict
 from gateway.scanners.rspamd import RspamdClient
-from gateway.services import Services
+from gateway.services import build_services
 from tests.harness.rspamd import GTUBE, Rspamd
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def ctx(data: bytes, client_ip: str = "127.0.0.5") -> MessageContext:
 
 async def test_gtube_is_spam_and_rerouted_with_its_verdict(rspamd: Rspamd) -> None:
     cfg = config(rspamd.url)
-    services = Services(cfg)
+    services = build_services(cfg)
     chain = build_chain(cfg, services)
     message = ctx(gtube_mail())
     decision = await chain.run(Stage.DATA, message)
@@ -78,7 +78,7 @@ async def test_gtube_is_spam_and_rerouted_with_its_verdict(rspamd: Rspamd) -> No
     verdict = message.facts["spam"]
     assert verdict["is_spam"] and verdict["score"] >= 15 and verdict["action"] == "reject"
     assert "GTUBE" in verdict["symbols"]
-    queued = await MessagePipeline(services).prepare(message, decision)
+    queued = await Cleanup(services).prepare(message, decision)
     (value,) = headers.get_values(queued, cfg.routing.verdict_header)
     parsed, by = parse_verdict(value)  # type: ignore[misc]
     assert by == "mta01.example.net" and "GTUBE" in parsed["symbols"]
@@ -87,7 +87,7 @@ async def test_gtube_is_spam_and_rerouted_with_its_verdict(rspamd: Rspamd) -> No
 async def test_business_mail_is_ham_and_delivered_directly(rspamd: Rspamd) -> None:
     cfg = config(rspamd.url)
     message = ctx(business_mail())
-    decision = await build_chain(cfg, Services(cfg)).run(Stage.DATA, message)
+    decision = await build_chain(cfg, build_services(cfg)).run(Stage.DATA, message)
     assert decision.action == Action.ACCEPT, message.facts["spam"]
     assert not message.facts["spam"]["is_spam"]
     assert message.facts["spam"]["action"] == "no action"
@@ -100,10 +100,10 @@ async def test_forged_ham_verdict_does_not_save_gtube(rspamd: Rspamd) -> None:
         b"symbols=\r\n" + gtube_mail()
     )
     message = ctx(forged, client_ip="127.0.0.21")  # even from a good gateway's address
-    services = Services(cfg)
+    services = build_services(cfg)
     decision = await build_chain(cfg, services).run(Stage.DATA, message)
     assert decision.action == Action.REROUTE
-    queued = await MessagePipeline(services).prepare(message, decision)
+    queued = await Cleanup(services).prepare(message, decision)
     (value,) = headers.get_values(queued, "X-SMG-Verdict")
     assert value.startswith("spam;") and "by=mta01.example.net" in value
 
@@ -123,11 +123,11 @@ async def test_rspamd_down_is_451_unless_fail_open() -> None:
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
     cfg = config(dead)
-    decision = await build_chain(cfg, Services(cfg)).run(Stage.DATA, ctx(business_mail()))
+    decision = await build_chain(cfg, build_services(cfg)).run(Stage.DATA, ctx(business_mail()))
     assert decision.action == Action.TEMPFAIL and decision.decided_by == "spam"
     assert str(decision.reply).startswith("451 4.7.0")
     cfg = config(dead, fail_open=True)
-    decision = await build_chain(cfg, Services(cfg)).run(Stage.DATA, ctx(gtube_mail()))
+    decision = await build_chain(cfg, build_services(cfg)).run(Stage.DATA, ctx(gtube_mail()))
     assert decision.action == Action.ACCEPT
 
 
@@ -148,7 +148,7 @@ def test_rspamd_url_may_be_a_unix_socket(tmp_path_factory: pytest.TempPathFactor
     try:
         cfg = config(f"unix:{path}")
         message = ctx(gtube_mail())
-        decision = asyncio.run(build_chain(cfg, Services(cfg)).run(Stage.DATA, message))
+        decision = asyncio.run(build_chain(cfg, build_services(cfg)).run(Stage.DATA, message))
         assert decision.action == Action.REROUTE and message.facts["spam"]["is_spam"]
     finally:
         daemon.close()

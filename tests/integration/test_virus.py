@@ -1,6 +1,6 @@
 """The virus rule and the info NDR with the REAL clamd (test signature DB detecting EICAR).
 
-In-process: the rule, the DATA stage of the real chain and the pipeline's information NDR into
+In-process: the rule, the DATA stage of the real chain and the cleanup step's information NDR into
 a real spool.  Through `smg serve` (SMTP in, NDR out at a sink): tests/integration/test_routing.py.
 """
 
@@ -15,10 +15,10 @@ import pytest
 from gateway.config import Config, parse_config
 from gateway.policy.build import build_chain
 from gateway.policy.chain import Action, MessageContext, Stage
-from gateway.policy.pipeline import MessagePipeline
+from gateway.policy.cleanup import Cleanup
 from gateway.policy.rules.virus import VirusRule
 from gateway.scanners.clamd import ClamdClient
-from gateway.services import Services
+from gateway.services import build_services
 from gateway.spool import Spool
 from tests.harness import EICAR, EICAR_SIGNATURE_PREFIX, Clamd
 
@@ -69,7 +69,7 @@ def ctx(data: bytes) -> MessageContext:
 @pytest.mark.parametrize("endpoint", ["unix", "tcp"])
 @pytest.mark.parametrize("make", [eicar_plain, eicar_attachment], ids=["plain", "base64"])
 async def test_eicar_is_rejected_naming_the_virus(clamd: Clamd, endpoint: str, make) -> None:
-    chain = build_chain(config(clamd, endpoint), Services(config(clamd, endpoint)))
+    chain = build_chain(config(clamd, endpoint), build_services(config(clamd, endpoint)))
     decision = await chain.run(Stage.DATA, ctx(make()))
     assert decision.action == Action.REJECT and decision.decided_by == "virus"
     assert decision.reply is not None
@@ -83,7 +83,7 @@ async def test_clean_mail_passes_the_virus_rule(clamd: Clamd) -> None:
 
 async def test_clamd_down_is_451_never_accepted_unscanned(clamd_private: Clamd) -> None:
     cfg = config(clamd_private)
-    chain = build_chain(cfg, Services(cfg))
+    chain = build_chain(cfg, build_services(cfg))
     clamd_private.stop()
     decision = await chain.run(Stage.DATA, ctx(BUSINESS))
     assert decision.action == Action.TEMPFAIL and decision.decided_by == "virus"
@@ -108,11 +108,11 @@ async def test_info_ndr_goes_into_the_real_spool(clamd: Clamd, tmp_path: Path) -
     cfg = config(clamd)
     spool = await Spool.open(tmp_path / "spool")
     try:
-        services = Services(cfg, spool=spool)
-        chain, pipeline = build_chain(cfg, services), MessagePipeline(services)
+        services = build_services(cfg, spool=spool)
+        chain, cleanup = build_chain(cfg, services), Cleanup(services)
         message = ctx(eicar_attachment())
         decision = await chain.run(Stage.DATA, message)
-        await pipeline.after_reject(message, decision)
+        await cleanup.after_reject(message, decision)
         (queued,) = [m for m in await spool.list() if m.kind == "ndr"]
         ndr = (await spool.load(queued.id)).data
     finally:

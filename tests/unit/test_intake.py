@@ -1,4 +1,4 @@
-"""The intake in process, with fake neighbours (spool, pipeline, DNS): protocol rules.
+"""The intake in process, with fake neighbours (spool, DNS): protocol rules.
 
 The same behaviour is shown against the real ``smg serve`` process with swaks and knot in
 tests/integration/test_intake*.py; these run in about a second and cover the corners.
@@ -17,7 +17,8 @@ from gateway.config import parse_config
 from gateway.dns import Resolver
 from gateway.intake import Intake, Runtime
 from gateway.metrics import Metrics
-from gateway.policy.chain import Action, Chain, MessageContext, Reply, RuleResult, Stage
+from gateway.policy.chain import Action, Chain, Decision, MessageContext, Reply, RuleResult, Stage
+from gateway.policy.cleanup import Cleanup
 from gateway.policy.rules.recipient import RecipientRule
 from gateway.policy.rules.relay_control import RelayControlRule
 from gateway.policy.rules.sender_domain import SenderDomainRule
@@ -40,15 +41,16 @@ class FakeSpool:
         return f"TESTQ{len(self.messages)}"
 
 
-class FakePipeline:
-    def __init__(self) -> None:
+class RecordingCleanup(Cleanup):
+    """The real cleanup step, remembering which rule's rejections it cleaned up after."""
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
         self.rejected: list[str] = []
 
-    async def prepare(self, ctx: MessageContext, decision: Any) -> bytes:
-        return ctx.data
-
-    async def after_reject(self, ctx: MessageContext, decision: Any) -> None:
+    async def after_reject(self, ctx: MessageContext, decision: Decision) -> None:
         self.rejected.append(decision.decided_by)
+        await super().after_reject(ctx, decision)
 
 
 class BodyRule:
@@ -71,7 +73,7 @@ class BodyRule:
 class Relay:
     intake: Intake
     spool: FakeSpool
-    pipeline: FakePipeline
+    cleanup: RecordingCleanup
     port: int
     metrics: Metrics
 
@@ -110,8 +112,9 @@ async def relay() -> AsyncIterator[Relay]:
     config = dataclasses.replace(
         config, gateway=dataclasses.replace(config.gateway, listen=[("127.0.0.1", 0)])
     )
-    spool, pipeline, metrics = FakeSpool(), FakePipeline(), Metrics()
+    spool, metrics = FakeSpool(), Metrics()
     services = Services(config, resolver=Resolver(config.dns), spool=spool, metrics=metrics)
+    cleanup = RecordingCleanup(services)
     chain = Chain(
         [
             RelayControlRule(config.gateway.client_networks),
@@ -120,9 +123,9 @@ async def relay() -> AsyncIterator[Relay]:
             BodyRule(),
         ]
     )
-    intake = Intake(services, Runtime(config, chain, pipeline))
+    intake = Intake(services, Runtime(config, chain, cleanup))
     await intake.start()
-    yield Relay(intake, spool, pipeline, intake.addresses[0][1], metrics)
+    yield Relay(intake, spool, cleanup, intake.addresses[0][1], metrics)
     await intake.stop(grace=1)
     transport.close()
 
@@ -204,7 +207,7 @@ async def test_data_reject_runs_after_reject(relay: Relay) -> None:
     client, _ = await Client.connect(relay.port)
     await client.start_mail()
     assert (await client.cmd(b"Subject: VIRUS\r\n\r\nx\r\n.")) == "554 5.7.1 Virus found"
-    assert relay.pipeline.rejected == ["body"] and relay.spool.messages == []
+    assert relay.cleanup.rejected == ["body"] and relay.spool.messages == []
     await client.start_mail()  # the session goes on
     assert (await client.cmd(MESSAGE + b".")).startswith("250")
 

@@ -21,7 +21,6 @@ MAX_LINES = 500
 NOT_YET_SPLIT = {
     "gateway/spool.py",
     "gateway/delivery.py",
-    "gateway/intake.py",
     "gateway/inventory.py",
 }
 

@@ -1,4 +1,4 @@
-"""MessagePipeline and the header tools: what is queued after the chain decided."""
+"""The cleanup step and the header tools: what is queued after the chain decided."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from gateway.config import Config, parse_config
 from gateway.dkim import DkimKeyError, load_private_key, write_new_key
 from gateway.policy import headers
 from gateway.policy.chain import Action, Decision, MessageContext
-from gateway.policy.pipeline import MessagePipeline
+from gateway.policy.cleanup import Cleanup
 from gateway.policy.rules.spam import SpamVerdict
 from gateway.policy.rules.verdict import parse_verdict
-from gateway.services import Services
+from gateway.services import build_services
 
 EICAR_LIKE = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$ not really"
 MESSAGE = (
@@ -63,7 +63,7 @@ def test_prepend_cannot_inject_fields() -> None:
     assert headers.get_values(added, "bcc") == []
 
 
-# -- the pipeline -------------------------------------------------------------------------------
+# -- the cleanup step ---------------------------------------------------------------------------
 
 
 class FakeSpool:
@@ -132,8 +132,8 @@ def decision(action: Action) -> Decision:
 
 
 async def test_good_gateway_reroute_adds_own_verdict_and_signs(keys) -> None:
-    pipeline = MessagePipeline(Services(config("good", keys)))
-    out = await pipeline.prepare(spam_ctx(), decision(Action.REROUTE))
+    cleanup = Cleanup(build_services(config("good", keys)))
+    out = await cleanup.prepare(spam_ctx(), decision(Action.REROUTE))
     values = headers.get_values(out, "X-SMG-Verdict")
     assert len(values) == 1, "the forged copies are gone, ours is there"
     verdict, by = parse_verdict(values[0])  # type: ignore[misc]
@@ -145,31 +145,31 @@ async def test_good_gateway_reroute_adds_own_verdict_and_signs(keys) -> None:
     # The bad gateway removes the verdict header: the signatures still verify.
     stripped = headers.remove(out, {"x-smg-verdict"})
     assert dkimpy.DKIM(stripped).verify(idx=0, dnsfunc=dnsfunc(keys))
-    assert pipeline.signing_keys(spam_ctx())[0].startswith("d=example.com s=r1 (rsa-2048")
+    assert cleanup.signing_keys(spam_ctx())[0].startswith("d=example.com s=r1 (rsa-2048")
 
 
 async def test_good_gateway_accept_has_no_verdict_header(keys) -> None:
-    pipeline = MessagePipeline(Services(config("good", keys)))
-    out = await pipeline.prepare(spam_ctx(), decision(Action.ACCEPT))
+    cleanup = Cleanup(build_services(config("good", keys)))
+    out = await cleanup.prepare(spam_ctx(), decision(Action.ACCEPT))
     assert headers.get_values(out, "X-SMG-Verdict") == []
     assert out.count(b"DKIM-Signature:") == 2
 
 
 async def test_bad_gateway_strips_verdict_and_never_signs(keys) -> None:
-    pipeline = MessagePipeline(Services(config("bad", keys)))
+    cleanup = Cleanup(build_services(config("bad", keys)))
     ctx = spam_ctx()
-    out = await pipeline.prepare(ctx, decision(Action.ACCEPT))
+    out = await cleanup.prepare(ctx, decision(Action.ACCEPT))
     assert b"dkim-signature" not in out.lower()
     assert headers.get_values(out, "X-SMG-Verdict") == []
     assert out.endswith(b"body with X-SMG-Verdict: in it stays\r\n")
-    assert pipeline.signing_keys(ctx) == []
+    assert cleanup.signing_keys(ctx) == []
 
 
 async def test_verdict_header_goes_even_if_no_rule_asked(keys) -> None:
-    pipeline = MessagePipeline(Services(config("bad", keys)))
+    cleanup = Cleanup(build_services(config("bad", keys)))
     ctx = spam_ctx()
     ctx.remove_headers.clear()
-    out = await pipeline.prepare(ctx, decision(Action.ACCEPT))
+    out = await cleanup.prepare(ctx, decision(Action.ACCEPT))
     assert headers.get_values(out, "X-SMG-Verdict") == []
 
 
@@ -178,8 +178,8 @@ def test_loose_key_mode_stops_the_pipeline_from_starting(tmp_path: Path) -> None
     path.chmod(0o644)
     cfg = config("good", [{"domain": "example.com", "selector": "s1", "key": str(path)}])
     with pytest.raises(DkimKeyError, match=r"s1\.key"):
-        MessagePipeline(Services(cfg))
-    MessagePipeline(Services(config("bad", [])))  # the bad gateway loads no keys
+        build_services(cfg)
+    build_services(config("bad", []))  # the bad gateway loads no keys
 
 
 def virus_ctx(mail_from: str = "alice@example.com") -> MessageContext:
@@ -196,8 +196,8 @@ def virus_ctx(mail_from: str = "alice@example.com") -> MessageContext:
 
 async def test_virus_reject_queues_info_ndr_without_the_content(keys) -> None:
     spool = FakeSpool()
-    pipeline = MessagePipeline(Services(config("good", keys), spool=spool))
-    await pipeline.after_reject(virus_ctx(), decision(Action.REJECT))
+    cleanup = Cleanup(build_services(config("good", keys), spool=spool))
+    await cleanup.after_reject(virus_ctx(), decision(Action.REJECT))
     ((sender, rcpts, data, kw),) = spool.queued
     assert sender == "" and rcpts == ["alice@example.com"] and kw["kind"] == "ndr"
     text = data.decode()
@@ -209,15 +209,15 @@ async def test_virus_reject_queues_info_ndr_without_the_content(keys) -> None:
 
 async def test_no_info_ndr_for_null_sender_or_other_rejections(keys) -> None:
     spool = FakeSpool()
-    pipeline = MessagePipeline(Services(config("good", keys), spool=spool))
-    await pipeline.after_reject(virus_ctx(""), decision(Action.REJECT))
-    await pipeline.after_reject(virus_ctx(), decision(Action.TEMPFAIL))
+    cleanup = Cleanup(build_services(config("good", keys), spool=spool))
+    await cleanup.after_reject(virus_ctx(""), decision(Action.REJECT))
+    await cleanup.after_reject(virus_ctx(), decision(Action.TEMPFAIL))
     plain = virus_ctx()
     plain.facts.clear()
-    await pipeline.after_reject(plain, decision(Action.REJECT))
+    await cleanup.after_reject(plain, decision(Action.REJECT))
     assert spool.queued == []
 
 
 async def test_spool_failure_for_the_info_ndr_does_not_raise(keys) -> None:
-    pipeline = MessagePipeline(Services(config("good", keys), spool=FakeSpool(fail=True)))
-    await pipeline.after_reject(virus_ctx(), decision(Action.REJECT))
+    cleanup = Cleanup(build_services(config("good", keys), spool=FakeSpool(fail=True)))
+    await cleanup.after_reject(virus_ctx(), decision(Action.REJECT))

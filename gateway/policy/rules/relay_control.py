@@ -1,9 +1,9 @@
 """Relay control: only clients inside ``gateway.client_networks`` may send through this gateway.
 
-The intake enforces it when a client connects (``554 5.7.1`` instead of the greeting, then the
-connection is closed): a stranger never gets as far as MAIL FROM.  The same check runs as the
-first rule of the MAIL stage so that ``smg explain --client-ip`` shows it, and as a second
-line of defence should a listener ever be set up without the connect check.
+The intake checks it once, when a client connects (``gateway.intake.handler``: ``554 5.7.1``
+instead of the greeting, then the connection is closed): a stranger never gets as far as MAIL
+FROM, and the relay's chain does not ask again.  ``smg explain --client-ip`` runs the same
+check as the first rule of the MAIL stage (``build_chain(..., relay_control=True)``) to show it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Virus rule (DATA stage, first): every message is scanned by clamd before the 250.
 
-Infected: ``554 5.7.1 Virus found: <name>``; the pipeline then sends the sender an information
-NDR (``MessagePipeline.after_reject``).  No verdict (clamd down, too slow, or the message larger
-than clamd's ``StreamMaxLength``): ``451 4.7.0``, so a message is never accepted unscanned.
+Infected: ``554 5.7.1 Virus found: <name>``; the cleanup step then sends the sender an
+information NDR (``gateway.policy.cleanup.Cleanup.after_reject``).  No verdict (clamd down, too
+slow, or the message larger than clamd's ``StreamMaxLength``): ``451 4.7.0``, so a message is
+never accepted unscanned.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""What happens to a message between the chain's decision and the spool.
+"""Cleanup: what turns a message the chain let through into a queued one (as Postfix's cleanup).
+
+The intake's DATA hook (``gateway.intake.handler``) calls :meth:`Cleanup.enqueue` after the
+DATA stage accepted, rerouted or held the message; the ``250`` goes out only after it returned
+(the message is durable).  The Received: header is not added here: the intake writes it before
+the DATA stage, so the scanners see the message as it will be queued.
 
 On accept, reroute or hold the message's bytes are prepared once, in this order:
 
@@ -16,33 +21,58 @@ information NDR (``dsn.make_info_ndr``), queued like any other message; never to
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 from gateway import dsn
-from gateway.dkim import DkimSigner
 from gateway.policy import headers
 from gateway.policy.chain import Action, Decision, MessageContext
 from gateway.policy.rules.verdict import format_verdict
 from gateway.services import Services
+from gateway.spool import Spool
 
-log = logging.getLogger("smg.pipeline")
+log = logging.getLogger("smg.pipeline")  # the logger name operators filter on: kept
 
 _QUEUED = {Action.ACCEPT, Action.REROUTE, Action.HOLD}
+_QUEUE_ROUTE = {Action.REROUTE: "bad_gateway"}
 
 
-class MessagePipeline:
+class Queued(NamedTuple):
+    queue_id: str
+    size: int  # bytes queued, after the headers changed and the signatures were added
+
+
+class Cleanup:
     def __init__(self, services: Services) -> None:
-        """Loads the DKIM keys on a good gateway: an unusable key (wrong mode, bad format)
-        raises :class:`gateway.dkim.DkimKeyError` here, so the relay refuses to start."""
+        """A good gateway signs with ``services.dkim`` (``build_services`` loads the keys);
+        the bad gateway never signs."""
         self.services = services
         config = services.config
         self.role = config.gateway.role
         self.hostname = config.gateway.hostname
         self.verdict_header = config.routing.verdict_header
-        self.signer: DkimSigner | None = None
-        if self.role == "good":
-            if services.dkim is None:
-                services.dkim = DkimSigner.from_config(config.dkim)
-            self.signer = services.dkim
+        self.signer = services.dkim if self.role == "good" else None
+
+    async def enqueue(self, ctx: MessageContext, decision: Decision) -> Queued:
+        """Prepare and queue an accepted, rerouted or held message; sets ``ctx.queue_id``.
+        Spool errors propagate: the intake turns them into its 4xx reply."""
+        prepared = await self.prepare(ctx, decision)
+        queue_id = await self._spool().enqueue(
+            ctx.mail_from,
+            ctx.rcpt_tos,
+            prepared,
+            route=_QUEUE_ROUTE.get(decision.action, "direct"),
+            state="held" if decision.action == Action.HOLD else "active",
+            client_ip=ctx.client_ip,
+            helo=ctx.helo,
+            facts=ctx.facts,
+        )
+        ctx.queue_id = queue_id
+        return Queued(queue_id, len(prepared))
+
+    def _spool(self) -> Spool:
+        if self.services.spool is None:  # smg explain: nothing may be queued
+            raise RuntimeError("no spool: a dry run queues nothing")
+        return self.services.spool
 
     async def prepare(self, ctx: MessageContext, decision: Decision) -> bytes:
         """The bytes to queue for an accepted, rerouted or held message."""
@@ -83,7 +113,7 @@ class MessagePipeline:
                 queue_id=ctx.queue_id or None,
                 client_ip=ctx.client_ip,
             )
-            queue_id = await self.services.spool.enqueue(
+            queue_id = await self._spool().enqueue(
                 "", [ctx.mail_from], ndr, kind="ndr", facts={"virus": virus}
             )
         except Exception:

@@ -25,10 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.cli.serve import DEFAULT_CONFIG
 from gateway.config import ConfigError, load_config
 from gateway.spool import QueuedMessage, SpoolAdmin, SpoolUnavailable, UnknownMessage
-
-DEFAULT_CONFIG = "/etc/smg/smg.toml"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

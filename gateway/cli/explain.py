@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -20,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
-from gateway.policy.chain import Action, Decision, MessageContext, RuleResult, Stage
-from gateway.services import Services
+from gateway.policy.build import build_chain
+from gateway.policy.chain import Action, Chain, Decision, MessageContext, RuleResult, Stage
+from gateway.policy.cleanup import Cleanup
+from gateway.services import Services, build_services
 
 _REFUSING = {Action.REJECT, Action.TEMPFAIL}
 _OUTCOMES = {
@@ -117,35 +118,19 @@ def to_crlf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-def _services(config: Config) -> Services:
-    """The services ``smg serve`` builds, without a spool: nothing can be queued."""
-    from gateway.dns import Resolver
-
-    resolver = Resolver(config.dns)
-    services = Services(config, resolver=resolver)
-    try:
-        tls_policy = importlib.import_module("gateway.tls.policy").TlsPolicy
-    except ModuleNotFoundError:
-        tls_policy = None
-    if tls_policy is not None:
-        services.tls_policy = tls_policy(config, resolver)
-    return services
-
-
 async def explain(config: Config, args: argparse.Namespace, data: bytes) -> Explanation:
-    from gateway.policy.build import build_chain
-    from gateway.policy.pipeline import MessagePipeline
-
-    services = _services(config)
-    chain = build_chain(config, services)
-    pipeline = MessagePipeline(services)
+    # The services smg serve builds, without a spool (nothing can be queued), and its chain
+    # with the relay control the intake checks at connect shown as the first MAIL rule.
+    services = build_services(config)
+    chain = build_chain(config, services, relay_control=True)
+    cleanup = Cleanup(services)
     result = Explanation(config.gateway.hostname, config.gateway.role, args.mail_from,
                          args.client_ip)  # fmt: skip
     ctx = MessageContext(client_ip=args.client_ip, helo=args.helo, mail_from=args.mail_from)
     try:
         await _run(chain, ctx, args.rcpt_tos, data, result)
         if result.accepted:
-            result.dkim = pipeline.signing_keys(ctx) or ["none (no key for the From: domain)"]
+            result.dkim = cleanup.signing_keys(ctx) or ["none (no key for the From: domain)"]
             await _tls(config, services, ctx, result)
         elif ctx.facts.get("virus") and ctx.mail_from:
             result.notes.append(f"an information NDR naming the virus would go to {ctx.mail_from}")
@@ -156,7 +141,7 @@ async def explain(config: Config, args: argparse.Namespace, data: bytes) -> Expl
 
 
 async def _run(
-    chain: Any, ctx: MessageContext, rcpts: list[str], data: bytes, result: Explanation
+    chain: Chain, ctx: MessageContext, rcpts: list[str], data: bytes, result: Explanation
 ) -> None:
     decision = await chain.run(Stage.MAIL, ctx)
     result.steps += [Step.of(Stage.MAIL, r) for r in decision.results]
@@ -189,7 +174,9 @@ def _refused(decision: Decision, result: Explanation) -> bool:
     return True
 
 
-async def _tls(config: Config, services: Services, ctx: MessageContext, result: Explanation):
+async def _tls(
+    config: Config, services: Services, ctx: MessageContext, result: Explanation
+) -> None:
     if result.outcome == _OUTCOMES[Action.REROUTE]:
         hosts = ", ".join(f"{h}:{p}" for h, p in config.routing.bad_gateways) or "(none set)"
         ca = config.routing.internal_ca or "the system CAs"
@@ -206,8 +193,7 @@ async def _tls(config: Config, services: Services, ctx: MessageContext, result: 
         except Exception as exc:  # MTA-STS lookups may fail: say so rather than guess
             result.tls[rcpt] = f"unknown: {exc}"
             continue
-        describe = getattr(requirement, "describe", None)
-        result.tls[rcpt] = describe() if callable(describe) else str(requirement.level)
+        result.tls[rcpt] = requirement.describe()
 
 
 def render(x: Explanation) -> str:

@@ -1,0 +1,225 @@
+"""The intake's policy side: aiosmtpd handler hooks that run the policy chain.
+
+The protocol (``gateway.intake.protocol``) parses and checks the commands, then calls a hook
+of the same shape as aiosmtpd's (``handle_MAIL(server, session, envelope, address, options)``
+and so on) and pushes the reply string the hook returns.  The hooks run the chain's stage,
+log and count refusals, and on a message the chain let through hand it to the cleanup step
+(``gateway.policy.cleanup``), which queues it.
+
+Relay control is checked once, when a client connects (:meth:`PolicyHandler.check_client`):
+the relay's chain is built without the ``relay_control`` rule.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import logging
+from collections.abc import Iterable
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+
+from gateway.log import event
+from gateway.metrics import Metrics
+from gateway.policy.chain import Action, Chain, Decision, MessageContext, Reply, Stage
+from gateway.policy.cleanup import Cleanup
+from gateway.policy.rules.relay_control import client_allowed, relay_denied
+from gateway.spool import SpoolUnavailable
+
+log = logging.getLogger("smg.intake")
+
+_REFUSING = {Action.REJECT, Action.TEMPFAIL}
+MailOptions = dict[str, int | str | bool]  # SIZE, BODY, SMTPUTF8 as the protocol parsed them
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Transaction(Envelope):
+    """aiosmtpd's envelope, plus the policy's view of the message between MAIL and DATA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.context: MessageContext | None = None
+
+
+class PolicyHandler:
+    """The hooks for the sessions of one runtime (a reload makes a new handler)."""
+
+    def __init__(
+        self,
+        chain: Chain,
+        cleanup: Cleanup,
+        client_networks: Iterable[Network],
+        metrics: Metrics,
+    ) -> None:
+        self.chain = chain
+        self.cleanup = cleanup
+        self.client_networks = list(client_networks)
+        self.metrics = metrics
+
+    # --- aiosmtpd's own hooks -----------------------------------------------------------
+
+    async def handle_exception(self, error: Exception) -> str:
+        # A bug in a command handler: the client retries later instead of seeing a 500
+        # with a Python exception text.
+        if isinstance(error, TLSSetupException):  # a client that cannot do TLS 1.2+
+            log.warning("STARTTLS handshake failed: %s", error.__cause__ or error)
+            return "454 4.7.0 TLS handshake failed"
+        log.error("SMTP session error", exc_info=error)
+        return "451 4.3.0 Local error, try again later"
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, name: str, lines: list[str]
+    ) -> list[str]:
+        session.host_name = name
+        keep = [line for line in lines[:-1] if not line.startswith("250-AUTH")]
+        return [*keep, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+
+    # --- connect ------------------------------------------------------------------------
+
+    def check_client(self, client_ip: str) -> str | None:
+        """Relay control: a client outside ``gateway.client_networks`` gets ``554 5.7.1``
+        instead of the greeting, so a stranger never gets as far as MAIL FROM."""
+        if client_allowed(client_ip, self.client_networks):
+            return None
+        self.metrics.inc("connections_refused", reason="relay_control")
+        event(log, "reject", "NOQUEUE", stage="connect", client=client_ip,
+              reason="relay_control", reply="554 5.7.1 Relay access denied")  # fmt: skip
+        return str(relay_denied(client_ip))
+
+    # --- the transaction ----------------------------------------------------------------
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Transaction,
+        address: str,
+        options: MailOptions,
+    ) -> str:
+        ctx = MessageContext(
+            client_ip=_client_ip(session),
+            helo=session.host_name or "",
+            mail_from=address,
+            tls=session.ssl is not None,
+            rcpt_tos=envelope.rcpt_tos,  # one list: what the envelope accepted, the chain sees
+        )
+        if options.get("SMTPUTF8"):
+            ctx.facts["smtputf8"] = True
+        if options.get("BODY"):
+            ctx.facts["body"] = options["BODY"]
+        decision = await self._run_stage(Stage.MAIL, ctx)
+        if isinstance(decision, str):
+            return decision
+        envelope.mail_from = address
+        envelope.smtp_utf8 = bool(options.get("SMTPUTF8"))
+        envelope.context = ctx
+        return "250 2.1.0 Sender ok"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Transaction,
+        address: str,
+        options: list[str],
+    ) -> str:
+        ctx = _context(envelope)
+        ctx.rcpt_tos.append(address)  # the RCPT stage looks at the last recipient
+        decision = await self._run_stage(Stage.RCPT, ctx)
+        if isinstance(decision, str):
+            ctx.rcpt_tos.pop()
+            return decision
+        return "250 2.1.5 Recipient ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Transaction) -> str:
+        """``envelope.content``: the message, dot-unstuffed and checked by the protocol.
+        Trace, run the DATA stage, queue: the final reply."""
+        ctx = _context(envelope)
+        assert isinstance(envelope.content, bytes)
+        ctx.data = _received_header(server.hostname, session, ctx) + envelope.content
+        decision = await self._run_stage(Stage.DATA, ctx)
+        if isinstance(decision, str):
+            return decision
+        try:
+            queued = await self.cleanup.enqueue(ctx, decision)
+        except Exception as exc:
+            return self._queue_failure(ctx, exc)
+        self.metrics.inc("received")
+        event(log, "received", queued.queue_id, client=ctx.client_ip, helo=ctx.helo,
+              sender=f"<{ctx.mail_from}>", nrcpt=len(ctx.rcpt_tos), size=queued.size,
+              action=str(decision.action), decided_by=decision.decided_by,
+              tls=ctx.tls)  # fmt: skip
+        return f"250 2.0.0 Ok: queued as {queued.queue_id}"
+
+    def _queue_failure(self, ctx: MessageContext, exc: Exception) -> str:
+        self.metrics.inc("rejected", stage="data", reason="spool")
+        if isinstance(exc, SpoolUnavailable):
+            event(log, "tempfail", "NOQUEUE", level=logging.ERROR, client=ctx.client_ip,
+                  sender=f"<{ctx.mail_from}>", reason="spool", error=str(exc))  # fmt: skip
+            if "full" in str(exc).lower() or "space" in str(exc).lower():
+                return "452 4.3.1 Insufficient system storage, try again later"
+            return "451 4.3.0 Queue temporarily unavailable, try again later"
+        log.exception("queueing a message from %s failed", ctx.client_ip)
+        return "451 4.3.0 Local error while queueing, try again later"
+
+    # --- the policy chain ---------------------------------------------------------------
+
+    async def _run_stage(self, stage: Stage, ctx: MessageContext) -> Decision | str:
+        """Run ``stage``: the decision to go on with, or the refusal reply."""
+        try:
+            decision = await self.chain.run(stage, ctx)
+        except Exception:
+            log.exception("policy %s stage failed for %s", stage, ctx.client_ip)
+            self.metrics.inc("rejected", stage=str(stage), reason="policy_error")
+            return "451 4.3.0 Temporary failure in a policy check, try again later"
+        if decision.action not in _REFUSING:
+            return decision
+        reply = decision.reply or (
+            Reply(550, "5.7.1", "Message refused by policy")
+            if decision.action == Action.REJECT
+            else Reply(451, "4.7.1", "Temporary policy failure, try again later")
+        )
+        self.metrics.inc("rejected", stage=str(stage), reason=decision.decided_by or "policy")
+        where = {"rcpt": f"<{ctx.rcpt_tos[-1]}>"} if stage == Stage.RCPT else {}
+        event(log, "reject", "NOQUEUE", stage=str(stage), client=ctx.client_ip,
+              sender=f"<{ctx.mail_from}>", **where, reason=decision.decided_by,
+              reply=str(reply))  # fmt: skip
+        if stage == Stage.DATA:
+            try:
+                await self.cleanup.after_reject(ctx, decision)
+            except Exception:
+                log.exception("after_reject failed for %s", ctx.client_ip)
+        return str(reply)
+
+
+def _context(envelope: Transaction) -> MessageContext:
+    # The protocol calls RCPT and DATA hooks only after MAIL was accepted.
+    assert envelope.context is not None, "RCPT or DATA before an accepted MAIL"
+    return envelope.context
+
+
+def _client_ip(session: Session) -> str:
+    peer = session.peer or ("", 0)
+    return str(peer[0])
+
+
+def _received_header(hostname: str, session: Session, ctx: MessageContext) -> bytes:
+    """Our trace header, written before the DATA stage so the scanners see the message as it
+    will be queued (as Postfix's smtpd writes it, not its cleanup)."""
+    protocol = "UTF8SMTP" if ctx.facts.get("smtputf8") else "ESMTP"
+    if not session.extended_smtp:
+        protocol = "SMTP"
+    if ctx.tls:
+        protocol += "S"
+    helo = _header_safe(ctx.helo) or "unknown"
+    for_clause = f"\r\n\tfor <{_header_safe(ctx.rcpt_tos[0])}>" if len(ctx.rcpt_tos) == 1 else ""
+    date = email.utils.format_datetime(email.utils.localtime())
+    text = (
+        f"Received: from {helo} ([{ctx.client_ip}])\r\n\tby {hostname} (smg) "
+        f"with {protocol}{for_clause};\r\n\t{date}\r\n"
+    )
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _header_safe(text: str) -> str:
+    return "".join(c for c in text if c.isprintable() and c not in "()\\")[:255]

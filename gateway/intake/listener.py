@@ -1,0 +1,133 @@
+"""The intake's listeners and sessions: what a session works with, the connection cap, the
+graceful stop, and the swap of the runtime on a reload."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass
+
+from gateway.config import Config
+from gateway.intake.handler import PolicyHandler
+from gateway.intake.protocol import GatewaySMTP
+from gateway.log import event
+from gateway.metrics import Metrics
+from gateway.policy.chain import Chain, Reply
+from gateway.policy.cleanup import Cleanup
+from gateway.services import Services
+
+log = logging.getLogger("smg.intake")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a session works with; a reload (SIGHUP) swaps it for sessions that start later."""
+
+    config: Config
+    chain: Chain
+    cleanup: Cleanup
+    tls_context: ssl.SSLContext | None = None
+
+
+def make_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server-side context for STARTTLS, or None without ``gateway.tls_cert``."""
+    gateway = config.gateway
+    if gateway.tls_cert is None or gateway.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(gateway.tls_cert), str(gateway.tls_key))
+    return context
+
+
+class Intake:
+    """The listeners and the sessions; :meth:`reload` swaps the runtime for new sessions."""
+
+    def __init__(self, services: Services, runtime: Runtime) -> None:
+        """``services``: only their metrics are the intake's; the runtime's cleanup step
+        holds the rest (the spool, the DKIM signer)."""
+        self.metrics: Metrics = services.metrics or Metrics()
+        self.sessions: set[GatewaySMTP] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._use(runtime)
+
+    def _use(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.handler = PolicyHandler(
+            runtime.chain, runtime.cleanup, runtime.config.gateway.client_networks, self.metrics
+        )
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.runtime.config.gateway.listen:
+            server = await loop.create_server(
+                self._new_session, host, port, reuse_address=True,
+                reuse_port=self.runtime.config.gateway.workers > 1,  # gateway/workers.py
+            )  # fmt: skip
+            self.servers.append(server)
+            event(log, "listening", address=f"{host}:{port}")
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where the listeners are bound (port 0 in the config: the port picked)."""
+        return [sock.getsockname()[:2] for s in self.servers for sock in s.sockets]
+
+    def reload(self, runtime: Runtime) -> None:
+        old = self.runtime.config.gateway.listen
+        if runtime.config.gateway.listen != old:
+            log.warning("gateway.listen changed: takes effect at the next restart, not on reload")
+        self._use(runtime)
+
+    def _new_session(self) -> GatewaySMTP:
+        return GatewaySMTP(self, self.runtime.config, self.handler, self.runtime.tls_context)
+
+    def admit(self, session: GatewaySMTP, client_ip: str) -> str | None:
+        """Relay control (the session's handler) and the connection cap, when a client
+        connects: the refusal to send instead of the greeting, or None."""
+        config = session.config.gateway
+        if self.stopping:
+            return str(
+                Reply(421, "4.3.2", f"{config.hostname} Service shutting down, try again later")
+            )
+        refusal = session.handler.check_client(client_ip)
+        if refusal is not None:
+            return refusal
+        if len(self.sessions) >= config.max_connections:
+            self.metrics.inc("connections_refused", reason="max_connections")
+            event(log, "reject", "NOQUEUE", stage="connect", client=client_ip,
+                  reason="max_connections", limit=config.max_connections)  # fmt: skip
+            return str(
+                Reply(421, "4.7.0", f"{config.hostname} Too many connections, try again later")
+            )
+        self.sessions.add(session)
+        self._idle.clear()
+        self.metrics.inc("connections")
+        return None
+
+    def session_ended(self, session: GatewaySMTP) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._idle.set()
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let transactions in flight finish (at most ``grace`` seconds),
+        then close every session with ``421``."""
+        self.stopping = True
+        for server in self.servers:
+            server.close()
+        for session in list(self.sessions):
+            if not session.busy:
+                session.close_with("421 4.3.2 Service shutting down, try again later")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        for session in list(self.sessions):
+            session.close_with("421 4.3.2 Service shutting down, try again later")
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2)
+        self.servers.clear()

@@ -1,0 +1,393 @@
+"""The intake's protocol side: an aiosmtpd ``SMTP`` subclass, protocol rules only.
+
+It parses and checks each command, then asks the handler (``gateway.intake.handler``) for the
+reply to MAIL, RCPT and DATA; nothing is written to the spool before the whole message passed
+the policy chain, and the ``250`` goes out only after the message is queued (durable).
+
+Protocol rules enforced here (each refusal is a clear reply and the session goes on, except
+where it says "close"):
+
+- when a client connects (``Intake.admit``): relay control by the handler (``554 5.7.1``
+  instead of the greeting, close); more than ``gateway.max_connections`` sessions:
+  ``421 4.7.0`` (close);
+- ``idle_timeout`` between commands and ``data_timeout`` for the whole DATA phase:
+  ``421 4.4.2`` (close);
+- SIZE is advertised; ``552 5.3.4`` for a ``SIZE=`` above ``max_message_size`` and for a
+  message that turns out larger (it is read to its end and dropped);
+- strict line endings in DATA: only ``<CRLF>.<CRLF>`` ends the data.  A message containing a
+  bare CR or a bare LF anywhere is refused with ``550 5.6.11`` - never "normalised" - so no
+  ``<LF>.<LF>``, ``<LF>.<CRLF>`` or ``<CR>.<CR>`` trick can end the data early here or at any
+  server downstream, and no second message can be smuggled in;
+- lines longer than ``max_line_length``: ``550 5.6.0`` for message lines (RFC 5322 2.1.1),
+  ``500 5.5.2`` for command lines (RFC 5321 4.5.3.1.4); more than ``MAX_HOPS`` Received:
+  headers: ``554 5.4.6`` (a mail loop);
+- SMTPUTF8 and 8BITMIME are advertised; a non-ASCII address without ``SMTPUTF8`` on MAIL FROM
+  gets ``553 5.6.7``;
+- PIPELINING and ENHANCEDSTATUSCODES are advertised; AUTH is not offered (relay control is by
+  network); STARTTLS (TLS 1.2 or newer) when ``gateway.tls_cert``/``tls_key`` are set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP, Envelope, syntax
+
+from gateway.addresses import AddressError, split_path
+from gateway.config import Config
+from gateway.intake.handler import MailOptions, PolicyHandler, Transaction
+from gateway.log import event
+from gateway.metrics import Metrics
+
+log = logging.getLogger("smg.intake")
+
+COMMAND_BUFFER = 8192  # bytes a command line may fill the reader's buffer with
+MAX_HOPS = 50  # Received: headers before we call it a mail loop (Postfix's hopcount_limit)
+IDENT = "ESMTP Secure Mail Gateway"
+
+
+class Sessions(Protocol):
+    """What a session needs from the listener that made it (``gateway.intake.Intake``)."""
+
+    stopping: bool
+    metrics: Metrics
+
+    def admit(self, session: GatewaySMTP, client_ip: str) -> str | None: ...
+
+    def session_ended(self, session: GatewaySMTP) -> None: ...
+
+
+# aiosmtpd's own replies, completed with enhanced status codes (RFC 2034 once advertised).
+_ENHANCED_DEFAULTS = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.5.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "538": "5.7.11",
+    "554": "5.7.0",
+}
+_HAS_STATUS = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}( |$)")
+_PLAIN_2XX = {"250 OK", "221 Bye", "250 HELP"}
+
+
+def _with_status(reply: str) -> str:
+    if _HAS_STATUS.match(reply) or len(reply) < 4 or reply[3] != " ":
+        return reply
+    code = reply[:3]
+    if code.startswith("2") and reply not in _PLAIN_2XX and not reply.startswith("252"):
+        return reply  # greeting, HELO, EHLO lines and other texts keep their form
+    status = _ENHANCED_DEFAULTS.get(code)
+    return f"{code} {status} {reply[4:]}" if status else reply
+
+
+class GatewaySMTP(SMTP):
+    """One SMTP session.  MAIL, RCPT and DATA are ours; aiosmtpd does the rest."""
+
+    envelope: Transaction
+
+    def __init__(
+        self,
+        intake: Sessions,
+        config: Config,
+        handler: PolicyHandler,
+        tls_context: ssl.SSLContext | None,
+    ) -> None:
+        gateway = config.gateway
+        self.intake = intake
+        self.config = config
+        self.handler = handler
+        self.busy = False
+        self.client_ip = ""
+        self._admitted = False
+        self._refused = False
+        # The reader's buffer limit while reading commands: a client cannot make a session
+        # buffer more than this without a line end (aiosmtpd answers 500 and reads on).
+        # DATA raises it to the message size for its reads (see _read_data).
+        self.line_length_limit = COMMAND_BUFFER
+        super().__init__(
+            handler,
+            data_size_limit=gateway.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=gateway.hostname,
+            ident=IDENT,
+            tls_context=tls_context,
+            require_starttls=gateway.require_tls_from_clients,
+            timeout=gateway.idle_timeout,
+        )
+
+    # --- connection ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None and self._original_transport is None
+        if first:
+            peer = transport.get_extra_info("peername") or ("", 0)
+            self.client_ip = str(peer[0])
+            refusal = self.intake.admit(self, self.client_ip)
+            if refusal is not None:
+                self._refused = True
+                transport.write(f"{refusal}\r\n".encode())  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self._admitted = True
+            event(log, "connect", client=self.client_ip)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._admitted:
+            self._admitted = False
+            self.intake.session_ended(self)
+            event(log, "disconnect", client=self.client_ip)
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        return super().eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        self.close_with(f"421 4.4.2 {self.hostname} Timeout, closing the connection")
+
+    def close_with(self, reply: str) -> None:
+        """Say ``reply`` and close (timeouts, shutdown)."""
+        if self.transport is None:
+            return
+        with contextlib.suppress(Exception):
+            self._writer.write(reply.encode() + b"\r\n")
+        self.transport.close()
+
+    def _create_envelope(self) -> Envelope:
+        return Transaction()  # RSET, a new EHLO, STARTTLS and the end of DATA make a new one
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = _with_status(status)
+        await super().push(status)
+
+    # --- commands -----------------------------------------------------------------------
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push("502 5.5.1 AUTH is not offered here: relay access is by client address")
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if not arg or arg[:5].upper() != "FROM:":
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [parameters]")
+            return
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Nested MAIL command: one transaction at a time")
+            return
+        try:
+            path, rest = split_path(arg[5:])
+        except AddressError as exc:
+            await self.push(f"501 5.1.7 Bad sender address syntax: {exc}")
+            return
+        params, problem = self._mail_params(rest)
+        if problem is not None:
+            await self.push(problem)
+            return
+        problem = _non_ascii_problem(path, bool(params.get("SMTPUTF8")), "sender")
+        if problem is not None:
+            await self.push(problem)
+            return
+        await self.push(
+            await self.handler.handle_MAIL(self, self.session, self.envelope, path, params)
+        )
+
+    def _mail_params(self, text: str) -> tuple[MailOptions, str | None]:
+        params: MailOptions = {}
+        if text and not self.session.extended_smtp:
+            return params, "555 5.5.4 MAIL FROM parameters need EHLO, not HELO"
+        for token in text.split():
+            key, eq, value = token.partition("=")
+            key = key.upper()
+            if key == "SIZE" and value.isdigit():
+                params["SIZE"] = int(value)
+            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                params["BODY"] = value.upper()
+            elif key == "SMTPUTF8" and not eq:
+                params["SMTPUTF8"] = True
+            else:
+                return params, f"555 5.5.4 MAIL FROM parameter not recognised: {token}"
+        limit = self.config.gateway.max_message_size
+        if int(params.get("SIZE", 0)) > limit:
+            self._count_reject("mail", "size")
+            event(log, "reject", "NOQUEUE", stage="mail", client=self.client_ip,
+                  reason="size", declared=params["SIZE"], limit=limit)  # fmt: skip
+            return params, f"552 5.3.4 Message size exceeds the fixed limit of {limit} bytes"
+        return params, None
+
+    @syntax("RCPT TO: <address>")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        envelope = self.envelope
+        if envelope.mail_from is None:
+            await self.push("503 5.5.1 Need MAIL FROM first")
+            return
+        if not arg or arg[:3].upper() != "TO:":
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        try:
+            path, rest = split_path(arg[3:])
+        except AddressError as exc:
+            await self.push(f"501 5.1.3 Bad recipient address syntax: {exc}")
+            return
+        if rest:
+            await self.push(f"555 5.5.4 RCPT TO parameters not recognised: {rest}")
+            return
+        problem = _non_ascii_problem(path, envelope.smtp_utf8, "recipient")
+        if problem is not None:
+            await self.push(problem)
+            return
+        if path in envelope.rcpt_tos:
+            await self.push("250 2.1.5 Recipient ok (duplicate)")
+            return
+        await self.push(await self.handler.handle_RCPT(self, self.session, envelope, path, []))
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        envelope = self.envelope
+        if envelope.mail_from is None:
+            await self.push("503 5.5.1 Need MAIL FROM first")
+            return
+        if not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Need RCPT TO first")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA (no arguments)")
+            return
+        self.busy = True
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            self._reset_timeout(self.config.gateway.data_timeout)
+            data, problem = await self._read_data()
+            self._reset_timeout()
+            reply = problem or await self._message(envelope, data)
+            self._set_post_data_state()
+            await self.push(reply)
+        finally:
+            self.busy = False
+        if self.intake.stopping:
+            self.close_with("421 4.3.2 Service shutting down, try again later")
+
+    # --- DATA ---------------------------------------------------------------------------
+
+    async def _read_data(self) -> tuple[bytes, str | None]:
+        """Read up to ``<CRLF>.<CRLF>``; the bytes (dot-unstuffed) or a refusal.
+
+        Only a line that is exactly ``.`` between two CRLFs ends the data; the reader is left
+        right after it (pipelined commands stay for the command loop)."""
+        limit = self.config.gateway.max_message_size
+        chunks: list[bytes] = []
+        size = 0
+        tail = b"\r\n"  # the DATA command line ended a line
+        reader = self._reader
+        # One readuntil() per ".<CRLF>" instead of one per line: the buffer may hold a whole
+        # message now.  asyncio.StreamReader keeps its limit in _limit (3.7 to 3.13).
+        reader._limit = limit + 4096  # type: ignore[attr-defined]
+        try:
+            while True:
+                try:
+                    piece = await reader.readuntil(b".\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    piece = await reader.readexactly(exc.consumed)
+                    size += len(piece)
+                    chunks.clear()  # too large for sure: keep nothing, read on to the end
+                    tail = _last_two(tail, piece)
+                    continue
+                except asyncio.IncompleteReadError as exc:
+                    raise ConnectionResetError("connection closed during DATA") from exc
+                before = piece[:-3]
+                if _last_two(tail, before) == b"\r\n":  # "." alone on its line: the end
+                    size += len(before)
+                    if size <= limit:
+                        chunks.append(before)
+                    break
+                size += len(piece)
+                if size <= limit:
+                    chunks.append(piece)
+                tail = piece[-2:]
+        finally:
+            reader._limit = COMMAND_BUFFER  # type: ignore[attr-defined]
+        if size > limit:
+            reply = f"552 5.3.4 Message size exceeds the fixed limit of {limit} bytes"
+            return b"", self._refuse_data("size", reply, size=size)
+        data = b"".join(chunks)
+        return data, self._data_problem(data)
+
+    def _data_problem(self, data: bytes) -> str | None:
+        crlf = data.count(b"\r\n")
+        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+            reply = "550 5.6.11 Message refused: bare CR or LF found, lines must end with CRLF"
+            return self._refuse_data("bare_line_ending", reply)
+        return None
+
+    def _refuse_data(self, reason: str, reply: str, **fields: Any) -> str:
+        self._count_reject("data", reason)
+        sender = self.envelope.mail_from
+        event(log, "reject", "NOQUEUE", stage="data", client=self.client_ip,
+              sender=f"<{sender}>" if sender is not None else "", reason=reason, reply=reply,
+              **fields)  # fmt: skip
+        return reply
+
+    def _count_reject(self, stage: str, reason: str) -> None:
+        self.intake.metrics.inc("rejected", stage=stage, reason=reason)
+
+    async def _message(self, envelope: Transaction, raw: bytes) -> str:
+        """Unstuff and check the message, then the handler's reply for it."""
+        data = raw[1:] if raw.startswith(b".") else raw
+        data = data.replace(b"\r\n.", b"\r\n")
+        max_line = self.config.gateway.max_line_length
+        if len(data) > max_line and max(map(len, data.split(b"\r\n"))) > max_line:
+            reply = f"550 5.6.0 Message has a line longer than {max_line} characters"
+            return self._refuse_data("line_length", reply)
+        if _hops(data) >= MAX_HOPS:
+            reply = f"554 5.4.6 Too many hops ({MAX_HOPS} Received: headers): mail loop?"
+            return self._refuse_data("mail_loop", reply)
+        envelope.content = data
+        return await self.handler.handle_DATA(self, self.session, envelope)
+
+
+def _non_ascii_problem(path: str, smtputf8: bool, which: str) -> str | None:
+    """Non-ASCII addresses need SMTPUTF8 (RFC 6531) and must be valid UTF-8."""
+    if path.isascii():
+        return None
+    if not smtputf8:
+        return f"553 5.6.7 Non-ASCII {which} address needs MAIL FROM ... SMTPUTF8"
+    try:
+        path.encode("utf-8")  # aiosmtpd decoded with surrogateescape: bad bytes stay surrogates
+    except UnicodeEncodeError:
+        return f"553 5.6.7 The {which} address is not valid UTF-8"
+    return None
+
+
+def _last_two(tail: bytes, piece: bytes) -> bytes:
+    """The last two bytes of the stream after ``piece`` (``tail``: the two before it)."""
+    return piece[-2:] if len(piece) >= 2 else (tail + piece)[-2:]
+
+
+def _hops(data: bytes) -> int:
+    header_end = data.find(b"\r\n\r\n")
+    head = data if header_end < 0 else data[: header_end + 2]
+    return len(re.findall(rb"(?im)^received:", head))
