@@ -44,16 +44,15 @@ from aiosmtplib import errors as smtp_errors
 from gateway import dsn
 from gateway.config import Config
 from gateway.log import event
-from gateway.spool import (
-    HOLD_TLS,
+from gateway.queue.model import (
     AttemptOutcome,
     AttemptResult,
+    HoldReason,
     NewMessage,
     QueuedMessage,
     RecipientUpdate,
-    Spool,
-    SpoolUnavailable,
 )
+from gateway.queue.spool import Spool, SpoolUnavailable
 from gateway.tls_policy import NO_TLS, VERIFY, TlsOutcome, TlsRequirement, describe_tls
 
 log = logging.getLogger("smg.delivery")
@@ -1125,7 +1124,7 @@ class Delivery:
         next_attempt = min(now + backoff, message.created_at + delivery.max_lifetime)
         state, hold_reason = "deferred", None
         if any(o.status == HELD for o in outcomes):
-            state, hold_reason = "held", HOLD_TLS
+            state, hold_reason = "held", HoldReason.TLS
             hold_retry = self.config.tls_policy.hold_retry
             next_attempt = min(now + hold_retry, message.created_at + delivery.max_lifetime)
         complete = len(outcomes) == len(message.pending) and all(

@@ -45,6 +45,7 @@ from gateway.log import event
 from gateway.metrics import Metrics
 from gateway.policy.chain import Action, Chain, Decision, MessageContext, Reply, Stage
 from gateway.policy.rules.relay_control import client_allowed, relay_denied
+from gateway.queue.model import MessageState, Route
 from gateway.services import Services
 
 log = logging.getLogger("smg.intake")
@@ -54,7 +55,7 @@ MAX_HOPS = 50  # Received: headers before we call it a mail loop (Postfix's hopc
 IDENT = "ESMTP Secure Mail Gateway"
 
 _REFUSING = {Action.REJECT, Action.TEMPFAIL}
-_QUEUE_ROUTE = {Action.REROUTE: "bad_gateway"}
+_QUEUE_ROUTE = {Action.REROUTE: Route.BAD_GATEWAY}
 
 
 @dataclass(frozen=True)
@@ -502,8 +503,8 @@ class GatewaySMTP(SMTP):
                 ctx.mail_from,
                 ctx.rcpt_tos,
                 prepared,
-                route=_QUEUE_ROUTE.get(decision.action, "direct"),
-                state="held" if decision.action == Action.HOLD else "active",
+                route=_QUEUE_ROUTE.get(decision.action, Route.DIRECT),
+                state=MessageState.HELD if decision.action == Action.HOLD else MessageState.ACTIVE,
                 client_ip=ctx.client_ip,
                 helo=ctx.helo,
                 facts=ctx.facts,
@@ -519,13 +520,13 @@ class GatewaySMTP(SMTP):
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     def _queue_failure(self, ctx: MessageContext, exc: Exception) -> str:
-        from gateway.spool import SpoolUnavailable  # the spool is optional in unit tests
+        from gateway.queue.spool import SpoolFull, SpoolUnavailable  # optional in unit tests
 
         self._count_reject("data", "spool")
         if isinstance(exc, SpoolUnavailable):
             event(log, "tempfail", "NOQUEUE", level=logging.ERROR, client=ctx.client_ip,
                   sender=f"<{ctx.mail_from}>", reason="spool", error=str(exc))  # fmt: skip
-            if "full" in str(exc).lower() or "space" in str(exc).lower():
+            if isinstance(exc, SpoolFull):
                 return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Queue temporarily unavailable, try again later"
         log.exception("queueing a message from %s failed", ctx.client_ip)

@@ -98,7 +98,7 @@ class Relay:
         return Runtime(config, chain, pipeline, make_tls_context(config))
 
     async def start(self) -> None:
-        from gateway.spool import Spool, SpoolUnavailable
+        from gateway.queue.spool import Spool, SpoolUnavailable
 
         config = self.config
         try:

@@ -12,9 +12,9 @@ if TYPE_CHECKING:  # the types only: importing the modules here would make impor
     from gateway.dkim import DkimSigner
     from gateway.dns import Resolver
     from gateway.metrics import Metrics
+    from gateway.queue.spool import Spool
     from gateway.scanners.clamd import ClamdClient
     from gateway.scanners.rspamd import RspamdClient
-    from gateway.spool import Spool
     from gateway.tls_policy import TlsPolicy
 
 

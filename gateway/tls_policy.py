@@ -370,7 +370,7 @@ class TlsPolicy:
         in the spool directory (or ``state_dir``), shared between worker processes and kept
         across restarts.  Tools (``smg tls probe``, ``smg explain``) keep theirs in memory."""
         if shared_state and state_dir is None:
-            from gateway.spool import resolve_path
+            from gateway.queue.spool import resolve_path
 
             state_dir = resolve_path(config.gateway.spool).parent
         self.config = config

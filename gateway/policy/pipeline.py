@@ -22,6 +22,7 @@ from gateway.dkim import DkimSigner
 from gateway.policy import headers
 from gateway.policy.chain import Action, Decision, MessageContext
 from gateway.policy.rules.verdict import format_verdict
+from gateway.queue.model import MessageKind
 from gateway.services import Services
 
 log = logging.getLogger("smg.pipeline")
@@ -84,7 +85,7 @@ class MessagePipeline:
                 client_ip=ctx.client_ip,
             )
             queue_id = await self.services.spool.enqueue(
-                "", [ctx.mail_from], ndr, kind="ndr", facts={"virus": virus}
+                "", [ctx.mail_from], ndr, kind=MessageKind.NDR, facts={"virus": virus}
             )
         except Exception:
             log.exception("information NDR for virus %s to %s not queued", virus, ctx.mail_from)

@@ -28,7 +28,7 @@ from gateway.config import Config, parse_config
 from gateway.delivery import Delivery, _PipelinedSmtp, data_block, strip_header
 from gateway.dns import DnsResult, MailHost, MailHosts
 from gateway.log import TextFormatter
-from gateway.spool import Spool, SpoolAdmin
+from gateway.queue.spool import Spool, SpoolAdmin
 from gateway.tls_policy import TlsPolicy
 from tests.harness import TestCA, common_port
 
