@@ -112,7 +112,7 @@ class Relay:
             await spool.close()
             raise StartupError(f"{type(exc).__name__}: {exc}") from None
         self._register_gauges(spool)
-        delivery_class = _optional("gateway.delivery", "Delivery")
+        delivery_class = _optional("gateway.delivery.scheduler", "Delivery")
         if delivery_class is not None:
             self.delivery = delivery_class(
                 config, spool, self.services.resolver, self.services.tls_policy,
