@@ -28,6 +28,8 @@ log = logging.getLogger("smg.delivery")
 
 MAX_REPLY_LINE = 65536  # a reply line longer than this is not SMTP
 
+Reply = tuple[int, str]  # code, text
+
 
 @dataclass(frozen=True)
 class Target:
@@ -125,31 +127,38 @@ class SmtpConnection:
             raise Disconnected("connection closed")
         self._writer.write(data)
 
-    async def reply(self, timeout: float | None = None) -> tuple[int, str]:
+    async def reply(self, timeout: float | None = None) -> Reply:
         """The next reply: its code and its text (the lines of a multi-line reply joined)."""
-        lines: list[bytes] = []
+        return (await self.replies(1, timeout))[0]
+
+    async def replies(self, count: int, timeout: float | None = None) -> list[Reply]:
+        """The next ``count`` replies (to pipelined commands), all within one timeout."""
         try:
             async with asyncio.timeout(self.timeout if timeout is None else timeout):
-                while True:
-                    line = await self._reader.readline()
-                    if not line.endswith(b"\n"):
-                        raise Disconnected("connection closed by the far end")
-                    line = line.rstrip(b"\r\n")
-                    lines.append(line)
-                    if line[3:4] != b"-":
-                        break
+                return [await self._read_reply() for _ in range(count)]
         except TimeoutError as exc:
             raise Disconnected("Timed out waiting for server response") from exc
-        except ValueError as exc:  # the line is longer than MAX_REPLY_LINE
+        except ValueError as exc:  # a line longer than MAX_REPLY_LINE
             raise Disconnected("reply too long") from exc
         except OSError as exc:
             raise Disconnected(f"connection lost: {exc}") from exc
+
+    async def _read_reply(self) -> Reply:
+        lines: list[bytes] = []
+        while True:
+            line = await self._reader.readline()
+            if not line.endswith(b"\n"):
+                raise Disconnected("connection closed by the far end")
+            line = line.rstrip(b"\r\n")
+            lines.append(line)
+            if line[3:4] != b"-":
+                break
         code = lines[-1][:3]
         if not code.isdigit():
             raise Disconnected(f"malformed reply {lines[-1][:80]!r}")
         return int(code), "\n".join(x[4:].decode("utf-8", "replace").strip() for x in lines)
 
-    async def command(self, line: str) -> tuple[int, str]:
+    async def command(self, line: str) -> Reply:
         self.send(line.encode("ascii") + b"\r\n")
         return await self.reply()
 
@@ -310,9 +319,6 @@ async def transaction(
     return refused + [far(p, a, *final) for p, a in accepted]
 
 
-Reply = tuple[int, str]
-
-
 async def _envelope(
     connection: SmtpConnection, commands: list[str], encoding: str
 ) -> tuple[Reply, list[Reply], Reply | None]:
@@ -322,7 +328,7 @@ async def _envelope(
     wire = [f"{line}\r\n".encode(encoding) for line in commands]
     if connection.pipelining:
         connection.send(b"".join(wire))
-        replies = [await connection.reply() for _ in wire]
+        replies = await connection.replies(len(wire))
         return replies[0], replies[1:-1], replies[-1]
     connection.send(wire[0])
     mail = await connection.reply()

@@ -308,7 +308,7 @@ def active_owners(conn: sqlite3.Connection) -> list[str]:
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:
-    result: dict[str, int] = dict.fromkeys(MessageState, 0)
+    result = {state.value: 0 for state in MessageState}
     for state, number in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"):
         result[state] = number
     return result
