@@ -4,6 +4,7 @@ results, operator actions from a second connection, and SpoolUnavailable on a fu
 from __future__ import annotations
 
 import asyncio
+import errno
 import sqlite3
 import time
 from pathlib import Path
@@ -12,11 +13,13 @@ import pytest
 
 from gateway.queue import owners, store
 from gateway.queue import writer as spool_writer
+from gateway.queue.errors import is_full
 from gateway.queue.model import AttemptResult, NewMessage, RecipientUpdate
 from gateway.queue.owners import new_queue_id
 from gateway.queue.spool import (
     Spool,
     SpoolAdmin,
+    SpoolFull,
     SpoolUnavailable,
     UnknownMessage,
 )
@@ -198,6 +201,16 @@ async def test_full_database_gives_spool_unavailable_and_recovers(spool: Spool) 
     # The failed batch is not on disk, and the writer works again on a fresh connection.
     assert (await spool.counts())["active"] == 0
     assert await spool.enqueue("a@example.net", ["b@x.org"], MESSAGE)
+
+
+async def test_a_full_database_is_told_apart(spool: Spool) -> None:
+    """SpoolFull (the intake's 452 4.3.1) for SQLITE_FULL; other failures stay plain."""
+    pages = await spool.submit(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    await spool.submit(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 2}"))
+    with pytest.raises(SpoolFull):
+        await spool.enqueue("a@example.net", ["b@x.org"], b"x" * 200_000)
+    assert is_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not is_full(sqlite3.OperationalError("attempt to write a readonly database"))
 
 
 async def test_a_batch_that_fails_fails_for_everyone_in_it(spool: Spool, monkeypatch) -> None:
