@@ -27,6 +27,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gateway.queue.model import DeliveryStatus
+
 log = logging.getLogger("smg.metrics")
 
 # short name -> (metric name, help)
@@ -45,7 +47,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     ),
 }
 
-_OUTCOMES = {"sent": "delivered", "held": "held"}
+_OUTCOMES = {DeliveryStatus.SENT: "delivered", DeliveryStatus.HELD: "held"}
 
 GaugeSource = Callable[[], Awaitable[dict[tuple[tuple[str, str], ...], float]]]
 
@@ -85,7 +87,7 @@ class Metrics:
         key = _labels_key(labels)
         series[key] = series.get(key, 0) + value
 
-    def delivery_outcome(self, status: str) -> None:
+    def delivery_outcome(self, status: DeliveryStatus) -> None:
         """One recipient's attempt ended: ``sent``, ``deferred``, ``bounced`` or ``held``."""
         self.inc(_OUTCOMES.get(status, status))
 

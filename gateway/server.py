@@ -30,14 +30,14 @@ import sys
 from pathlib import Path
 
 from gateway.config import Config, ConfigError, load_config, restart_only_changes
-from gateway.delivery import Delivery
+from gateway.delivery.scheduler import Delivery
 from gateway.intake import Intake, Runtime, make_tls_context
 from gateway.log import event, setup_logging
 from gateway.metrics import Metrics
 from gateway.policy.build import build_chain
 from gateway.policy.cleanup import Cleanup
+from gateway.queue.spool import Spool, SpoolUnavailable
 from gateway.services import Services, build_services
-from gateway.spool import Spool, SpoolUnavailable
 from gateway.workers import worker_index
 
 log = logging.getLogger("smg.server")

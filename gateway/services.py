@@ -13,9 +13,9 @@ from gateway.config import Config
 from gateway.dkim import DkimSigner
 from gateway.dns import Resolver
 from gateway.metrics import Metrics
+from gateway.queue.spool import Spool
 from gateway.scanners.clamd import ClamdClient
 from gateway.scanners.rspamd import RspamdClient
-from gateway.spool import Spool
 from gateway.tls.policy import TlsPolicy
 
 

@@ -27,7 +27,8 @@ from typing import Any
 
 from gateway.cli.serve import DEFAULT_CONFIG
 from gateway.config import ConfigError, load_config
-from gateway.spool import QueuedMessage, SpoolAdmin, SpoolUnavailable, UnknownMessage
+from gateway.queue.model import HoldReason, MessageKind, MessageState, QueuedMessage
+from gateway.queue.spool import SpoolAdmin, SpoolUnavailable, UnknownMessage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -123,11 +124,11 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 def _state_text(message: QueuedMessage) -> str:
-    if message.state == "held":
-        return f"held ({message.hold_reason or 'operator'})"
-    if message.state == "deferred":
+    if message.state == MessageState.HELD:
+        return f"held ({message.hold_reason or HoldReason.OPERATOR})"
+    if message.state == MessageState.DEFERRED:
         return f"deferred until {_when(message.next_attempt)}"
-    return "active"
+    return MessageState.ACTIVE
 
 
 # --- the actions ------------------------------------------------------------------------------
@@ -144,11 +145,11 @@ def _list(args: argparse.Namespace) -> int:
             return 0
         print(f"{'Queue ID':<14} {'Size':>8}  {'Arrival':<25} {'State':<10} Sender")
         for m in messages:
-            sender = m.sender or ("<> (NDR)" if m.kind == "ndr" else "<>")
+            sender = m.sender or ("<> (NDR)" if m.kind == MessageKind.NDR else "<>")
             print(
                 f"{m.id:<14} {m.size_on_disk:>8}  {_when(m.created_at):<25} {m.state:<10} {sender}"
             )
-            if m.state == "held" or m.state == "deferred":
+            if m.state in (MessageState.HELD, MessageState.DEFERRED):
                 print(f"{'':<16}{_state_text(m)}, {m.attempts} attempt(s)")
             for r in m.recipients:
                 reply = f"  ({r.last_reply})" if r.last_reply else ""

@@ -24,7 +24,7 @@ from gateway.metrics import Metrics
 from gateway.policy.chain import Action, Chain, Decision, MessageContext, Reply, Stage
 from gateway.policy.cleanup import Cleanup
 from gateway.policy.rules.relay_control import client_allowed, relay_denied
-from gateway.spool import SpoolUnavailable
+from gateway.queue.errors import SpoolFull, SpoolUnavailable
 
 log = logging.getLogger("smg.intake")
 
@@ -156,7 +156,7 @@ class PolicyHandler:
         if isinstance(exc, SpoolUnavailable):
             event(log, "tempfail", "NOQUEUE", level=logging.ERROR, client=ctx.client_ip,
                   sender=f"<{ctx.mail_from}>", reason="spool", error=str(exc))  # fmt: skip
-            if "full" in str(exc).lower() or "space" in str(exc).lower():
+            if isinstance(exc, SpoolFull):
                 return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Queue temporarily unavailable, try again later"
         log.exception("queueing a message from %s failed", ctx.client_ip)

@@ -27,13 +27,14 @@ from gateway import dsn
 from gateway.policy import headers
 from gateway.policy.chain import Action, Decision, MessageContext
 from gateway.policy.rules.verdict import format_verdict
+from gateway.queue.model import MessageKind, MessageState, Route
+from gateway.queue.spool import Spool
 from gateway.services import Services
-from gateway.spool import Spool
 
 log = logging.getLogger("smg.pipeline")  # the logger name operators filter on: kept
 
 _QUEUED = {Action.ACCEPT, Action.REROUTE, Action.HOLD}
-_QUEUE_ROUTE = {Action.REROUTE: "bad_gateway"}
+_QUEUE_ROUTE = {Action.REROUTE: Route.BAD_GATEWAY}
 
 
 class Queued(NamedTuple):
@@ -60,8 +61,8 @@ class Cleanup:
             ctx.mail_from,
             ctx.rcpt_tos,
             prepared,
-            route=_QUEUE_ROUTE.get(decision.action, "direct"),
-            state="held" if decision.action == Action.HOLD else "active",
+            route=_QUEUE_ROUTE.get(decision.action, Route.DIRECT),
+            state=MessageState.HELD if decision.action == Action.HOLD else MessageState.ACTIVE,
             client_ip=ctx.client_ip,
             helo=ctx.helo,
             facts=ctx.facts,
@@ -114,7 +115,7 @@ class Cleanup:
                 client_ip=ctx.client_ip,
             )
             queue_id = await self._spool().enqueue(
-                "", [ctx.mail_from], ndr, kind="ndr", facts={"virus": virus}
+                "", [ctx.mail_from], ndr, kind=MessageKind.NDR, facts={"virus": virus}
             )
         except Exception:
             log.exception("information NDR for virus %s to %s not queued", virus, ctx.mail_from)

@@ -19,7 +19,7 @@ from pathlib import Path
 from gateway.config import Config
 from gateway.dns import Resolver
 from gateway.domains import normalize_domain
-from gateway.spool import resolve_path
+from gateway.queue.spool import resolve_path
 from gateway.tls.failures import TlsFailureCache
 from gateway.tls.levels import ENCRYPT, OPPORTUNISTIC, VERIFY
 from gateway.tls.mta_sts import MtaSts, MtaStsPolicy, StateFile, mx_matches

@@ -17,9 +17,9 @@ from gateway.policy.build import build_chain
 from gateway.policy.chain import Action, MessageContext, Stage
 from gateway.policy.cleanup import Cleanup
 from gateway.policy.rules.virus import VirusRule
+from gateway.queue.spool import Spool
 from gateway.scanners.clamd import ClamdClient
 from gateway.services import build_services
-from gateway.spool import Spool
 from tests.harness import EICAR, EICAR_SIGNATURE_PREFIX, Clamd
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
@@ -25,10 +24,11 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from gateway.config import Config, parse_config
-from gateway.delivery import Delivery, _PipelinedSmtp, data_block, strip_header
+from gateway.delivery.client import data_block, strip_header
+from gateway.delivery.scheduler import Delivery
 from gateway.dns import DnsResult, MailHost, MailHosts
 from gateway.log import TextFormatter
-from gateway.spool import Spool, SpoolAdmin
+from gateway.queue.spool import Spool, SpoolAdmin
 from gateway.tls.policy import TlsPolicy
 from tests.harness import TestCA, common_port
 
@@ -227,7 +227,7 @@ class Relay:
 @pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
 async def far(request):
     """Two far ends (127.0.21.2 and .3) on a common port; .4 has nothing listening.  Each test
-    runs against far ends with PIPELINING (our own transaction code) and without (aiosmtplib)."""
+    runs against far ends with PIPELINING (commands in one write) and without (one by one)."""
     port = common_port("127.0.21.2", "127.0.21.3", "127.0.21.4")
     sinks = [Sink(ip, port, pipelining=request.param) for ip in ("127.0.21.2", "127.0.21.3")]
     yield port, sinks
@@ -263,8 +263,8 @@ async def test_delivers_from_source_address_with_ehlo_name(relay: Relay, far) ->
     assert b"\r\n.leading dot\r\n" in got.data  # dot-stuffing undone by the far end
     await wait_gone(relay, queue_id)
     sessions = [s for group in relay.delivery.pool._idle.values() for s in group]
-    kind = _PipelinedSmtp if mx.handler.pipelining else aiosmtplib.SMTP
-    assert sessions and all(isinstance(s.smtp, kind) for s in sessions)
+    pipelining = mx.handler.pipelining
+    assert sessions and all(s.connection.pipelining is pipelining for s in sessions)
 
 
 async def test_sender_refused_bounces_every_recipient(relay: Relay, far) -> None:

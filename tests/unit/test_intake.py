@@ -22,8 +22,8 @@ from gateway.policy.cleanup import Cleanup
 from gateway.policy.rules.recipient import RecipientRule
 from gateway.policy.rules.relay_control import RelayControlRule
 from gateway.policy.rules.sender_domain import SenderDomainRule
+from gateway.queue.spool import SpoolFull, SpoolUnavailable
 from gateway.services import Services
-from gateway.spool import SpoolUnavailable
 from tests.unit.fakedns import FakeZone, start_fake_dns
 
 
@@ -352,7 +352,7 @@ async def test_malformed_commands_keep_the_session(relay: Relay) -> None:
 
 
 async def test_spool_unavailable_is_a_4xx(relay: Relay) -> None:
-    relay.spool.fail = SpoolUnavailable("spool /x: database or disk is full")
+    relay.spool.fail = SpoolFull("spool /x: database or disk is full")
     client, _ = await Client.connect(relay.port)
     await client.start_mail()
     assert (await client.cmd(MESSAGE + b".")).startswith("452 4.3.1")

@@ -4,22 +4,24 @@ results, operator actions from a second connection, and SpoolUnavailable on a fu
 from __future__ import annotations
 
 import asyncio
+import errno
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
-from gateway import spool as spool_mod
-from gateway.spool import (
-    AttemptResult,
-    NewMessage,
-    RecipientUpdate,
+from gateway.queue import owners, store
+from gateway.queue import writer as spool_writer
+from gateway.queue.errors import is_full
+from gateway.queue.model import AttemptResult, NewMessage, RecipientUpdate
+from gateway.queue.owners import new_queue_id
+from gateway.queue.spool import (
     Spool,
     SpoolAdmin,
+    SpoolFull,
     SpoolUnavailable,
     UnknownMessage,
-    new_queue_id,
 )
 
 MESSAGE = b"From: a@example.net\r\nSubject: test\r\n\r\nhello\r\n"
@@ -201,11 +203,21 @@ async def test_full_database_gives_spool_unavailable_and_recovers(spool: Spool) 
     assert await spool.enqueue("a@example.net", ["b@x.org"], MESSAGE)
 
 
+async def test_a_full_database_is_told_apart(spool: Spool) -> None:
+    """SpoolFull (the intake's 452 4.3.1) for SQLITE_FULL; other failures stay plain."""
+    pages = await spool.submit(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    await spool.submit(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 2}"))
+    with pytest.raises(SpoolFull):
+        await spool.enqueue("a@example.net", ["b@x.org"], b"x" * 200_000)
+    assert is_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not is_full(sqlite3.OperationalError("attempt to write a readonly database"))
+
+
 async def test_a_batch_that_fails_fails_for_everyone_in_it(spool: Spool, monkeypatch) -> None:
     def broken_insert(conn, message, now):
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(spool_mod, "insert_message", broken_insert)
+    monkeypatch.setattr(store, "insert_message", broken_insert)
     results = await asyncio.gather(
         *(spool.enqueue("a@example.net", ["b@x.org"], MESSAGE) for _ in range(5)),
         return_exceptions=True,
@@ -227,8 +239,8 @@ def test_admin_on_a_missing_spool(tmp_path: Path) -> None:
 
 async def test_active_mail_of_a_live_process_is_left_alone(spool: Spool) -> None:
     queue_id = await spool.enqueue("a@example.net", ["b@x.org"], MESSAGE)
-    live = f"{spool_mod._boot_id()}:1:{spool_mod._start_time(1)}"  # PID 1 is always there
-    dead = f"{spool_mod._boot_id()}:1:0"  # PID 1, but not the one that started at 0
+    live = f"{owners._boot_id()}:1:{owners._start_time(1)}"  # PID 1 is always there
+    dead = f"{owners._boot_id()}:1:0"  # PID 1, but not the one that started at 0
 
     async def set_owner(owner: str) -> None:
         await spool.submit(
@@ -236,7 +248,7 @@ async def test_active_mail_of_a_live_process_is_left_alone(spool: Spool) -> None
         )
 
     await set_owner(live)
-    assert spool_mod.owner_alive(live) and not spool_mod.owner_alive(dead)
+    assert owners.owner_alive(live) and not owners.owner_alive(dead)
     assert queue_id not in await spool.due(10)
     assert not await spool.begin_attempt(queue_id)  # another live relay process delivers it
     await set_owner(dead)
@@ -247,14 +259,14 @@ async def test_active_mail_of_a_live_process_is_left_alone(spool: Spool) -> None
     owner = await spool.submit(
         lambda c: c.execute("SELECT owner FROM messages WHERE id = ?", (queue_id,)).fetchone()[0]
     )
-    assert owner == spool_mod.process_owner()
+    assert owner == owners.process_owner()
 
 
 async def test_a_version_1_spool_is_upgraded(tmp_path: Path) -> None:
     db = tmp_path / "queue.sqlite"
     conn = sqlite3.connect(db)
     conn.executescript(
-        spool_mod._SCHEMA.replace(",\n    owner        TEXT", "").replace(
+        store._SCHEMA.replace(",\n    owner        TEXT", "").replace(
             "CREATE INDEX IF NOT EXISTS messages_owner ON messages (state, owner);", ""
         )
         + "PRAGMA user_version = 1;"
@@ -295,7 +307,7 @@ def test_several_processes_open_a_new_spool_at_once(tmp_path: Path) -> None:
 
     script = (
         "import asyncio, sys\n"
-        "from gateway.spool import Spool\n"
+        "from gateway.queue.spool import Spool\n"
         "async def main():\n"
         "    spool = await Spool.open(sys.argv[1])\n"
         "    await spool.enqueue('a@x.org', ['b@y.org'], b'x')\n"
@@ -315,30 +327,30 @@ def test_several_processes_open_a_new_spool_at_once(tmp_path: Path) -> None:
 
 
 def test_commit_delay_only_while_several_callers_are_busy(tmp_path: Path) -> None:
-    writer = spool_mod._Writer(tmp_path / "queue.sqlite", 1.0)  # not started: the gate alone
+    writer = spool_writer.Writer(tmp_path / "queue.sqlite", 1.0)  # not started: the gate alone
     assert not writer._busy()  # idle
     writer._last_commit, writer._last_batch = time.monotonic(), 1
     assert not writer._busy()  # a lone client: one operation per commit, commit at once
     writer._last_batch = 3
     assert writer._busy()  # several callers just now: wait for more
-    writer._last_commit = time.monotonic() - 2 * spool_mod.BUSY_GAP
+    writer._last_commit = time.monotonic() - 2 * spool_writer.BUSY_GAP
     assert not writer._busy()  # quiet again
     writer._last_commit, writer.commit_delay = time.monotonic(), 0
     assert not writer._busy()  # switched off
 
 
 def test_commit_gathering_stops_at_the_target_or_the_delay(tmp_path: Path) -> None:
-    writer = spool_mod._Writer(tmp_path / "queue.sqlite", 1.0)  # not started: the gathering alone
-    for n in range(spool_mod.COMMIT_TARGET + 2):
+    writer = spool_writer.Writer(tmp_path / "queue.sqlite", 1.0)  # not started: the gathering alone
+    for n in range(spool_writer.COMMIT_TARGET + 2):
         writer.jobs.put(n)
     batch: list = ["first"]
     started = time.monotonic()
     assert writer._gather(batch) is False
-    assert len(batch) == spool_mod.COMMIT_TARGET and time.monotonic() - started < 0.5
-    assert writer._drain(batch) is False and len(batch) == spool_mod.COMMIT_TARGET + 3
+    assert len(batch) == spool_writer.COMMIT_TARGET and time.monotonic() - started < 0.5
+    assert writer._drain(batch) is False and len(batch) == spool_writer.COMMIT_TARGET + 3
     writer.commit_delay = 0.02
     started = time.monotonic()
     assert writer._gather(["lonely"]) is False  # nothing comes: waits the delay, not more
     assert 0.015 <= time.monotonic() - started < 1.0
-    writer.jobs.put(spool_mod._STOP)
+    writer.jobs.put(spool_writer.STOP)
     assert writer._gather(["first"]) is True

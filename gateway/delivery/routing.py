@@ -1,0 +1,233 @@
+"""Where a message goes, and the attempt over the addresses of its route.
+
+Route ``direct``: per recipient domain the MX hosts in preference order (or the implicit MX);
+a null MX bounces at once.  Route ``bad_gateway`` (spam on a good gateway): the
+``routing.bad_gateways`` in order with TLS verified against ``routing.internal_ca``; if none
+answers the message stays deferred: it never goes direct.
+
+TLS.  Under a :class:`TlsRequirement` of ``encrypt`` or ``verify`` nothing is ever sent in
+cleartext: a missing STARTTLS, a failed handshake or a failed verification moves on to the
+next MX; when none is left the recipients are held or bounced, as ``on_failure`` says.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from gateway.config import Config
+from gateway.delivery.client import Dialer, HostFailed, Target
+from gateway.delivery.outcome import BOUNCED, DEFERRED, HELD, RcptOutcome, Rcpts, everyone
+from gateway.delivery.pool import ConnectionPool
+from gateway.dns import MailHosts, Resolver
+from gateway.log import event
+from gateway.queue.model import QueuedMessage
+from gateway.tls.failures import TlsFailureCache
+from gateway.tls.levels import VERIFY
+from gateway.tls.policy import TlsPolicy, TlsRequirement
+from gateway.tls.verify import TlsOutcome
+
+log = logging.getLogger("smg.delivery")
+
+ROUTE_CACHE_SECONDS = 10  # MX and address answers reused this long at most (and never past TTL)
+ROUTE_CACHE_SIZE = 10000
+BAD_GATEWAY = "(bad gateway)"  # the "domain" of the bad-gateway route in failure records
+
+
+class Router:
+    """Looks routes up (answers kept a few seconds) and tries their addresses in order."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        resolver: Resolver,
+        tls_policy: TlsPolicy | None,
+        pool: ConnectionPool,
+        dialer: Dialer,
+    ) -> None:
+        self._config = config
+        self.resolver = resolver
+        self.tls_policy = tls_policy
+        self.pool = pool
+        self.dialer = dialer
+        self._mail_hosts_cache: _Remembered[str, MailHosts] = _Remembered()
+        self._targets_cache: _Remembered[tuple[str, int], list[Target]] = _Remembered()
+
+    def forget(self) -> None:
+        """Drop remembered answers (a reload)."""
+        self._mail_hosts_cache.clear()
+        self._targets_cache.clear()
+
+    @property
+    def _failures(self) -> TlsFailureCache | None:
+        return self.tls_policy.failures if self.tls_policy is not None else None
+
+    # -- the routes ---------------------------------------------------------------------------
+
+    async def deliver_domain(
+        self, message: QueuedMessage, domain: str, rcpts: Rcpts, payload: bytes
+    ) -> list[RcptOutcome]:
+        try:
+            requirement = await self._requirement(message, domain)
+        except Exception as exc:  # the policy could not be decided (MTA-STS fetch...): later
+            return everyone(rcpts, DEFERRED, f"TLS policy lookup failed: {exc}", "4.7.5")
+        hosts = await self._mail_hosts(domain)
+        if hosts.null_mx:
+            reason = f"domain {domain} accepts no mail (null MX, RFC 7505)"
+            return everyone(rcpts, BOUNCED, reason, "5.1.10")
+        if hosts.status == "nxdomain":
+            reason = f"domain {domain} does not exist (DNS NXDOMAIN)"
+            return everyone(rcpts, BOUNCED, reason, "5.1.2")
+        if hosts.status != "ok" or not hosts.hosts:
+            detail = f"{hosts.status} {hosts.rcode} {hosts.detail}".strip()
+            return everyone(rcpts, DEFERRED, f"MX lookup for {domain} failed: {detail}", "4.4.3")
+        names = [h for h in hosts.names if requirement.mx_allowed(h)]
+        if requirement.testing:  # MTA-STS testing: say what enforce would have refused
+            for host in hosts.names:
+                if not requirement.mx_listed(host):
+                    event(log, "mta_sts_testing", message.id, domain=domain, mx=host,
+                          problem="MX not listed in the policy",
+                          policy=requirement.source)  # fmt: skip
+        if not names:
+            reason = f"no MX host of {domain} is allowed by {requirement.source}"
+            return self._tls_failed(domain, rcpts, requirement, reason)
+        port = self._config().delivery.port
+        hosts_to_try = [(name, port) for name in names]
+        return await self._try_hosts(message, domain, rcpts, payload, requirement, hosts_to_try)
+
+    async def deliver_bad_gateway(
+        self, message: QueuedMessage, rcpts: Rcpts, payload: bytes
+    ) -> list[RcptOutcome]:
+        routing = self._config().routing
+        if not routing.bad_gateways:
+            reason = "route bad_gateway but routing.bad_gateways is empty: kept in the queue"
+            return everyone(rcpts, DEFERRED, reason, "4.3.5")
+        # Verified TLS against the fleet's CA; a failure never falls back to direct delivery.
+        requirement = TlsRequirement(VERIFY, None, "routing.bad_gateways", (), routing.internal_ca)
+        outcomes = await self._try_hosts(
+            message, BAD_GATEWAY, rcpts, payload, requirement, list(routing.bad_gateways)
+        )
+        for outcome in outcomes:
+            if outcome.status == HELD:  # never held or bounced for TLS: stays deferred
+                outcome.status = DEFERRED
+        return outcomes
+
+    async def _requirement(self, message: QueuedMessage, domain: str) -> TlsRequirement:
+        if self.tls_policy is None:
+            return TlsRequirement()
+        sender_domain = message.sender.rpartition("@")[2].lower() if message.sender else ""
+        return await self.tls_policy.requirement(sender_domain, domain)
+
+    async def _try_hosts(
+        self,
+        message: QueuedMessage,
+        domain: str,
+        rcpts: Rcpts,
+        payload: bytes,
+        requirement: TlsRequirement,
+        hosts: list[tuple[str, int]],
+    ) -> list[RcptOutcome]:
+        errors: list[str] = []
+        tls_errors: list[str] = []
+        last_relay = ""
+        for host, port in hosts:
+            targets, problem = await self._targets(host, port)
+            if problem:
+                errors.append(problem)
+            for target in targets:
+                last_relay = target.relay
+                try:
+                    outcomes = await self.pool.deliver(
+                        self.dialer, target, requirement, message, rcpts, payload
+                    )
+                except HostFailed as exc:
+                    (tls_errors if exc.tls else errors).append(f"{target.relay}: {exc.reply}")
+                    continue
+                if requirement.requires_tls and self._failures is not None:
+                    self._failures.record_success(domain, requirement.level)
+                if requirement.testing and outcomes:
+                    _report_mta_sts_testing(message, domain, target, requirement, outcomes[0].tls)
+                return outcomes
+        if tls_errors:
+            return self._tls_failed(domain, rcpts, requirement, "; ".join(tls_errors[-3:]))
+        reason = "; ".join(errors[-3:]) or "no host to deliver to"
+        return [RcptOutcome(p, a, DEFERRED, reason, "4.4.1", relay=last_relay) for p, a in rcpts]
+
+    def _tls_failed(
+        self, domain: str, rcpts: Rcpts, requirement: TlsRequirement, detail: str
+    ) -> list[RcptOutcome]:
+        reason = f"no TLS connection could be established ({requirement.describe()}): {detail}"
+        if self._failures is not None and domain != BAD_GATEWAY:
+            self._failures.record_failure(domain, detail, requirement.level)  # intake's 5.7.10
+        status = BOUNCED if requirement.on_failure == "reject" else HELD
+        enhanced = "5.7.10" if status == BOUNCED else "4.7.10"
+        return everyone(rcpts, status, reason, enhanced)
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    async def _mail_hosts(self, domain: str) -> MailHosts:
+        """The resolver's answer, kept a few seconds: the resolver caches by TTL already, this
+        saves the lookup's tasks for every message to the same domain."""
+        cached = self._mail_hosts_cache.get(domain)
+        if cached is not None:
+            return cached
+        hosts = await self.resolver.mail_hosts(domain)
+        if hosts.status == "ok":
+            self._mail_hosts_cache.put(domain, hosts, hosts.ttl)
+        return hosts
+
+    async def _targets(self, host: str, port: int) -> tuple[list[Target], str]:
+        try:
+            ipaddress.ip_address(host)
+            return [Target(host, host, port)], ""
+        except ValueError:
+            pass
+        cached = self._targets_cache.get((host, port))
+        if cached is not None:
+            return cached, ""
+        result = await self.resolver.addresses(host)
+        if not result.ok:
+            return [], f"address lookup for {host} failed: {result.status} {result.rcode}"
+        targets = [Target(host, r.address, port) for r in result.records]
+        if not result.incomplete:
+            self._targets_cache.put((host, port), targets, result.ttl)
+        return targets, ""
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Remembered(Generic[K, V]):
+    """Answers kept ROUTE_CACHE_SECONDS at most, and never past their TTL."""
+
+    def __init__(self) -> None:
+        self._entries: dict[K, tuple[float, V]] = {}
+
+    def get(self, key: K) -> V | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: K, value: V, ttl: int) -> None:
+        if len(self._entries) > ROUTE_CACHE_SIZE:
+            self._entries.clear()
+        self._entries[key] = (time.monotonic() + min(ttl, ROUTE_CACHE_SECONDS), value)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _report_mta_sts_testing(
+    message: QueuedMessage, domain: str, target: Target, req: TlsRequirement, tls: TlsOutcome
+) -> None:
+    """MTA-STS testing: the mail went, but say so if enforce would have refused the session."""
+    if tls.verification == "trusted":
+        return
+    problem = f"TLS {tls.verification} {tls.detail}".strip() if tls.encrypted else "no TLS"
+    event(log, "mta_sts_testing", message.id, domain=domain, mx=target.host, problem=problem,
+          policy=req.source)  # fmt: skip

@@ -1,0 +1,274 @@
+"""The delivery scheduler: takes due messages from the spool and attempts them.
+
+New messages come by an in-memory hand-off from :meth:`Spool.enqueue` (delivered at once);
+everything else (retries, released holds, messages left active by a crash) is found by polling
+the spool every ``delivery.scan_interval``.  At most ``delivery.concurrency`` messages are in an
+attempt at a time.  Every attempt ends in one spool operation (:meth:`Spool.finish_attempt`)
+that records each recipient's outcome, queues the NDR for the failed ones in the same
+transaction, and moves the message on: removed (nothing pending), ``deferred`` with exponential
+backoff, or ``held`` (TLS could not be had).  Before a message leaves directly, the internal
+verdict header is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.config import Config
+from gateway.delivery.client import Dialer, strip_header, wire_bytes
+from gateway.delivery.outcome import RcptOutcome, Rcpts, attempt_result, log_attempt
+from gateway.delivery.pool import ConnectionPool
+from gateway.delivery.routing import Router
+from gateway.dns import Resolver
+from gateway.log import event
+from gateway.metrics import Metrics
+from gateway.queue.model import (
+    AttemptOutcome,
+    AttemptResult,
+    MessageState,
+    QueuedMessage,
+    Route,
+)
+from gateway.queue.spool import Spool, SpoolUnavailable
+from gateway.tls.policy import TlsPolicy
+
+log = logging.getLogger("smg.delivery")
+
+HANDOFF_BACKLOG = 10000  # messages waiting in memory at most; beyond, the poll finds them
+RECORD_TRIES = 15  # writes of an attempt's result while the spool is unavailable (~6 min)
+STALE_HANDOFF = 1.0  # a hand-off older than this is re-checked against the spool (held?)
+
+
+@dataclass
+class _Work:
+    queue_id: str
+    message: QueuedMessage | None  # None: found by the poll, loaded from the spool
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class Delivery:
+    """The scheduler and SMTP client.  ``await start()`` once the spool is open; ``await
+    stop()`` on shutdown (attempts in progress are abandoned; their messages are still
+    ``active`` in the spool and are retried at the next start)."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        resolver: Resolver,
+        tls_policy: TlsPolicy | None = None,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self.spool = spool
+        self.resolver = resolver
+        self.tls_policy = tls_policy
+        self.metrics = metrics
+        self.clock = clock
+        section = config.delivery
+        self.concurrency = max(1, section.concurrency)
+        self.pool = ConnectionPool(section.connection_reuse, section.max_connections_per_host)
+        self.dialer = Dialer(config)
+        self.router = Router(lambda: self._config, resolver, tls_policy, self.pool, self.dialer)
+        self._queue: asyncio.Queue[_Work] = asyncio.Queue()
+        self._known: set[str] = set()  # ids waiting in _queue or in an attempt
+        self._cooldown: dict[str, float] = {}  # ids whose result could not be recorded
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()  # the workers' queue is short again (see _poll_loop)
+        self.attempts = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.spool.add_listener(self._handoff)
+        self._tasks = [
+            asyncio.create_task(self._worker(), name=f"smg-delivery-{i}")
+            for i in range(self.concurrency)
+        ]
+        self._tasks.append(asyncio.create_task(self._poll_loop(), name="smg-delivery-poll"))
+        self._tasks.append(asyncio.create_task(self._reap_loop(), name="smg-delivery-reap"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self.pool.close()
+
+    def wake(self) -> None:
+        """Poll the spool now (after an in-process flush or release)."""
+        self._wake.set()
+
+    @property
+    def in_progress(self) -> int:
+        return len(self._known)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload (SIGHUP): new settings for the next attempts; TLS contexts (CA bundles may
+        have changed) and remembered routes are built again; idle sessions are kept.
+        ``delivery.concurrency`` and the pool's limits change with a restart only."""
+        self._config = config
+        self.dialer.config = config
+        self.router.forget()
+        self.pool.reuse = config.delivery.connection_reuse
+
+    # -- scheduling -----------------------------------------------------------------------
+
+    def _handoff(self, message: QueuedMessage) -> None:
+        if message.id in self._known or self._queue.qsize() >= HANDOFF_BACKLOG:
+            return  # already scheduled, or too many in memory: the poll will find it
+        self._known.add(message.id)
+        self._queue.put_nowait(_Work(message.id, message))
+
+    async def _poll_loop(self) -> None:
+        interval = max(0.05, self.config.delivery.scan_interval)
+        while True:
+            backlog = False
+            with contextlib.suppress(Exception):
+                backlog = await self._poll_once()
+            if backlog:
+                # More is due than one search returned (a restart with a full queue, a flush):
+                # search again as soon as the workers have room, not a whole interval later.
+                await self._room.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+
+    async def _poll_once(self) -> bool:
+        """Queue due messages for the workers; True if there may be more due right now."""
+        if self._queue.qsize() >= self.concurrency:
+            return False  # the workers have enough to do; keeps the poll cheap under load
+        limit = len(self._known) + 2 * self.concurrency
+        try:
+            due = await self.spool.due(limit, self.clock())
+        except SpoolUnavailable as exc:
+            log.warning("spool poll failed: %s", exc)
+            return False
+        now = self.clock()
+        for queue_id, until in list(self._cooldown.items()):
+            if until <= now:
+                del self._cooldown[queue_id]
+        added = 0
+        for queue_id in due:
+            if queue_id not in self._known and queue_id not in self._cooldown:
+                self._known.add(queue_id)
+                self._queue.put_nowait(_Work(queue_id, None))
+                added += 1
+        if len(due) >= limit and added:
+            self._room.clear()
+            return True
+        return False
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                await self.pool.reap()
+
+    async def _worker(self) -> None:
+        while True:
+            if self._queue.qsize() < self.concurrency:
+                self._room.set()  # the poll may search again
+            work = await self._queue.get()
+            try:
+                await self._process(work)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("queue_id=%s delivery attempt failed unexpectedly", work.queue_id)
+                await self._defer_after_bug(work.queue_id)
+            finally:
+                self._known.discard(work.queue_id)
+
+    async def _record(self, result: AttemptResult) -> AttemptOutcome:
+        """Write the attempt's result; while the spool is unavailable (disk full), keep trying
+        (bounded), because a message left ``active`` would be attempted again at once."""
+        delay = 1.0
+        for _ in range(RECORD_TRIES - 1):
+            try:
+                return await self.spool.finish_attempt(result)
+            except SpoolUnavailable as exc:
+                event(log, "spool_error", result.queue_id, level=logging.ERROR, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        try:
+            return await self.spool.finish_attempt(result)
+        except SpoolUnavailable:
+            # Give up for now; do not pick it up again before retry_max.
+            self._cooldown[result.queue_id] = self.clock() + self.config.delivery.retry_max
+            raise
+
+    async def _defer_after_bug(self, queue_id: str) -> None:
+        """A bug must not make a message spin: defer it by retry_initial."""
+        with contextlib.suppress(Exception):
+            await self.spool.finish_attempt(
+                AttemptResult(
+                    queue_id,
+                    [],
+                    MessageState.DEFERRED,
+                    self.clock() + self.config.delivery.retry_initial,
+                )
+            )
+
+    async def _claim(self, work: _Work) -> QueuedMessage | None:
+        """The message to attempt, or None if an operator held or deleted it meanwhile."""
+        if work.message is None:
+            if not await self.spool.begin_attempt(work.queue_id):
+                return None
+            return await self.spool.load(work.queue_id)
+        # A hand-off that waited in memory is checked again: an operator may have acted.
+        stale = time.monotonic() - work.queued_at > STALE_HANDOFF
+        if stale and await self.spool.state_of(work.queue_id) != MessageState.ACTIVE:
+            return None
+        return work.message
+
+    async def _process(self, work: _Work) -> None:
+        message = await self._claim(work)
+        if message is None:
+            return
+        if not message.pending:  # nothing left to do (should not happen): do not keep it active
+            await self._record(AttemptResult(message.id, [], complete=True))
+            return
+        started = time.monotonic()
+        outcomes = await self.attempt(message)
+        self.attempts += 1
+        result = attempt_result(self.config, self.clock(), message, outcomes)
+        outcome = await self._record(result)
+        log_attempt(message, outcomes, time.monotonic() - started, self.clock, self.metrics)
+        if outcome.ndr_id:
+            event(log, "ndr", message.id, ndr=outcome.ndr_id, to=f"<{message.sender}>")
+
+    async def attempt(self, message: QueuedMessage) -> list[RcptOutcome]:
+        """Try every pending recipient once; returns one outcome per recipient."""
+        payload = wire_bytes(message.data)
+        if message.route == Route.DIRECT:
+            payload = strip_header(payload, self.config.routing.verdict_header)
+            groups: dict[str, Rcpts] = {}
+            for rcpt in message.pending:
+                domain = rcpt.address.rpartition("@")[2].lower()
+                groups.setdefault(domain, []).append((rcpt.position, rcpt.address))
+            tasks = [
+                self.router.deliver_domain(message, domain, rcpts, payload)
+                for domain, rcpts in groups.items()
+            ]
+        else:
+            rcpts = [(r.position, r.address) for r in message.pending]
+            tasks = [self.router.deliver_bad_gateway(message, rcpts, payload)]
+        if len(tasks) == 1:  # the usual case: no extra tasks
+            return await tasks[0]
+        results = await asyncio.gather(*tasks)
+        return [outcome for group in results for outcome in group]

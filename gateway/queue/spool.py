@@ -1,0 +1,360 @@
+"""The relay's and the operator's handles on the spool database.
+
+:class:`Spool` is the relay's: asynchronous, every write goes through the group-commit writer
+thread (:mod:`gateway.queue.writer`), reads run on one reader thread.  :class:`SpoolAdmin` is
+``smg queue``'s: plain synchronous SQLite on the same database, safe while the relay runs.
+
+Message states (:class:`MessageState`): ``active`` (new, or being delivered), ``deferred``
+(waiting for ``next_attempt``), ``held`` (an operator's hold, or ``hold_reason = "tls"``:
+retried on the TLS hold schedule).  A message leaves the database once none of its recipients
+is pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.queue import store
+from gateway.queue.errors import SpoolFull, SpoolUnavailable, UnknownMessage, unavailable
+from gateway.queue.model import (
+    AttemptOutcome,
+    AttemptResult,
+    HoldReason,
+    MessageKind,
+    MessageState,
+    NewMessage,
+    QueuedMessage,
+    Recipient,
+    Route,
+)
+from gateway.queue.owners import owner_alive, process_owner
+from gateway.queue.store import BUSY_TIMEOUT, DB_NAME
+from gateway.queue.writer import STOP, Job, Operation, Writer, file_lock
+
+__all__ = [
+    "Spool",
+    "SpoolAdmin",
+    "SpoolFull",
+    "SpoolUnavailable",
+    "UnknownMessage",
+    "ids_of",
+    "resolve_path",
+]
+
+log = logging.getLogger("smg.spool")
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """``gateway.spool`` is a directory; the database is ``queue.sqlite`` inside it.  A path
+    ending in ``.sqlite`` or ``.db`` is taken as the database itself (tests)."""
+    p = Path(path)
+    if p.suffix in (".sqlite", ".db"):
+        return p
+    return p / DB_NAME
+
+
+class Spool:
+    """The relay's asynchronous handle on the spool database (see the module docstring)."""
+
+    def __init__(self, path: Path, writer: Writer, reader: sqlite3.Connection) -> None:
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._read_executor = concurrent.futures.ThreadPoolExecutor(1, "smg-spool-reader")
+        self._listeners: list[Callable[[QueuedMessage], None]] = []
+        self._claimable: set[str] = {process_owner()}  # owners whose active mail we may take
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], busy_timeout: float = BUSY_TIMEOUT) -> Spool:
+        """Open (and create) the spool database under ``path`` (``gateway.spool``)."""
+        db_path = resolve_path(path)
+        return await asyncio.to_thread(cls._open_sync, db_path, busy_timeout)
+
+    @classmethod
+    def _open_sync(cls, db_path: Path, busy_timeout: float) -> Spool:
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Several workers start at once: switching a new database to WAL takes a lock that
+            # SQLite does not wait for, so they take turns on the lock file here.
+            with file_lock(db_path.with_suffix(".lock")):
+                conn = store.connect(db_path, busy_timeout)
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    store.create_schema(conn)
+                    conn.execute("COMMIT")
+                finally:
+                    conn.close()
+                reader = store.connect(db_path, busy_timeout)
+        except (sqlite3.Error, OSError) as exc:
+            raise unavailable(f"cannot open spool {db_path}", exc) from exc
+        writer = Writer(db_path, busy_timeout)
+        writer.start()
+        return cls(db_path, writer, reader)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.jobs.put(STOP)
+        await asyncio.to_thread(self._writer.join, 30)
+        log.info(
+            "spool closed: %d operations in %d commits",
+            self._writer.operations,
+            self._writer.commits,
+        )
+        self._read_executor.shutdown(wait=True)
+        with contextlib.suppress(sqlite3.Error):
+            self._reader.close()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def submit(
+        self, op: Operation, on_commit: Callable[[Any], None] | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue ``op`` for the next group commit; the future resolves after the commit."""
+        if self._closed:
+            raise SpoolUnavailable("the spool is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._writer.jobs.put(Job(op, future, loop, on_commit))
+        return future
+
+    def add_listener(self, callback: Callable[[QueuedMessage], None]) -> None:
+        """``callback(message)`` runs on the event loop for each new active message right
+        after it is durable (delivery's in-memory hand-off)."""
+        self._listeners.append(callback)
+
+    async def enqueue(
+        self,
+        mail_from: str,
+        rcpt_tos: Sequence[str],
+        data: bytes,
+        *,
+        route: Route = Route.DIRECT,
+        state: MessageState = MessageState.ACTIVE,
+        client_ip: str | None = None,
+        helo: str | None = None,
+        facts: dict[str, Any] | None = None,
+        kind: MessageKind = MessageKind.MAIL,
+        hold_reason: HoldReason | None = None,
+    ) -> str:
+        """Store one message durably and return its queue id (raises SpoolUnavailable)."""
+        if state == MessageState.HELD and hold_reason is None:
+            hold_reason = HoldReason.POLICY
+        new = NewMessage(
+            mail_from,
+            list(rcpt_tos),
+            bytes(data),
+            route,
+            state,
+            kind,
+            hold_reason,
+            client_ip,
+            helo,
+            dict(facts or {}),
+        )
+        now = time.time()
+
+        def notify(queue_id: str) -> None:
+            if state != MessageState.ACTIVE or not self._listeners:
+                return
+            recipients = [Recipient(a, i) for i, a in enumerate(new.recipients)]
+            message = QueuedMessage(
+                queue_id,
+                new.sender,
+                recipients,
+                new.data,
+                route,
+                state,
+                None,
+                kind,
+                now,
+                now,
+                client_ip=client_ip,
+                helo=helo,
+                facts=new.facts,
+            )
+            for callback in self._listeners:
+                callback(message)
+
+        return await self.submit(lambda conn: store.insert_message(conn, new, now), notify)
+
+    async def begin_attempt(self, queue_id: str) -> bool:
+        """Claim a message found by :meth:`due` (see :func:`begin_attempt`)."""
+        now = time.time()
+        claimable = tuple(self._claimable)
+        return await self.submit(lambda conn: store.begin_attempt(conn, queue_id, now, claimable))
+
+    async def finish_attempt(self, result: AttemptResult) -> AttemptOutcome:
+        now = time.time()
+        ndr = result.ndr
+
+        def op(conn: sqlite3.Connection) -> AttemptOutcome:
+            return store.finish_attempt(conn, result, now)
+
+        def notify(outcome: AttemptOutcome) -> None:
+            if outcome.ndr_id is None or ndr is None or not self._listeners:
+                return
+            recipients = [Recipient(a, i) for i, a in enumerate(ndr.recipients)]
+            message = QueuedMessage(
+                outcome.ndr_id,
+                ndr.sender,
+                recipients,
+                ndr.data,
+                ndr.route,
+                ndr.state,
+                None,
+                ndr.kind,
+                now,
+                now,
+                facts=dict(ndr.facts),
+            )
+            for callback in self._listeners:
+                callback(message)
+
+        return await self.submit(op, notify)
+
+    async def hold(self, queue_id: str) -> bool:
+        return bool(await self.submit(lambda conn: store.hold(conn, queue_id)))
+
+    async def release(self, queue_id: str) -> bool:
+        now = time.time()
+        return bool(await self.submit(lambda conn: store.release(conn, queue_id, now)))
+
+    async def delete(self, queue_id: str) -> bool:
+        return bool(await self.submit(lambda conn: store.delete(conn, queue_id)))
+
+    async def flush(self) -> int:
+        now = time.time()
+        return int(await self.submit(lambda conn: store.flush(conn, now)))
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+
+        def run() -> Any:
+            try:
+                return fn(self._reader)
+            except sqlite3.Error as exc:
+                raise unavailable(f"spool {self.path}", exc) from exc
+
+        return await loop.run_in_executor(self._read_executor, run)
+
+    async def load(self, queue_id: str, with_data: bool = True) -> QueuedMessage | None:
+        return await self._read(lambda conn: store.load_message(conn, queue_id, with_data))
+
+    async def due(self, limit: int, now: float | None = None) -> list[str]:
+        """Ids of messages due for an attempt by this process (see :func:`due_ids`)."""
+        when = time.time() if now is None else now
+
+        def query(conn: sqlite3.Connection) -> list[str]:
+            me = process_owner()
+            gone = {o for o in store.active_owners(conn) if o != me and not owner_alive(o)}
+            self._claimable = {me, *gone}
+            return store.due_ids(conn, when, limit, tuple(self._claimable))
+
+        return await self._read(query)
+
+    async def state_of(self, queue_id: str) -> MessageState | None:
+        def query(conn: sqlite3.Connection) -> MessageState | None:
+            row = conn.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
+            return MessageState(row[0]) if row else None
+
+        return await self._read(query)
+
+    async def list(self) -> list[QueuedMessage]:
+        return await self._read(store.list_messages)
+
+    async def counts(self) -> dict[str, int]:
+        return await self._read(store.counts)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Commits and operations so far (how well group commit groups)."""
+        return {"commits": self._writer.commits, "operations": self._writer.operations}
+
+
+# --- synchronous access for smg queue --------------------------------------------------------
+
+
+class SpoolAdmin:
+    """The operator's handle (``smg queue``): plain synchronous SQLite on the same database,
+    safe while the relay runs (WAL readers never block it; writes wait at most busy_timeout)."""
+
+    def __init__(self, path: str | os.PathLike[str], busy_timeout: float = BUSY_TIMEOUT) -> None:
+        self.path = resolve_path(path)
+        if not self.path.exists():
+            raise SpoolUnavailable(f"no spool database at {self.path}")
+        try:
+            self.conn = store.connect(self.path, busy_timeout)
+        except sqlite3.Error as exc:
+            raise unavailable(f"cannot open spool {self.path}", exc) from exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> SpoolAdmin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, fn: Callable[[sqlite3.Connection], int]) -> int:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                changed = fn(self.conn)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise unavailable(f"spool {self.path}", exc) from exc
+        return changed
+
+    def _require(self, queue_id: str) -> None:
+        if not store.exists(self.conn, queue_id):
+            raise UnknownMessage(queue_id)
+
+    def list(self) -> list[QueuedMessage]:
+        return store.list_messages(self.conn)
+
+    def show(self, queue_id: str) -> QueuedMessage:
+        message = store.load_message(self.conn, queue_id)
+        if message is None:
+            raise UnknownMessage(queue_id)
+        return message
+
+    def hold(self, queue_id: str) -> int:
+        self._require(queue_id)
+        return self._write(lambda conn: store.hold(conn, queue_id))
+
+    def release(self, queue_id: str) -> int:
+        self._require(queue_id)
+        return self._write(lambda conn: store.release(conn, queue_id, time.time()))
+
+    def delete(self, queue_id: str) -> int:
+        self._require(queue_id)
+        return self._write(lambda conn: store.delete(conn, queue_id))
+
+    def flush(self) -> int:
+        return self._write(lambda conn: store.flush(conn, time.time()))
+
+    def counts(self) -> dict[str, int]:
+        return store.counts(self.conn)
+
+
+def ids_of(messages: Iterable[QueuedMessage]) -> list[str]:
+    return [m.id for m in messages]
