@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config, parse_config
+from gateway.dns import MailHost, Resolver
 from gateway.tls.levels import OPPORTUNISTIC, VERIFY
 from gateway.tls.policy import TlsPolicy, TlsRequirement
 from gateway.tls.verify import peer_chain_der
@@ -216,7 +217,7 @@ def judge(probe: HostProbe, requirement: TlsRequirement) -> None:
 
 async def probe_domain(
     config: Config,
-    resolver: Any,
+    resolver: Resolver,
     domain: str,
     sender_domain: str = "",
     port: int | None = None,
@@ -242,8 +243,8 @@ async def probe_domain(
 
 async def _probe_addresses(
     config: Config,
-    resolver: Any,
-    mail_host: Any,
+    resolver: Resolver,
+    mail_host: MailHost,
     requirement: TlsRequirement,
     port: int | None,
     timeout: float,
