@@ -9,12 +9,13 @@ PYINFRA ?= .venv/bin/pyinfra
 MESSAGES    ?= 3000
 CONNECTIONS ?= 16
 
-.PHONY: help test lab-up deploy infra acceptance faults load lab-down ci
+.PHONY: help test lab-up keys deploy infra acceptance faults load lab-down ci
 
 help:
 	@echo "make test        unit + integration tests (real daemons on loopback, no lab)"
 	@echo "make lab-up      python -m lab up: the lab fleet on this machine (root)"
-	@echo "make deploy      DKIM keys if missing, then pyinfra inventories/lab.py deploy.py -y"
+	@echo "make keys        python -m deploykit dkim-keys inventories/lab.py (missing DKIM keys)"
+	@echo "make deploy      make keys, then pyinfra inventories/lab.py deploy.py -y"
 	@echo "make infra       pytest tests/infra (testinfra) + the lab tests of tests/integration"
 	@echo "make acceptance  pytest tests/acceptance (mechanisms, bad input, load, faults)"
 	@echo "make faults      only the fault tests of the acceptance suite"
@@ -28,8 +29,10 @@ test:
 lab-up:
 	$(PY) -m lab up
 
-deploy:
-	$(PY) -m gateway.inventory dkim-keys inventories/lab.py
+keys:
+	$(PY) -m deploykit dkim-keys inventories/lab.py
+
+deploy: keys
 	$(PYINFRA) inventories/lab.py deploy.py -y
 
 infra:

@@ -3,16 +3,22 @@
     pyinfra inventories/lab.py deploy.py -y           # the lab (python -m lab up first)
     pyinfra inventories/production.py deploy.py --dry # what would change in production
 
-The inventory validated itself when pyinfra loaded it (gateway/inventory.py): a broken
+The inventory validated itself once when pyinfra loaded it (deploykit/inventory.py): a broken
 inventory stops before any host is contacted, and each host's relay config has been rendered
-and checked with gateway.config.parse_config.  Here the roles are composed by the host's group:
+and checked with gateway.config.parse_config.  Here each host's values come from pyinfra's
+``host.data`` (the same layers of group and host data the validation read), the fleet's from
+the other hosts' data.  The roles are composed by the host's group:
 good gateways get the scanners and the DKIM keys, the bad gateway only what it needs to send
 spam on.  docs/deploy.md walks through it.
 """
 
 from pyinfra import host, inventory
+from pyinfra.api.host import Host
 
-from gateway.inventory import KEYS, InventoryError, Problem, current_fleet
+from deploykit.fleet import Fleet
+from deploykit.host import Gateway, gateway_from_host_data
+from deploykit.problems import InventoryError, Problem
+from deploykit.schema import KEYS
 from roles import base, blacklist, clamav, dkim, firewall, relay, rspamd, tls
 
 
@@ -28,8 +34,14 @@ def _refuse_overrides() -> None:
         )
 
 
+def _gateway(target: Host) -> Gateway:
+    return gateway_from_host_data(target.name, target.groups, target.data.dict())
+
+
 _refuse_overrides()
-fleet = current_fleet([h.name for h in inventory])
+# Every host of the inventory, not only those of this run (--limit): the firewall and the
+# relay config name the fleet's peers.
+fleet = Fleet("the pyinfra inventory", tuple(_gateway(target) for target in inventory))
 gateway = fleet.get(host.name)
 good = gateway.role == "good"
 

@@ -12,33 +12,13 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.harness.postfix import POSTFIX_DAEMON_DIR, QUEUE_DIRS, make_owned_dir
+from devkit import postfix
 from tests.harness.util import Daemon, free_port
 
-_MASTER_CF = """\
-# written by bench/postfix.py: the stock services a relay needs
-{listen} inet n - n - - smtpd
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-tlsmgr    unix  - - n 1000? 1 tlsmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
-smtp      unix  - - n - - smtp
-relay     unix  - - n - - smtp
-showq     unix  n - n - - showq
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-"""
+# The stock services a relay needs (after its listener).
+SERVICES = ["pickup", "cleanup", "qmgr", "tlsmgr", "rewrite", "bounce", "defer", "trace", "verify"]
+SERVICES += ["flush", "proxymap", "smtp", "relay", "showq", "error", "retry", "discard", "anvil"]
+SERVICES += ["scache", "postlog"]
 
 
 class PostfixRelay(Daemon):
@@ -93,23 +73,18 @@ class PostfixRelay(Daemon):
     def _prepare(self) -> None:
         self.port = self.port or free_port(self.host)
         self.dir.chmod(0o755)
-        for path in (self.config_dir, self.queue_dir):
-            path.mkdir(exist_ok=True)
-        self.queue_dir.chmod(0o755)
-        for name, (owner, group, mode) in QUEUE_DIRS.items():
-            make_owned_dir(self.queue_dir / name, owner, group, mode)
-        make_owned_dir(self.data_dir, "postfix", "root", 0o700)
-        settings = self.main_cf()
+        self.config_dir.mkdir(exist_ok=True)
+        postfix.make_queue_dirs(self.queue_dir, self.data_dir)
         (self.config_dir / "main.cf").write_text(
-            "".join(f"{key} = {value}\n" for key, value in settings.items())
+            postfix.main_cf("bench/postfix.py", self.main_cf())
         )
         (self.config_dir / "master.cf").write_text(self.master_cf())
 
     def master_cf(self) -> str:
-        return _MASTER_CF.format(listen=self.endpoint)
+        return postfix.master_cf("bench/postfix.py", [postfix.smtpd(self.endpoint), *SERVICES])
 
     def _command(self) -> list[str]:
-        return [str(POSTFIX_DAEMON_DIR / "master"), "-c", str(self.config_dir), "-d"]
+        return [str(postfix.POSTFIX_DAEMON_DIR / "master"), "-c", str(self.config_dir), "-d"]
 
     def _ready(self) -> bool:
         with socket.create_connection((self.host, self.port), timeout=1) as sock:

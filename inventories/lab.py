@@ -13,7 +13,7 @@ import json as _json
 import os as _os
 from pathlib import Path as _Path
 
-from gateway.inventory import validate_inventory
+from deploykit.inventory import validate_inventory
 
 _STATE_FILE = _Path(_os.environ.get("SMG_LAB_STATE", "lab/run/state.json"))
 if not _STATE_FILE.is_file():
@@ -70,9 +70,9 @@ lab = (
                 "on_failure": "reject",
             },
         ],
+        # Made on purpose, as in production: python -m deploykit dkim-keys inventories/lab.py
+        # (make keys; scripts/lab.sh and scripts/test.sh run it before the deploy).
         "dkim_keys_dir": "keys/lab",
-        # Lab keys are made when the inventory loads (production makes them on purpose).
-        "dkim_make_missing_keys": True,
         "dkim_domains": [
             {"domain": "customer-a.example", "selector": "lab", "algorithm": "rsa"},
             {"domain": "customer-b.example", "selector": "lab", "algorithm": "ed25519"},

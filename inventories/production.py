@@ -10,7 +10,7 @@ inventory refuses to load (and the deploy to start) until it is set.  docs/deplo
 every key.
 """
 
-from gateway.inventory import validate_inventory
+from deploykit.inventory import validate_inventory
 
 good = [
     (

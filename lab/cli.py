@@ -86,17 +86,23 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def run_deploy() -> int:
-    """The deploy helper owns deploy.py; run exactly its documented command, if it exists."""
+    """The deploy helper owns deploy.py; run exactly its documented commands, if it exists:
+    the lab's DKIM keys (made only on purpose, as in production), then the deploy."""
     if not (REPO_DIR / "deploy.py").exists():
         log.info("--deploy: no deploy.py in %s yet, nothing to deploy", REPO_DIR)
         return 0
-    argv = [str(VENV_BIN / "pyinfra"), "inventories/lab.py", "deploy.py", "-y"]
-    log.info("deploying: %s", " ".join(argv))
-    try:
-        return subprocess.run(argv, cwd=REPO_DIR, timeout=DEPLOY_TIMEOUT, check=False).returncode
-    except subprocess.TimeoutExpired:
-        log.error("deploy did not finish in %d s", DEPLOY_TIMEOUT)
-        return 1
+    keys = [str(VENV_BIN / "python"), "-m", "deploykit", "dkim-keys", "inventories/lab.py"]
+    deploy = [str(VENV_BIN / "pyinfra"), "inventories/lab.py", "deploy.py", "-y"]
+    for argv in (keys, deploy):
+        log.info("deploying: %s", " ".join(argv))
+        try:
+            done = subprocess.run(argv, cwd=REPO_DIR, timeout=DEPLOY_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            log.error("%s did not finish in %d s", argv[1], DEPLOY_TIMEOUT)
+            return 1
+        if done.returncode != 0:
+            return done.returncode
+    return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -21,40 +21,20 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
 
+from devkit import postfix
 from lab import net, pki
 from lab.config import NETWORK, RUN_DIR, Host, host_by_name
 from lab.proc import LabError, daemon_pid, log_tail, run, start_daemon, stop_daemon, wait_until
 from lab.zones import PARTNER_DOMAINS, far_end_fqdn
 
 FAREND_DIR = RUN_DIR / "farend"
-POSTFIX_DAEMON_DIR = Path("/usr/lib/postfix/sbin")
 MAIL_UID = 65534  # nobody: the owner of delivered mail files (virtual(8) needs a non-root uid)
 MAIL_GID = 65534  # nogroup
 
-MASTER_CF = """\
-# Written by lab/farend.py. No chroot: the instance runs from this machine's filesystem.
-smtp      inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-virtual   unix  -       n       n       -       -       virtual
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+# Postfix's stock services behind the SMTP listener, virtual(8) delivering into the Maildir.
+SERVICES = ["pickup", "cleanup", "qmgr", "tlsmgr", "rewrite", "bounce", "defer", "trace", "verify"]
+SERVICES += ["flush", "proxymap", "smtp", "relay", "error", "retry", "discard", "virtual", "anvil"]
+SERVICES += ["scache", "postlog"]
 
 # Which recipients the far end refuses, so tests can provoke bounces and retries.
 RECIPIENT_ACCESS = """\
@@ -97,49 +77,54 @@ def hostname(host: Host) -> str:
 
 def main_cf(host: Host, cert: pki.Issued | None) -> str:
     base = instance_dir(host)
-    lines = [
-        "# Written by lab/farend.py: a far-end MX of the lab's internet.",
-        "compatibility_level = 3.6",
-        f"queue_directory = {base / 'queue'}",
-        f"data_directory = {base / 'data'}",
-        "mail_owner = postfix",
-        "setgid_group = postdrop",
-        f"myhostname = {hostname(host)}",
-        "myorigin = $myhostname",
-        "mydestination =",
-        "biff = no",
-        "append_dot_mydomain = no",
-        f"inet_interfaces = {host.address}",
-        "inet_protocols = ipv4",
-        f"mynetworks = 127.0.0.0/8 {NETWORK}",
-        f"maillog_file = {maillog(host)}",
-        f"maillog_file_prefixes = {FAREND_DIR}",
-        "message_size_limit = 52428800",
-        "virtual_mailbox_limit = 0",  # Maildir: no mailbox size limit (must be >= message size)
+    settings = {
+        "compatibility_level": "3.6",
+        "queue_directory": str(base / "queue"),
+        "data_directory": str(base / "data"),
+        "mail_owner": "postfix",
+        "setgid_group": "postdrop",
+        "myhostname": hostname(host),
+        "myorigin": "$myhostname",
+        "mydestination": "",
+        "biff": "no",
+        "append_dot_mydomain": "no",
+        "inet_interfaces": host.address,
+        "inet_protocols": "ipv4",
+        "mynetworks": f"127.0.0.0/8 {NETWORK}",
+        "maillog_file": str(maillog(host)),
+        "maillog_file_prefixes": str(FAREND_DIR),
+        "message_size_limit": "52428800",
+        "virtual_mailbox_limit": "0",  # Maildir: no size limit (must be >= message size)
         # Accept mail for any domain: the lab's MX records decide who gets what.
-        f"virtual_mailbox_domains = regexp:{config_dir(host) / 'all_domains'}",
-        f"virtual_mailbox_base = {mail_dir(host)}",
-        f"virtual_mailbox_maps = static:{MAILDIR}/",
-        f"virtual_uid_maps = static:{MAIL_UID}",
-        f"virtual_gid_maps = static:{MAIL_GID}",
-        "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination",
-        "smtpd_recipient_restrictions = "
-        f"check_recipient_access regexp:{config_dir(host) / 'recipient_access'}",
+        "virtual_mailbox_domains": f"regexp:{config_dir(host) / 'all_domains'}",
+        "virtual_mailbox_base": str(mail_dir(host)),
+        "virtual_mailbox_maps": f"static:{MAILDIR}/",
+        "virtual_uid_maps": f"static:{MAIL_UID}",
+        "virtual_gid_maps": f"static:{MAIL_GID}",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        "smtpd_recipient_restrictions": (
+            f"check_recipient_access regexp:{config_dir(host) / 'recipient_access'}"
+        ),
         # A far end never sends mail out (bounces included).
-        "default_transport = error:the lab far end sends no mail",
-        "relay_transport = error:the lab far end sends no mail",
-    ]
+        "default_transport": "error:the lab far end sends no mail",
+        "relay_transport": "error:the lab far end sends no mail",
+    }
     if cert is not None:
-        lines += [
-            f"smtpd_tls_cert_file = {cert.cert}",
-            f"smtpd_tls_key_file = {cert.key}",
-            "smtpd_tls_security_level = may",
-            "smtpd_tls_loglevel = 1",
-            "smtpd_tls_received_header = yes",
-        ]
+        settings |= {
+            "smtpd_tls_cert_file": str(cert.cert),
+            "smtpd_tls_key_file": str(cert.key),
+            "smtpd_tls_security_level": "may",
+            "smtpd_tls_loglevel": "1",
+            "smtpd_tls_received_header": "yes",
+        }
     else:
-        lines += ["smtpd_tls_security_level = none"]
-    return "\n".join(lines) + "\n"
+        settings["smtpd_tls_security_level"] = "none"
+    return postfix.main_cf("lab/farend.py: a far-end MX of the lab's internet", settings)
+
+
+def master_cf() -> str:
+    # No chroot: the instance runs from this machine's filesystem.
+    return postfix.master_cf("lab/farend.py", [postfix.smtpd("smtp"), *SERVICES])
 
 
 def prepare(host: Host) -> None:
@@ -154,7 +139,7 @@ def prepare(host: Host) -> None:
         cert = pki.issue(host.name, [name, host.fqdn], [host.address])
     conf = config_dir(host)
     (conf / "main.cf").write_text(main_cf(host, cert))
-    (conf / "master.cf").write_text(MASTER_CF)
+    (conf / "master.cf").write_text(master_cf())
     (conf / "all_domains").write_text("/./ OK\n")
     (conf / "recipient_access").write_text(RECIPIENT_ACCESS)
     maillog(host).touch()
@@ -177,7 +162,7 @@ def _env(host: Host) -> dict[str, str]:
 def start(host: Host) -> None:
     """The Postfix master in the far end's netns, in the foreground (so we keep its PID)."""
     argv = net.netns_exec(
-        host, [str(POSTFIX_DAEMON_DIR / "master"), "-c", str(config_dir(host)), "-d"]
+        host, [str(postfix.POSTFIX_DAEMON_DIR / "master"), "-c", str(config_dir(host)), "-d"]
     )
     start_daemon(daemon_name(host), argv)
 

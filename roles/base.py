@@ -8,7 +8,8 @@ from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt
 
-from gateway.inventory import Gateway, HostPaths
+from deploykit.host import Gateway
+from deploykit.paths import HostPaths
 from roles import ops
 from roles.render import render
 

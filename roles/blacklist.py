@@ -8,7 +8,8 @@ from __future__ import annotations
 from pyinfra.api import deploy
 from pyinfra.operations import systemd
 
-from gateway.inventory import Gateway, HostPaths
+from deploykit.host import Gateway
+from deploykit.paths import HostPaths
 from roles import ops
 from roles.render import render
 

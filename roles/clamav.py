@@ -12,8 +12,9 @@ from pyinfra.api import deploy
 from pyinfra.facts.files import FindFiles
 from pyinfra.operations import server, systemd
 
+from deploykit.host import Gateway
+from deploykit.paths import HostPaths
 from gateway.config import parse_size
-from gateway.inventory import Gateway, HostPaths
 from roles import ops
 from roles.render import render
 

@@ -1,4 +1,4 @@
-"""dkim: the signing keys, made once on the control machine (``python -m gateway.inventory
+"""dkim: the signing keys, made once on the control machine (``python -m deploykit
 dkim-keys INVENTORY`` runs ``smg dkim keygen``), copied 0600 owner smg to the good gateways.
 A key the inventory no longer names is removed from the host."""
 
@@ -11,7 +11,9 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import FindFiles
 
-from gateway.inventory import Gateway, HostPaths, dkim_entry, dkim_key_path
+from deploykit.host import Gateway
+from deploykit.paths import HostPaths
+from deploykit.schema import dkim_entry, dkim_key_path
 from roles import ops
 
 USER = HostPaths.USER

@@ -9,7 +9,8 @@ import ipaddress
 from pyinfra.api import deploy
 from pyinfra.operations import systemd
 
-from gateway.inventory import Fleet, Gateway
+from deploykit.fleet import Fleet
+from deploykit.host import Gateway
 from roles import ops
 from roles.render import render
 

@@ -26,8 +26,10 @@ from pyinfra.facts.files import FileContents, FindFiles
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
+from deploykit.fleet import Fleet
+from deploykit.host import Gateway
+from deploykit.paths import HostPaths
 from gateway.config import ConfigError, parse_config, restart_only_changes
-from gateway.inventory import Fleet, Gateway, HostPaths
 from roles import ops
 from roles.render import KIT_DIR, render
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pyinfra.api import deploy
 from pyinfra.operations import systemd
 
-from gateway.inventory import RSPAMD_PORT, Gateway
+from deploykit.host import Gateway
+from deploykit.paths import RSPAMD_PORT
 from roles import ops
 from roles.render import render
 

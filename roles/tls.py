@@ -1,14 +1,15 @@
 """tls: the host's certificate and key (the relay's STARTTLS), the fleet's internal CA (good to
 bad gateway traffic is verified against it) and, where the inventory names one, the CA bundle
 that far ends are verified against (forced TLS ``verify``, MTA-STS).  The forced-TLS table
-itself is part of the relay config (gateway/inventory.py renders it from ``tls_rules``)."""
+itself is part of the relay config (deploykit/render.py renders it from ``tls_rules``)."""
 
 from __future__ import annotations
 
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 
-from gateway.inventory import Gateway, HostPaths
+from deploykit.host import Gateway
+from deploykit.paths import HostPaths
 from roles import ops
 
 USER = HostPaths.USER

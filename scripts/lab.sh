@@ -21,7 +21,7 @@ step "the lab fleet: python -m lab up"
 .venv/bin/python -m lab up
 
 step "DKIM keys of the lab inventory (made once, kept in keys/lab/)"
-.venv/bin/python -m gateway.inventory dkim-keys inventories/lab.py
+.venv/bin/python -m deploykit dkim-keys inventories/lab.py
 
 step "deploy: pyinfra inventories/lab.py deploy.py -y"
 TIMEFORMAT=$'\ndeploy took %1R s'

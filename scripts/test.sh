@@ -81,7 +81,7 @@ else
     log "python -m lab up"
     "$PY" -m lab up
     log "DKIM keys of the lab inventory"
-    "$PY" -m gateway.inventory dkim-keys inventories/lab.py
+    "$PY" -m deploykit dkim-keys inventories/lab.py
     log "deploy (1/2): pyinfra inventories/lab.py deploy.py -y"
     deploy_lab
     log "deploy (1/2): $DEPLOY_CHANGES changes in $DEPLOY_SECONDS s"

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import email
 import email.policy
-import grp
 import os
-import pwd
 import re
 import shutil
 import socket
@@ -23,30 +21,13 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 
+from devkit import postfix
+
 from .ca import LeafCert, TestCA
 from .util import Daemon, DaemonStartError, HarnessError, free_port, run, wait_for
 
-POSTFIX_DAEMON_DIR = Path("/usr/lib/postfix/sbin")
 TLS_MODES = ("valid", "none", "wrong-name", "expired")
 DELIVERY_USER = "nobody"  # pipe(8) refuses root and the mail_owner
-
-# Queue subdirectories: name -> (owner, group, mode), as in /etc/postfix/postfix-files.
-_QUEUE_DIRS = {
-    "active": ("postfix", "root", 0o700),
-    "bounce": ("postfix", "root", 0o700),
-    "corrupt": ("postfix", "root", 0o700),
-    "defer": ("postfix", "root", 0o700),
-    "deferred": ("postfix", "root", 0o700),
-    "flush": ("postfix", "root", 0o700),
-    "hold": ("postfix", "root", 0o700),
-    "incoming": ("postfix", "root", 0o700),
-    "private": ("postfix", "root", 0o700),
-    "saved": ("postfix", "root", 0o700),
-    "trace": ("postfix", "root", 0o700),
-    "maildrop": ("postfix", "postdrop", 0o730),
-    "public": ("postfix", "postdrop", 0o710),
-    "pid": ("root", "root", 0o755),
-}
 
 _DELIVER_SH = """\
 #!/bin/sh
@@ -65,30 +46,6 @@ cat > "$base.eml.tmp"
 } > "$base.env.tmp"
 mv "$base.eml.tmp" "$base.eml"
 mv "$base.env.tmp" "$base.env"
-"""
-
-_MASTER_CF = """\
-# written by tests/harness/postfix.py
-{listen} inet n - n - - smtpd
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-tlsmgr    unix  - - n 1000? 1 tlsmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
-showq     unix  n - n - - showq
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-sink      unix  - n n - - pipe null_sender= user={user}
-  argv=/bin/sh {deliver} {maildir} ${{queue_id}} ${{client_address}} ${{sender}} ${{recipient}}
 """
 
 _RECEIVED_FROM = re.compile(r"^from (?P<helo>\S+) \((?P<name>\S+) \[(?P<ip>[^\]]+)\]\)")
@@ -205,21 +162,14 @@ class PostfixFarEnd(Daemon):
         access = "".join(f"{rcpt} {reply}\n" for rcpt, reply in self.reject_recipients.items())
         (self.config_dir / "recipient_access").write_text(access)
         (self.config_dir / "main.cf").write_text(self._main_cf())
-        (self.config_dir / "master.cf").write_text(
-            _MASTER_CF.format(
-                listen=self.endpoint,
-                user=DELIVERY_USER,
-                deliver=self.dir / "deliver.sh",
-                maildir=self.mail_dir,
-            )
-        )
+        (self.config_dir / "master.cf").write_text(self._master_cf())
         # Postfix waits until main.cf is ~2 s old (against half-written files); backdate it.
         past = time.time() - 60
         for path in self.config_dir.iterdir():
             os.utime(path, (past, past))
 
     def _command(self) -> list[str]:
-        return [str(POSTFIX_DAEMON_DIR / "master"), "-c", str(self.config_dir), "-d"]
+        return [str(postfix.POSTFIX_DAEMON_DIR / "master"), "-c", str(self.config_dir), "-d"]
 
     def _ready(self) -> bool:
         assert self.port is not None
@@ -258,12 +208,8 @@ class PostfixFarEnd(Daemon):
 
     def _make_dirs(self) -> None:
         self.config_dir.mkdir(exist_ok=True)
-        self.queue_dir.mkdir(exist_ok=True)
-        self.queue_dir.chmod(0o755)
-        for name, (owner, group, mode) in _QUEUE_DIRS.items():
-            _make_owned_dir(self.queue_dir / name, owner, group, mode)
-        _make_owned_dir(self.data_dir, "postfix", "root", 0o700)
-        _make_owned_dir(self.mail_dir, DELIVERY_USER, "root", 0o755)
+        postfix.make_queue_dirs(self.queue_dir, self.data_dir)
+        postfix.make_owned_dir(self.mail_dir, DELIVERY_USER, "root", 0o755)
 
     def _main_cf(self) -> str:
         settings = {
@@ -301,8 +247,27 @@ class PostfixFarEnd(Daemon):
             **self._tls_settings(),
             **self.main_cf,
         }
-        return "# written by tests/harness/postfix.py\n" + "".join(
-            f"{key} = {value}\n" for key, value in settings.items()
+        return postfix.main_cf("tests/harness/postfix.py", settings)
+
+    def _master_cf(self) -> str:
+        deliver = (
+            f"/bin/sh {self.dir / 'deliver.sh'} {self.mail_dir}"
+            " ${queue_id} ${client_address} ${sender} ${recipient}"
+        )
+        sink = postfix.Service(
+            "sink",
+            "unix",
+            "-",
+            "n",
+            "n",
+            "-",
+            "-",
+            f"pipe null_sender= user={DELIVERY_USER}\n  argv={deliver}",
+        )
+        stock = ["cleanup", "qmgr", "tlsmgr", "rewrite", "bounce", "defer", "trace", "verify"]
+        stock += ["flush", "proxymap", "showq", "error", "retry", "discard", "anvil", "scache"]
+        return postfix.master_cf(
+            "tests/harness/postfix.py", [postfix.smtpd(self.endpoint), *stock, "postlog", sink]
         )
 
     def _tls_settings(self) -> dict[str, str]:
@@ -312,16 +277,6 @@ class PostfixFarEnd(Daemon):
             "smtpd_tls_security_level": "may",
             "smtpd_tls_chain_files": str(self.certificate.pem_path),
         }
-
-
-def _make_owned_dir(path: Path, owner: str, group: str, mode: int) -> None:
-    path.mkdir(exist_ok=True)
-    os.chown(path, pwd.getpwnam(owner).pw_uid, grp.getgrnam(group).gr_gid)
-    path.chmod(mode)
-
-
-# Public names for the benches' own Postfix instances (bench/postfix.py).
-QUEUE_DIRS, make_owned_dir = _QUEUE_DIRS, _make_owned_dir
 
 
 def _read_message(env_path: Path) -> ReceivedMessage:
@@ -356,4 +311,4 @@ def _first_received(raw: bytes) -> str:
 
 
 def postfix_available() -> bool:
-    return (POSTFIX_DAEMON_DIR / "master").exists() and shutil.which("postconf") is not None
+    return (postfix.POSTFIX_DAEMON_DIR / "master").exists() and shutil.which("postconf") is not None

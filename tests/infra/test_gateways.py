@@ -27,7 +27,10 @@ from typing import Any
 import pytest
 import testinfra
 
-from gateway import inventory as inv
+from deploykit.fleet import Fleet
+from deploykit.inventory import load_inventory
+from deploykit.paths import HostPaths
+from deploykit.schema import dkim_entry
 from lab.config import GATEWAYS
 from roles import base, blacklist, clamav, firewall, rspamd
 
@@ -39,14 +42,14 @@ KIT = Path(__file__).resolve().parents[2]
 def _host_names() -> list[str]:
     if IS_LAB:
         return [h.name for h in GATEWAYS]  # known before the lab is up
-    return [g.name for g in inv.load_inventory(INVENTORY, check_keys=False)]
+    return [g.name for g in load_inventory(INVENTORY, check_keys=False)]
 
 
 @pytest.fixture(scope="module")
-def fleet(request: pytest.FixtureRequest) -> inv.Fleet:
+def fleet(request: pytest.FixtureRequest) -> Fleet:
     if IS_LAB:
         request.getfixturevalue("lab_state")  # skips (or fails in CI) when the lab is down
-    return inv.load_inventory(KIT / INVENTORY if not INVENTORY.is_absolute() else INVENTORY)
+    return load_inventory(KIT / INVENTORY if not INVENTORY.is_absolute() else INVENTORY)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def connect(request: pytest.FixtureRequest) -> Callable[[str], Any]:
 
     def get(name: str) -> Any:
         if name not in cache:
-            data = inv.load_inventory(INVENTORY, check_keys=False).get(name).connection
+            data = load_inventory(INVENTORY, check_keys=False).get(name).connection
             target = data.get("ssh_hostname", name)
             user = data.get("ssh_user", "root")
             spec = f"paramiko://{user}@{target}?timeout=10"
@@ -71,7 +74,7 @@ def connect(request: pytest.FixtureRequest) -> Callable[[str], Any]:
 
 
 @pytest.fixture(params=_host_names())
-def gw(request: pytest.FixtureRequest, fleet: inv.Fleet, connect: Callable[[str], Any]) -> Any:
+def gw(request: pytest.FixtureRequest, fleet: Fleet, connect: Callable[[str], Any]) -> Any:
     """(testinfra host, the inventory's Gateway) for each gateway in turn."""
     return connect(request.param), fleet.get(request.param)
 
@@ -116,7 +119,7 @@ def test_relay_runs_as_smg_in_its_sandbox(gw: Any) -> None:
     assert props["ProtectSystem"] == "strict"
     assert props["PrivateTmp"] == "yes"
     assert props["ProtectHome"] == "yes"
-    assert props["ReadWritePaths"] == inv.HostPaths.SPOOL
+    assert props["ReadWritePaths"] == HostPaths.SPOOL
     assert props["CapabilityBoundingSet"] == "cap_net_bind_service"
     assert props["AmbientCapabilities"] == "cap_net_bind_service"
     assert "kill -HUP" in props["ExecReload"] or "-HUP" in props["ExecReload"]
@@ -167,16 +170,16 @@ def test_smtp_on_the_public_address_and_everything_else_on_loopback(gw: Any) -> 
     if gateway.role == "good":
         rspamd_sockets = {(a, p) for a, p, name in sockets if name == "rspamd"}
         assert rspamd_sockets == {("127.0.0.1", 11333), ("127.0.0.1", 11334)}
-        assert host.socket(f"unix://{inv.HostPaths.CLAMD_SOCKET}").is_listening
+        assert host.socket(f"unix://{HostPaths.CLAMD_SOCKET}").is_listening
         assert not [s for s in sockets if s[2] == "clamd"]  # clamd: no TCP at all
 
 
 # --- files, owners, modes -------------------------------------------------------------------
 
 
-def test_relay_config_is_the_one_rendered_from_the_inventory(gw: Any, fleet: inv.Fleet) -> None:
+def test_relay_config_is_the_one_rendered_from_the_inventory(gw: Any, fleet: Fleet) -> None:
     host, gateway = gw
-    config = host.file(inv.HostPaths.CONFIG)
+    config = host.file(HostPaths.CONFIG)
     assert (config.user, config.group, config.mode) == ("root", "smg", 0o640)
     assert config.content_string == fleet.relay_toml(gateway.name)
     assert f'role = "{gateway.role}"' in config.content_string
@@ -184,20 +187,19 @@ def test_relay_config_is_the_one_rendered_from_the_inventory(gw: Any, fleet: inv
 
 def test_keys_are_the_relays_alone(gw: Any) -> None:
     host, gateway = gw
-    key = host.file(inv.HostPaths.KEY)
+    key = host.file(HostPaths.KEY)
     assert (key.user, key.group, key.mode) == ("smg", "smg", 0o600)
-    spool = host.file(inv.HostPaths.SPOOL)
+    spool = host.file(HostPaths.SPOOL)
     assert (spool.user, spool.mode) == ("smg", 0o750)
-    dkim_dir = host.file(inv.HostPaths.DKIM_DIR)
+    dkim_dir = host.file(HostPaths.DKIM_DIR)
     if gateway.role == "bad":
-        assert not dkim_dir.exists or host.check_output(f"ls -A {inv.HostPaths.DKIM_DIR}") == ""
+        assert not dkim_dir.exists or host.check_output(f"ls -A {HostPaths.DKIM_DIR}") == ""
         return
     assert (dkim_dir.user, dkim_dir.mode) == ("smg", 0o700)
     wanted = {
-        inv.HostPaths.dkim_key(d, s)
-        for d, s in (inv.dkim_entry(i)[:2] for i in gateway["dkim_domains"])
+        HostPaths.dkim_key(d, s) for d, s in (dkim_entry(i)[:2] for i in gateway["dkim_domains"])
     }
-    present = set(host.check_output(f"find {inv.HostPaths.DKIM_DIR} -type f").split())
+    present = set(host.check_output(f"find {HostPaths.DKIM_DIR} -type f").split())
     assert present == wanted
     for path in wanted:
         file = host.file(path)
@@ -219,7 +221,7 @@ def saddr_networks(rule: str) -> list[Any]:
     return [ipaddress.ip_network(n.strip()) for n in listed.split(",")]
 
 
-def test_firewall_rules_are_the_roles(gw: Any, fleet: inv.Fleet) -> None:
+def test_firewall_rules_are_the_roles(gw: Any, fleet: Fleet) -> None:
     host, gateway = gw
     ruleset = host.check_output("nft list table inet smg")
     assert "policy drop;" in ruleset
@@ -269,7 +271,7 @@ def smtp_banner(host: Any, address: str) -> str:
 
 
 def test_the_bad_gateway_talks_smtp_to_the_good_gateways(
-    fleet: inv.Fleet, connect: Callable[[str], Any]
+    fleet: Fleet, connect: Callable[[str], Any]
 ) -> None:
     for bad in fleet.bad:
         for good in fleet.good:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from gateway import inventory as inv
+from deploykit.paths import HostPaths
 from lab import fleet as lab_fleet
 from lab.config import STATE_FILE
 from roles import relay
@@ -109,7 +109,7 @@ def frozen_wheels(tmp_path_factory: pytest.TempPathFactory, lab: dict[str, Any])
 def converged(lab: dict[str, Any], frozen_wheels: dict[str, str]) -> Run:
     """One deploy first, whatever it changes, so the lab is where the inventory says."""
     keygen = subprocess.run(
-        [sys.executable, "-m", "gateway.inventory", "dkim-keys", str(LAB_INVENTORY)],
+        [sys.executable, "-m", "deploykit", "dkim-keys", str(LAB_INVENTORY)],
         cwd=KIT,
         capture_output=True,
         text=True,
@@ -143,7 +143,7 @@ def change_request(tmp_path: Path, lab: dict[str, Any], converged: Run) -> Itera
     inventory.write_text(text.replace(anchor, anchor + entry, 1))
     keys_dir = KIT / "keys" / "lab"
     made = subprocess.run(
-        [sys.executable, "-m", "gateway.inventory", "dkim-keys", str(inventory)],
+        [sys.executable, "-m", "deploykit", "dkim-keys", str(inventory)],
         cwd=KIT,
         capture_output=True,
         text=True,
@@ -155,7 +155,7 @@ def change_request(tmp_path: Path, lab: dict[str, Any], converged: Run) -> Itera
     finally:
         shutil.rmtree(keys_dir / NEW_DOMAIN, ignore_errors=True)
         subprocess.run(
-            [sys.executable, "-m", "gateway.inventory", "dkim-keys", str(LAB_INVENTORY)],
+            [sys.executable, "-m", "deploykit", "dkim-keys", str(LAB_INVENTORY)],
             cwd=KIT,
             timeout=120,
             check=False,
@@ -172,7 +172,7 @@ def test_dry_run_shows_the_change_and_makes_none(change_request: Path, lab: dict
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "dkim: keys (0600 smg), none other" in done.stderr
-    key = inv.HostPaths.dkim_key(NEW_DOMAIN, "lab")
+    key = HostPaths.dkim_key(NEW_DOMAIN, "lab")
     mta01 = lab["hosts"]["otc-de-mta01"]["address"]
     assert ssh(mta01, f"test -e {key} && echo there || echo absent", lab) == "absent"
 
@@ -186,20 +186,20 @@ def test_a_new_dkim_domain_changes_only_what_it_should(
         for host in good
         for op in (
             "dkim: keys (0600 smg), none other",
-            f"relay: {inv.HostPaths.CONFIG}",
+            f"relay: {HostPaths.CONFIG}",
             "relay: reload for the changed config (SIGHUP)",
         )
     }
     mta01 = lab["hosts"]["otc-de-mta01"]["address"]
     pid_before = ssh(mta01, "systemctl show -p MainPID --value smg.service", lab)
-    key = inv.HostPaths.dkim_key(NEW_DOMAIN, "lab")
+    key = HostPaths.dkim_key(NEW_DOMAIN, "lab")
     try:
         run = deploy(change_request, env=frozen_wheels)
         print(f"\nchange request: {run.seconds:.1f} s, changed: {sorted(short(run.changed))}")
         assert run.errors == set()
         assert short(run.changed) == expected
         assert ssh(mta01, f"stat -c '%U %G %a' {key}", lab) == "smg smg 600"
-        assert NEW_DOMAIN in ssh(mta01, f"cat {inv.HostPaths.CONFIG}", lab)
+        assert NEW_DOMAIN in ssh(mta01, f"cat {HostPaths.CONFIG}", lab)
         # Reloaded, not restarted: same process, sessions and queue untouched.
         assert ssh(mta01, "systemctl show -p MainPID --value smg.service", lab) == pid_before
         assert ssh(mta01, "systemctl is-active smg.service", lab) == "active"

@@ -1,4 +1,4 @@
-"""The inventory's validation (gateway/inventory.py): each class of mistake is refused with a
+"""The inventory's validation (deploykit/): each class of mistake is refused with a
 message naming the file and the entry, and a valid inventory renders relay configs the relay
 accepts.  Inventories are written to a temp dir the way an SRE writes them."""
 
@@ -16,7 +16,11 @@ from typing import Any
 
 import pytest
 
-from gateway import inventory as inv
+from deploykit.fleet import Fleet
+from deploykit.inventory import load_inventory
+from deploykit.loader import display_path
+from deploykit.problems import InventoryError
+from deploykit.render import to_toml
 from gateway.config import parse_config
 from gateway.dkim import write_new_key
 from tests.harness import TestCA
@@ -84,7 +88,7 @@ class Site:
         return self.dir / "site.py"
 
     def write(self) -> Path:
-        lines = ["from gateway.inventory import validate_inventory", ""]
+        lines = ["from deploykit.inventory import validate_inventory", ""]
         written: set[str] = set()
         for group, names in self.groups.items():
             entries = [(n, self.hosts[n]) if n not in written else n for n in names]
@@ -99,18 +103,18 @@ class Site:
             (self.dir / "group_data" / f"{name}.py").write_text(text)
         return self.inventory
 
-    def load(self) -> inv.Fleet:
-        return inv.load_inventory(self.write())
+    def load(self) -> Fleet:
+        return load_inventory(self.write())
 
     def problems(self) -> list[str]:
-        with pytest.raises(inv.InventoryError) as caught:
+        with pytest.raises(InventoryError) as caught:
             self.load()
         return [p.render() for p in caught.value.problems]
 
     def file(self, name: str) -> str:
         """How errors name a file of this site (relative to the working directory if inside)."""
         path = self.inventory if name == "site.py" else self.dir / "group_data" / name
-        return inv._display(path)
+        return display_path(path)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +145,40 @@ def test_a_valid_inventory_gives_each_host_its_role_and_data(site: Site) -> None
     assert mta01["timezone"] == "Europe/Berlin"  # a default
     assert mta01.runs_blacklist_monitor
     assert not fleet.get("otc-de-mta02").runs_blacklist_monitor
-    assert inv.current_fleet(list(HOSTS)) is fleet
+    # deploy.py reads the same values from pyinfra's host.data.
+    seen = host_data_gateways(site.inventory)
+    assert seen == {g.name: [g.role, json.loads(json.dumps(g.settings))] for g in fleet}
+
+
+# pyinfra's CLI loads the inventory (the file validates itself as it runs) and deploy.py's view
+# of each host is printed.  In a subprocess: importing pyinfra_cli monkey-patches the process
+# with gevent, which would break the asyncio tests that run after this one.
+_HOST_DATA_GATEWAYS = """
+import json, sys
+from pyinfra.api import State
+from pyinfra.context import ctx_state
+from pyinfra_cli.inventory import make_inventory
+from deploykit.host import gateway_from_host_data
+with ctx_state.use(State()):
+    inventory = make_inventory(sys.argv[1], cwd=".")
+out = {}
+for target in inventory:
+    gateway = gateway_from_host_data(target.name, target.groups, target.data.dict())
+    out[gateway.name] = [gateway.role, gateway.settings]
+print(json.dumps(out))
+"""
+
+
+def host_data_gateways(inventory: Path) -> dict[str, list[Any]]:
+    done = subprocess.run(
+        [sys.executable, "-c", _HOST_DATA_GATEWAYS, str(inventory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=KIT,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def test_each_relay_config_is_what_the_relay_accepts(site: Site) -> None:
@@ -231,7 +268,7 @@ def test_a_dkim_domain_without_a_key_is_refused_with_the_fix(site: Site) -> None
     problem = one(site.problems(), "new.example")
     assert problem.startswith(f"{site.file('good.py')}: group good: dkim_domains[1] (new.example):")
     assert f"{site.keys}/new.example/s2025.key does not exist" in problem
-    assert "python -m gateway.inventory dkim-keys" in problem
+    assert "python -m deploykit dkim-keys" in problem
 
 
 def test_dkim_keys_command_makes_missing_keys_and_the_dns_records(site: Site) -> None:
@@ -240,7 +277,7 @@ def test_dkim_keys_command_makes_missing_keys_and_the_dns_records(site: Site) ->
     )
     site.write()
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.inventory", "dkim-keys", str(site.inventory)],
+        [sys.executable, "-m", "deploykit", "dkim-keys", str(site.inventory)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -254,7 +291,7 @@ def test_dkim_keys_command_makes_missing_keys_and_the_dns_records(site: Site) ->
     assert "s1._domainkey.customer.example." in records
     before = (site.keys / "customer.example" / "s1.key").read_bytes()
     subprocess.run(
-        [sys.executable, "-m", "gateway.inventory", "dkim-keys", str(site.inventory)],
+        [sys.executable, "-m", "deploykit", "dkim-keys", str(site.inventory)],
         check=True,
         capture_output=True,
         timeout=120,
@@ -263,14 +300,29 @@ def test_dkim_keys_command_makes_missing_keys_and_the_dns_records(site: Site) ->
     assert (site.keys / "customer.example" / "s1.key").read_bytes() == before  # never replaced
 
 
-def test_a_lab_style_inventory_makes_missing_keys_when_it_loads(site: Site) -> None:
-    site.all["dkim_make_missing_keys"] = True
+def test_loading_makes_no_dkim_key_only_the_command_does(site: Site) -> None:
+    """Keys are made on purpose (the lab as production): loading reports the missing key,
+    ``python -m deploykit dkim-keys`` makes it."""
     site.good["dkim_domains"].append(
         {"domain": "lab.example", "selector": "lab", "algorithm": "ed25519"}
     )
-    fleet = site.load()
+    problem = one(site.problems(), "lab.example")
+    assert problem.startswith(f"{site.file('good.py')}: group good: dkim_domains[1] (lab.example):")
+    assert f"{site.keys}/lab.example/lab.key does not exist" in problem
+    assert "python -m deploykit dkim-keys" in problem
+    assert not (site.keys / "lab.example").exists()
+    assert not (site.keys / "dns-records.txt").exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "deploykit", "dkim-keys", str(site.inventory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=KIT,
+    )
+    assert done.returncode == 0, done.stderr
     assert (site.keys / "lab.example" / "lab.key").is_file()
     assert "lab._domainkey.lab.example." in (site.keys / "dns-records.txt").read_text()
+    fleet = load_inventory(site.inventory)
     assert [k["domain"] for k in fleet.relay_configs["otc-de-mta01"]["dkim"]["keys"]] == [
         "customer.example",
         "lab.example",
@@ -388,8 +440,8 @@ def test_all_problems_are_reported_at_once(site: Site) -> None:
 
 
 def test_production_is_refused_until_its_placeholders_are_set() -> None:
-    with pytest.raises(inv.InventoryError) as caught:
-        inv.load_inventory(KIT / "inventories" / "production.py")
+    with pytest.raises(InventoryError) as caught:
+        load_inventory(KIT / "inventories" / "production.py")
     rendered = caught.value.render()
     for name in ("otc-de-mta01", "otc-de-mta02", "otc-de-mta03"):
         assert (
@@ -418,7 +470,7 @@ def test_production_is_valid_once_the_placeholders_are_set(tmp_path: Path, ca: T
     all_py = all_py.replace('"keys/pki/internal-ca.crt"', repr(str(ca.ca_bundle)))
     (copy / "group_data" / "all.py").write_text(all_py)
 
-    fleet = inv.load_inventory(copy / "production.py")
+    fleet = load_inventory(copy / "production.py")
     assert [g.name for g in fleet.bad] == ["otc-de-mta03"]
     mta03 = fleet.get("otc-de-mta03")
     assert mta03.fqdn == "otc-de-mta03.mms.t-systems-service.com"
@@ -426,7 +478,10 @@ def test_production_is_valid_once_the_placeholders_are_set(tmp_path: Path, ca: T
     assert mta01.routing.bad_gateways == [("2001:db8:20::3", 25)]
     assert mta01.blacklist.operations_mailbox == "DD-OTC-SDM@telekom.de"
     assert mta01.blacklist.zones[0].zone == "zen.spamhaus.org"
-    assert 'listen = ["[2001:db8:20::1]:25", "127.0.0.1:25"]' in fleet.relay_toml("otc-de-mta01")
+    assert tomllib.loads(fleet.relay_toml("otc-de-mta01"))["gateway"]["listen"] == [
+        "[2001:db8:20::1]:25",
+        "127.0.0.1:25",
+    ]
 
 
 def fake_lab_state(root: Path, ca: TestCA) -> Path:
@@ -460,7 +515,7 @@ def test_the_lab_inventory_is_the_same_fleet_with_lab_overrides(
     tmp_path: Path, ca: TestCA, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SMG_LAB_STATE", str(fake_lab_state(tmp_path, ca)))
-    fleet = inv.load_inventory(KIT / "inventories" / "lab.py", check_keys=False)
+    fleet = load_inventory(KIT / "inventories" / "lab.py", check_keys=False)
     assert [(g.name, g.role, g.public_address) for g in fleet] == [
         ("otc-de-mta01", "good", "198.51.100.10"),
         ("otc-de-mta02", "good", "198.51.100.11"),
@@ -478,7 +533,7 @@ def test_the_lab_inventory_is_the_same_fleet_with_lab_overrides(
 def test_the_lab_inventory_says_when_the_lab_is_down(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SMG_LAB_STATE", "/nonexistent/state.json")
     with pytest.raises(SystemExit, match="the lab is not up"):
-        inv.load_inventory(KIT / "inventories" / "lab.py")
+        load_inventory(KIT / "inventories" / "lab.py")
 
 
 # --- the command line and pyinfra -----------------------------------------------------------
@@ -488,7 +543,7 @@ def test_check_command_prints_the_problems_and_exits_1(site: Site) -> None:
     site.groups = {"good": list(HOSTS)}
     site.write()
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.inventory", "check", str(site.inventory)],
+        [sys.executable, "-m", "deploykit", "check", str(site.inventory)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -525,7 +580,7 @@ def test_pyinfra_sees_the_same_hosts_groups_and_data(site: Site) -> None:
         cwd=KIT,
     )
     assert done.returncode == 0, done.stderr
-    fleet = inv.load_inventory(site.inventory)
+    fleet = load_inventory(site.inventory)
     for gateway in fleet:
         block = (done.stdout + done.stderr).split(f"[{gateway.name}]", 1)[1].split("\n[", 1)[0]
         assert f"Groups: {gateway.role}, site" in block
@@ -544,5 +599,5 @@ def test_toml_writer_round_trips_awkward_values() -> None:
             "sub": {"n": 1},
         }
     }
-    text = inv.to_toml(data)
+    text = to_toml(data)
     assert tomllib.loads(text) == data

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway import inventory as inv
+from deploykit.fleet import Fleet
 from roles import blacklist, clamav, firewall, relay, rspamd
 from tests.harness import TestCA
 from tests.unit.test_inventory import Site
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> inv.Fleet:
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     root = tmp_path_factory.mktemp("site")
     return Site(root, TestCA(root / "ca")).load()
 
@@ -34,9 +34,7 @@ def nft_check(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_good_gateway_firewall_takes_smtp_only_from_customers(
-    fleet: inv.Fleet, tmp_path: Path
-) -> None:
+def test_good_gateway_firewall_takes_smtp_only_from_customers(fleet: Fleet, tmp_path: Path) -> None:
     text = firewall.nftables_conf(fleet, fleet.get("otc-de-mta01"))
     assert "policy drop;" in text
     assert 'iif "lo" accept' in text
@@ -49,7 +47,7 @@ def test_good_gateway_firewall_takes_smtp_only_from_customers(
 
 
 def test_bad_gateway_firewall_takes_smtp_only_from_the_good_gateways(
-    fleet: inv.Fleet, tmp_path: Path
+    fleet: Fleet, tmp_path: Path
 ) -> None:
     text = firewall.nftables_conf(fleet, fleet.get("otc-de-mta03"))
     assert "ip6 saddr { 2001:db8:10::1/128, 2001:db8:10::2/128 } tcp dport 25 accept" in text
@@ -59,13 +57,13 @@ def test_bad_gateway_firewall_takes_smtp_only_from_the_good_gateways(
     assert checked.returncode == 0, checked.stderr
 
 
-def test_firewall_replaces_only_its_own_table(fleet: inv.Fleet) -> None:
+def test_firewall_replaces_only_its_own_table(fleet: Fleet) -> None:
     text = firewall.nftables_conf(fleet, fleet.get("otc-de-mta01"))
     assert "flush ruleset" not in text
     assert "table inet smg\ndelete table inet smg\n" in text
 
 
-def test_relay_unit_is_hardened(fleet: inv.Fleet) -> None:
+def test_relay_unit_is_hardened(fleet: Fleet) -> None:
     unit = relay.unit_file(fleet.get("otc-de-mta01"))
     for line in (
         "User=smg",
@@ -86,7 +84,7 @@ def test_relay_unit_is_hardened(fleet: inv.Fleet) -> None:
     assert "rspamd.service" not in relay.unit_file(fleet.get("otc-de-mta03"))
 
 
-def test_rspamd_listens_on_loopback_only_without_fuzzy(fleet: inv.Fleet) -> None:
+def test_rspamd_listens_on_loopback_only_without_fuzzy(fleet: Fleet) -> None:
     files = rspamd.config_files(fleet.get("otc-de-mta01"))
     assert 'bind_socket = "127.0.0.1:11333";' in files["override.d/worker-normal.inc"]
     assert 'bind_socket = "127.0.0.1:11334";' in files["override.d/worker-controller.inc"]
@@ -95,7 +93,7 @@ def test_rspamd_listens_on_loopback_only_without_fuzzy(fleet: inv.Fleet) -> None
     assert "enabled = false;" in files["local.d/fuzzy_check.conf"]
 
 
-def test_clamd_has_no_tcp_socket_and_takes_the_largest_message(fleet: inv.Fleet) -> None:
+def test_clamd_has_no_tcp_socket_and_takes_the_largest_message(fleet: Fleet) -> None:
     text = clamav.clamd_conf(fleet.get("otc-de-mta01"))
     assert "TCPSocket" not in text
     assert "LocalSocket /run/clamav/clamd.ctl" in text
@@ -111,13 +109,13 @@ def test_freshclam_uses_the_inventory_mirror() -> None:
     )
 
 
-def test_the_kit_ships_a_signature_set(fleet: inv.Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_kit_ships_a_signature_set(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(Path(__file__).resolve().parents[2])
     names = [p.name for p in clamav.shipped_signatures(fleet.get("otc-de-mta01"))]
     assert names and all(n.endswith((".hdb", ".ndb", ".ldb", ".hsb")) for n in names)
 
 
-def test_blacklist_timer_runs_daily_at_five_in_berlin(fleet: inv.Fleet) -> None:
+def test_blacklist_timer_runs_daily_at_five_in_berlin(fleet: Fleet) -> None:
     units = blacklist.units(fleet.get("otc-de-mta01"))
     timer = units[blacklist.TIMER]
     assert "OnCalendar=*-*-* 05:00:00 Europe/Berlin" in timer
@@ -158,7 +156,7 @@ def test_install_reinstalls_our_wheel_and_records_what_it_installed() -> None:
 
 
 def test_a_config_change_is_a_reload_unless_the_relay_reads_the_key_only_at_start(
-    fleet: inv.Fleet,
+    fleet: Fleet,
 ) -> None:
     current = fleet.relay_toml("otc-de-mta01")
     more_rules = current.replace('sender = "customer.example"', 'sender = "other.example"')

@@ -1,0 +1,411 @@
+"""The checks of a loaded inventory: each host's keys and values, the fleet as a whole (roles,
+unique addresses, monitor hosts), forced-TLS rules, DNSBL zones, DKIM entries and their keys,
+certificates, and finally each host's relay config loaded with the relay's own schema.
+
+Every problem is collected, each naming the file and the entry it is in; the caller
+(:mod:`deploykit.inventory`) reports them all at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import difflib
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from deploykit.host import Gateway
+from deploykit.loader import Layer, RawHost, RawInventory
+from deploykit.paths import HostPaths
+from deploykit.problems import Problem, Source
+from deploykit.render import relay_config, to_toml
+from deploykit.schema import (
+    KEYS,
+    REQUIRED,
+    ROLES,
+    dkim_entry,
+    dkim_key_path,
+    domain_pattern,
+    passes_through,
+)
+from gateway.config import ConfigError, DnsblZone, TlsRule, parse_config, parse_domain
+from gateway.dkim import DkimKeyError, load_private_key
+
+
+class Checker:
+    def __init__(self, raw: RawInventory, check_keys: bool) -> None:
+        self.raw = raw
+        self.check_keys = check_keys
+        self.problems: list[Problem] = list(raw.problems)
+        self._parsed: dict[tuple[int, str], Any] = {}
+
+    def problem(self, source: Source, entry: str, message: str) -> None:
+        label = f"{source.entry}: {entry}" if entry else source.entry
+        item = Problem(source.file, label, message)
+        if item not in self.problems:
+            self.problems.append(item)
+
+    # -- layers and keys
+
+    def layers_for(self, host: RawHost) -> list[Layer]:
+        layers = list(self.raw.group_layers.get("all", []))
+        for group in self.raw.group_order:
+            if group in host.groups or group == Path(self.raw.file).stem:
+                layers += self.raw.group_layers.get(group, [])
+        layers.append(Layer(host.entry, host.data))
+        return layers
+
+    def check_layer_keys(self) -> None:
+        for group, layers in self.raw.group_layers.items():
+            for layer in layers:
+                self._check_keys(layer, is_host=False, group=group)
+        for host in self.raw.hosts.values():
+            self._check_keys(Layer(host.entry, host.data), is_host=True, group="")
+
+    def _check_keys(self, layer: Layer, is_host: bool, group: str) -> None:
+        for key in layer.data:
+            if passes_through(key):
+                continue
+            spec = KEYS.get(key)
+            if spec is None:
+                hint = _close_match(key)
+                self.problem(
+                    layer.source, key, "unknown key" + (f" (did you mean {hint}?)" if hint else "")
+                )
+                continue
+            if spec.per_host and not is_host:
+                self.problem(layer.source, key, "is set per host, not for a group")
+            # Values are read where they take effect (gateway()): a value that a later layer
+            # overrides, such as production's placeholder under the lab's own, is no mistake.
+
+    def parsed(self, layer: Layer, key: str, value: Any) -> Any:
+        memo = (id(layer.data), key)
+        if memo not in self._parsed:
+            try:
+                self._parsed[memo] = KEYS[key].parse(value)
+            except ValueError as exc:
+                self.problem(layer.source, key, str(exc))
+                self._parsed[memo] = _BROKEN
+        return self._parsed[memo]
+
+    # -- hosts
+
+    def gateway(self, host: RawHost) -> Gateway | None:
+        roles = [g for g in host.groups if g in ROLES]
+        others = [g for g in host.groups if g not in ROLES and g != Path(self.raw.file).stem]
+        if others:
+            self.problem(host.entry, "", f"unknown group {others[0]!r}: the groups are good, bad")
+        if len(roles) != 1:
+            what = "both good and bad" if roles else "neither good nor bad"
+            self.problem(host.entry, "", f"the host is in {what}: put it in exactly one")
+            return None
+        settings: dict[str, Any] = {}
+        sources: dict[str, Source] = {}
+        winners: dict[str, Layer] = {}
+        connection: dict[str, Any] = {}
+        for layer in self.layers_for(host):
+            for key in layer.data:
+                if key in KEYS and not (KEYS[key].per_host and layer.data is not host.data):
+                    winners[key] = layer
+                elif key.startswith("ssh_"):
+                    connection[key] = layer.data[key]
+        for key, layer in winners.items():
+            settings[key], sources[key] = self.parsed(layer, key, layer.data[key]), layer.source
+        for key, spec in KEYS.items():
+            if key in settings:
+                continue
+            if spec.default is REQUIRED:
+                where = "the host's entry" if spec.per_host else "the inventory"
+                self.problem(host.entry, key, f"required key is missing (set it in {where})")
+                settings[key] = _BROKEN
+            else:
+                settings[key] = spec.default_value()
+        return Gateway(host.name, roles[0], settings, host.entry, sources, connection)
+
+    def source(self, gateway: Gateway, key: str) -> Source:
+        return gateway.sources.get(key, gateway.entry)
+
+
+class _Broken:
+    def __repr__(self) -> str:
+        return "<invalid>"
+
+
+_BROKEN = _Broken()
+
+
+def _close_match(key: str) -> str | None:
+    found = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.7)
+    return found[0] if found else None
+
+
+def _ok(*values: Any) -> bool:
+    return all(v is not _BROKEN for v in values)
+
+
+# -- checks across the fleet
+
+
+def check_fleet(checker: Checker, gateways: list[Gateway]) -> None:
+    file = checker.raw.file
+    if not any(g.role == "bad" for g in gateways):
+        checker.problem(Source(file, "bad"), "", "no bad gateway: spam must leave through one")
+    if not any(g.role == "good" for g in gateways):
+        checker.problem(Source(file, "good"), "", "no good gateway")
+    _check_unique(checker, gateways, "public_address")
+    _check_unique(checker, gateways, "fqdn")
+    names = {g.name for g in gateways}
+    for gateway in gateways:
+        for name in (
+            gateway["blacklist_monitor_hosts"] if _ok(gateway["blacklist_monitor_hosts"]) else []
+        ):
+            if name not in names:
+                checker.problem(
+                    checker.source(gateway, "blacklist_monitor_hosts"),
+                    "blacklist_monitor_hosts",
+                    f"{name!r} is not a host of this inventory ({', '.join(sorted(names))})",
+                )
+
+
+def _check_unique(checker: Checker, gateways: list[Gateway], key: str) -> None:
+    seen: dict[Any, str] = {}
+    for gateway in gateways:
+        value = gateway[key]
+        if not _ok(value):
+            continue
+        if value in seen:
+            checker.problem(gateway.entry, key, f"{value} is also {seen[value]}'s {key}")
+        seen.setdefault(value, gateway.name)
+
+
+def check_entries(checker: Checker, gateway: Gateway) -> None:
+    if gateway.role == "good" and gateway["customer_networks"] == []:
+        checker.problem(
+            checker.source(gateway, "customer_networks"),
+            "customer_networks",
+            f"empty: the good gateway {gateway.name} would take mail from nobody",
+        )
+    _check_tls_rules(checker, gateway)
+    _check_dnsbl_zones(checker, gateway)
+    if gateway.role == "good":
+        _check_dkim(checker, gateway)
+
+
+def _check_tls_rules(checker: Checker, gateway: Gateway) -> None:
+    rules = gateway["tls_rules"]
+    if not _ok(rules):
+        return
+    source = checker.source(gateway, "tls_rules")
+    allowed = {f.name for f in dataclasses.fields(TlsRule)}
+    seen: dict[tuple[str, str], int] = {}
+    for index, rule in enumerate(rules):
+        entry = f"tls_rules[{index}]"
+        if not isinstance(rule, dict):
+            checker.problem(
+                source, entry, f"expected a dict with sender and recipient, got {rule!r}"
+            )
+            continue
+        for key in sorted(set(rule) - allowed):
+            checker.problem(
+                source, f"{entry}.{key}", f"unknown key (known: {', '.join(sorted(allowed))})"
+            )
+        pair = []
+        for key in ("sender", "recipient"):
+            try:
+                pair.append(domain_pattern(rule.get(key)))
+            except ValueError as exc:
+                checker.problem(source, f"{entry}.{key}", str(exc))
+        if len(pair) == 2:
+            key = (pair[0], pair[1])
+            if key in seen:
+                checker.problem(
+                    source,
+                    entry,
+                    f"conflicts with tls_rules[{seen[key]}]: both are for sender {pair[0]!r} "
+                    f"and recipient {pair[1]!r}",
+                )
+            seen.setdefault(key, index)
+
+
+def _check_dnsbl_zones(checker: Checker, gateway: Gateway) -> None:
+    zones = gateway["dnsbl_zones"]
+    if not _ok(zones):
+        return
+    source = checker.source(gateway, "dnsbl_zones")
+    allowed = {f.name for f in dataclasses.fields(DnsblZone)}
+    seen: dict[str, int] = {}
+    for index, zone in enumerate(zones):
+        entry = f"dnsbl_zones[{index}]"
+        if not isinstance(zone, dict) or "zone" not in zone:
+            checker.problem(source, entry, f"expected a dict with a zone, got {zone!r}")
+            continue
+        for key in sorted(set(zone) - allowed):
+            checker.problem(
+                source, f"{entry}.{key}", f"unknown key (known: {', '.join(sorted(allowed))})"
+            )
+        try:
+            name = parse_domain(zone["zone"])
+        except ValueError as exc:
+            checker.problem(source, f"{entry}.zone", str(exc))
+            continue
+        if name in seen:
+            checker.problem(source, entry, f"{name} is also dnsbl_zones[{seen[name]}]")
+        seen.setdefault(name, index)
+
+
+def _check_dkim(checker: Checker, gateway: Gateway) -> None:
+    entries, keys_dir = gateway["dkim_domains"], gateway["dkim_keys_dir"]
+    if not _ok(entries, keys_dir):
+        return
+    source = checker.source(gateway, "dkim_domains")
+    seen: dict[tuple[str, str], int] = {}
+    for index, item in enumerate(entries):
+        entry = dkim_entry(item)
+        label = f"dkim_domains[{index}]" + (
+            f" ({item.get('domain')})" if isinstance(item, dict) else ""
+        )
+        if isinstance(entry, str):
+            checker.problem(source, label, entry)
+            continue
+        domain, selector, algorithm = entry
+        if (domain, selector) in seen:
+            checker.problem(
+                source,
+                label,
+                f"{selector}._domainkey.{domain} is also dkim_domains[{seen[(domain, selector)]}]",
+            )
+        seen.setdefault((domain, selector), index)
+        if checker.check_keys:
+            why = dkim_key_problem(Path(keys_dir), domain, selector, algorithm, checker.raw.file)
+            if why:
+                checker.problem(source, label, why)
+
+
+def dkim_key_problem(
+    keys_dir: Path, domain: str, selector: str, algorithm: str, inventory: str = "INVENTORY"
+) -> str | None:
+    path = dkim_key_path(keys_dir, domain, selector)
+    if not path.exists():
+        return (
+            f"no key for this DKIM domain: {path} does not exist "
+            f"(make it with: python -m deploykit dkim-keys {inventory})"
+        )
+    try:
+        key = load_private_key(path)
+    except DkimKeyError as exc:
+        return str(exc)
+    kind = "rsa" if hasattr(key, "key_size") else "ed25519"
+    if kind != algorithm:
+        return f"{path} is an {kind} key, the inventory says {algorithm}"
+    return None
+
+
+def check_tls_files(checker: Checker, gateway: Gateway) -> None:
+    for key in ("internal_ca_file", "public_ca_file", "tls_cert_file", "tls_key_file"):
+        value = gateway[key]
+        if value is None or not _ok(value):
+            continue
+        if not Path(value).is_file():
+            checker.problem(checker.source(gateway, key), key, f"{value}: no such file")
+    cert, key = gateway["tls_cert_file"], gateway["tls_key_file"]
+    if _ok(cert, key) and Path(cert).is_file() and Path(key).is_file():
+        why = certificate_problem(Path(cert), Path(key), gateway)
+        if why:
+            checker.problem(checker.source(gateway, "tls_cert_file"), "tls_cert_file", why)
+
+
+def certificate_problem(cert_path: Path, key_path: Path, gateway: Gateway) -> str | None:
+    """The certificate must name the host, be valid now, and match its key."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        return f"cannot read the certificate or its key: {exc}"
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+        return f"{cert_path} does not belong to the key {key_path}"
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        return f"{cert_path} is not valid now (valid {start:%Y-%m-%d} to {end:%Y-%m-%d})"
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return f"{cert_path} has no subjectAltName"
+    names = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
+    addresses = {str(a) for a in san.get_values_for_type(x509.IPAddress)}
+    if _ok(gateway.fqdn, gateway.public_address) and not (
+        gateway.fqdn in names or gateway.public_address in addresses
+    ):
+        return f"{cert_path} names neither {gateway.fqdn} nor {gateway.public_address}"
+    return None
+
+
+# -- the relay config: what the relay itself accepts
+
+
+# Which inventory key a relay config key came from, for errors that name the inventory entry.
+_CONFIG_ORIGINS = (
+    ("tls_policy.rules", "tls_rules"),
+    ("dkim.keys", "dkim_domains"),
+    ("blacklist.zones", "dnsbl_zones"),
+    ("blacklist.operations_mailbox", "operations_mailbox"),
+    ("blacklist.notify_via", "notify_via"),
+    ("blacklist.ticket_url", "ticket_url"),
+    ("blacklist.schedule", "blacklist_schedule"),
+    ("blacklist.timezone", "blacklist_timezone"),
+    ("gateway.client_networks", "customer_networks"),
+    ("gateway.max_message_size", "relay_max_message_size"),
+    ("dns.nameservers", "resolvers"),
+    ("dns.extra_public_networks", "extra_public_networks"),
+)
+
+
+def check_relay_configs(checker: Checker, gateways: list[Gateway]) -> None:
+    """Render each host's config and load it with the relay's own schema.  A refusal is told
+    once per inventory entry, with the hosts it concerns."""
+    refused: dict[tuple[Source, str, str], list[str]] = {}
+    for gateway in gateways:
+        data = relay_config(gateways, gateway)
+        try:
+            parse_config(tomllib.loads(to_toml(data)), source=f"relay config of {gateway.name}")
+        except ConfigError as exc:
+            for problem in exc.problems:
+                origin = _origin(gateway, problem.key)
+                base_key = re.split(r"[.\[]", origin, maxsplit=1)[0]
+                message = f"{problem.key}: {problem.message}"
+                refused.setdefault((checker.source(gateway, base_key), origin, message), []).append(
+                    gateway.name
+                )
+    for (source, origin, message), names in refused.items():
+        checker.problem(
+            source,
+            origin,
+            f"the relay would refuse {HostPaths.CONFIG} on {', '.join(names)}: {message}",
+        )
+
+
+def _origin(gateway: Gateway, key: str) -> str:
+    if _in_settings(gateway["relay_settings"], key):
+        return "relay_settings"
+    for prefix, inventory_key in _CONFIG_ORIGINS:
+        if key == prefix or key.startswith((prefix + ".", prefix + "[")):
+            return inventory_key + key[len(prefix) :]
+    return "relay_settings"
+
+
+def _in_settings(settings: Any, key: str) -> bool:
+    node = settings
+    for part in re.split(r"\.|\[", key):
+        part = part.rstrip("]")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True

@@ -1,0 +1,56 @@
+"""``python -m deploykit``: check an inventory, show a host's relay config, make DKIM keys.
+
+python -m deploykit check INVENTORY          # validate; print each host's role
+python -m deploykit render INVENTORY HOST    # the relay config HOST gets
+python -m deploykit dkim-keys INVENTORY      # make missing DKIM keys, write dns-records.txt
+python -m deploykit dns-records INVENTORY    # print the DKIM TXT records to publish
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from deploykit.dkim_keys import dns_records, make_dkim_keys
+from deploykit.inventory import load_inventory
+from deploykit.problems import InventoryError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploykit", description="the Secure Mail Gateway deploy's inventory tools"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate an inventory; print each host's role")
+    check.add_argument("inventory")
+    render = sub.add_parser("render", help="print the relay config a host gets")
+    render.add_argument("inventory")
+    render.add_argument("host")
+    keys = sub.add_parser("dkim-keys", help="make missing DKIM keys, write dns-records.txt")
+    keys.add_argument("inventory")
+    records = sub.add_parser("dns-records", help="print the DKIM TXT records to publish")
+    records.add_argument("inventory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "dkim-keys":
+            make_dkim_keys(load_inventory(args.inventory, check_keys=False))
+            load_inventory(args.inventory)  # now every key must be there
+            return 0
+        fleet = load_inventory(args.inventory)
+    except InventoryError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    if args.command == "render":
+        print(fleet.relay_toml(args.host), end="")
+    elif args.command == "dns-records":
+        for text in dns_records(fleet).values():
+            print(text, end="")
+    else:
+        for gateway in fleet:
+            print(f"{gateway.name:16} {gateway.role:4} {gateway.public_address:40} {gateway.fqdn}")
+        print(f"{fleet.inventory_file}: valid ({len(fleet.gateways)} hosts)")
+    return 0

@@ -1,0 +1,132 @@
+"""Each host's relay config (``/etc/smg/smg.toml``, docs/configuration.md) from its inventory
+values and the fleet's, as TOML data and as the TOML text the host gets (written by tomli-w)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import tomli_w
+
+from deploykit.host import Gateway
+from deploykit.paths import RSPAMD_PORT, SMTP_PORT, HostPaths
+from deploykit.schema import dkim_entry
+
+
+def relay_config(fleet_gateways: list[Gateway], gateway: Gateway) -> dict[str, Any]:
+    """``/etc/smg/smg.toml`` for ``gateway`` as TOML data (see docs/configuration.md)."""
+    good = [g for g in fleet_gateways if g.role == "good"]
+    bad = [g for g in fleet_gateways if g.role == "bad"]
+    is_good = gateway.role == "good"
+    clients = (
+        gateway["customer_networks"] if is_good else [_host_net(g.public_address) for g in good]
+    )
+    config: dict[str, Any] = {
+        "gateway": {
+            "role": gateway.role,
+            "hostname": gateway.fqdn,
+            # Loopback too: local tools (the blacklist monitor's notifications) submit there.
+            "listen": [_host_port(gateway.public_address, SMTP_PORT), f"127.0.0.1:{SMTP_PORT}"],
+            "source_address": gateway.public_address,
+            "spool": HostPaths.SPOOL,
+            "max_message_size": gateway["relay_max_message_size"],
+            "client_networks": [*clients, "127.0.0.0/8"],
+            "tls_cert": HostPaths.CERT,
+            "tls_key": HostPaths.KEY,
+            "metrics_listen": f"127.0.0.1:{gateway['relay_metrics_port']}",
+        },
+        "dns": {
+            "nameservers": [_host_port(ip, 53) for ip in gateway["resolvers"]],
+            "extra_public_networks": gateway["extra_public_networks"],
+        },
+        "virus": {"enabled": is_good, "clamd": f"unix:{HostPaths.CLAMD_SOCKET}"},
+        "spam": {"enabled": is_good, "rspamd_url": f"http://127.0.0.1:{RSPAMD_PORT}"},
+        "routing": {
+            "bad_gateways": [_host_port(g.public_address, SMTP_PORT) for g in bad]
+            if is_good
+            else [],
+            "good_gateways": [g.public_address for g in good],
+            "internal_ca": HostPaths.INTERNAL_CA,
+        },
+        "dkim": {"keys": _dkim_keys(gateway) if is_good else []},
+        "tls_policy": {"ca_bundle": _ca_bundle(gateway), "rules": _tls_rules(gateway)},
+        "mta_sts": {"ca_bundle": _ca_bundle(gateway)},
+        "blacklist": _blacklist(fleet_gateways, gateway),
+    }
+    if not is_good:
+        # Only the good gateways send here, over TLS verified against the internal CA.
+        config["gateway"]["require_tls_from_clients"] = True
+    return _merge(config, gateway["relay_settings"])
+
+
+def _host_port(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _host_net(ip: str) -> str:
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+def _ca_bundle(gateway: Gateway) -> str:
+    return HostPaths.PUBLIC_CA if gateway["public_ca_file"] else HostPaths.SYSTEM_CA_BUNDLE
+
+
+def _dkim_keys(gateway: Gateway) -> list[dict[str, str]]:
+    keys = []
+    for item in gateway["dkim_domains"]:
+        entry = dkim_entry(item)
+        if not isinstance(entry, str):
+            domain, selector, _ = entry
+            keys.append(
+                {
+                    "domain": domain,
+                    "selector": selector,
+                    "key": HostPaths.dkim_key(domain, selector),
+                }
+            )
+    return keys
+
+
+def _tls_rules(gateway: Gateway) -> list[dict[str, Any]]:
+    return [dict(rule) for rule in gateway["tls_rules"] if isinstance(rule, dict)]
+
+
+def _blacklist(gateways: list[Gateway], gateway: Gateway) -> dict[str, Any]:
+    section: dict[str, Any] = {
+        "addresses": [g.public_address for g in gateways],
+        "zones": [dict(z) for z in gateway["dnsbl_zones"] if isinstance(z, dict)],
+        "state": HostPaths.BLACKLIST_STATE,
+        "schedule": gateway["blacklist_schedule"],
+        "timezone": gateway["blacklist_timezone"],
+    }
+    if gateway["operations_mailbox"]:
+        section["operations_mailbox"] = gateway["operations_mailbox"]
+        host, port = gateway["notify_via"]
+        section["notify_via"] = _host_port(host, port)
+    if gateway["ticket_url"]:
+        section["ticket_url"] = gateway["ticket_url"]
+    return section
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """The relay config as TOML text.  TOML has no null: a key set to None is left out, as
+    the relay then takes its default."""
+    return tomli_w.dumps(_without_none(data))
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_without_none(v) for v in value]
+    return value

@@ -1,0 +1,235 @@
+"""The inventory's keys: how each value is read, its default, whether it is set per host.
+
+docs/deploy.md documents every key.  The parsers are the relay's own (``gateway.config``), plus
+the checks an inventory needs beyond them (placeholders, time zones, systemd calendars).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import zoneinfo
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deploykit.problems import InvalidValue
+from gateway.config import (
+    parse_domain,
+    parse_email,
+    parse_host_port,
+    parse_ip,
+    parse_network,
+    parse_size,
+    parse_url,
+)
+
+ROLES = ("good", "bad")
+PLACEHOLDER = re.compile(r"REPLACE[-_ ]?ME", re.IGNORECASE)
+
+
+def _not_placeholder(value: Any) -> Any:
+    if isinstance(value, str) and PLACEHOLDER.search(value):
+        raise InvalidValue(f"{value!r} is a placeholder: set the real value")
+    if isinstance(value, list) and any(isinstance(v, str) and PLACEHOLDER.search(v) for v in value):
+        raise InvalidValue(f"{value!r} holds a placeholder: set the real values")
+    return value
+
+
+def _ip(value: Any) -> str:
+    _not_placeholder(value)
+    return parse_ip(value)
+
+
+def _networks(value: Any) -> list[str]:
+    _not_placeholder(value)
+    if not isinstance(value, list):
+        raise InvalidValue(f"expected a list of networks such as ['10.0.0.0/8'], got {value!r}")
+    return [str(_item(parse_network, item, index)) for index, item in enumerate(value)]
+
+
+def _item(parse: Callable[[Any], Any], item: Any, index: int) -> Any:
+    try:
+        return parse(item)
+    except ValueError as exc:
+        raise InvalidValue(f"[{index}]: {exc}") from None
+
+
+def _ips(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise InvalidValue(f"expected a list of IP addresses, got {value!r}")
+    return [_item(parse_ip, item, index) for index, item in enumerate(value)]
+
+
+def _domain(value: Any) -> str:
+    _not_placeholder(value)
+    return parse_domain(value)
+
+
+def _url(value: Any) -> str:
+    _not_placeholder(value)
+    return parse_url(value)
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else parse(value)
+
+
+def _path(value: Any) -> str:
+    _not_placeholder(value)
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidValue(f"expected a file path, got {value!r}")
+    return value
+
+
+def _timezone(value: Any) -> str:
+    try:
+        zoneinfo.ZoneInfo(str(value))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise InvalidValue(f"not a known time zone: {value!r} (e.g. Europe/Berlin)") from None
+    return str(value)
+
+
+def _calendar(value: Any) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[0-9A-Za-z*:,./~ -]+", value.strip()):
+        return value.strip()
+    raise InvalidValue(
+        f"expected a systemd OnCalendar expression such as '*-*-* 05:00:00': {value!r}"
+    )
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
+        return value
+    raise InvalidValue(f"expected a TCP port (1-65535), got {value!r}")
+
+
+def _names(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidValue(f"expected a list of host names, got {value!r}")
+    return list(value)
+
+
+def _table(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidValue(f"expected a dict of relay config sections, got {value!r}")
+    return value
+
+
+def _entries(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise InvalidValue(f"expected a list, got {value!r}")
+    return value
+
+
+def _size(value: Any) -> Any:
+    parse_size(value)
+    return value
+
+
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One inventory key: how its value is read, its default, and whether it is per host."""
+
+    parse: Callable[[Any], Any]
+    default: Any = REQUIRED
+    per_host: bool = False
+    doc: str = ""
+
+    def default_value(self) -> Any:
+        """A fresh copy of the default: a host's list must not be another host's."""
+        return copy.deepcopy(self.default)
+
+
+# Every key an inventory may set (docs/deploy.md documents each).  pyinfra's own connection
+# keys (``ssh_*``) and global arguments (``_sudo`` ...) pass through untouched.
+KEYS: dict[str, Key] = {
+    # per host
+    "public_address": Key(_ip, per_host=True, doc="the relay listens and sends from here"),
+    "fqdn": Key(_domain, per_host=True, doc="EHLO name, NDR sender domain, certificate name"),
+    "tls_cert_file": Key(_path, per_host=True, doc="the host's certificate (control machine)"),
+    "tls_key_file": Key(_path, per_host=True, doc="its private key (control machine)"),
+    # packages and the operating system
+    "debian_mirror": Key(_url, "http://deb.debian.org/debian"),
+    "debian_security_mirror": Key(_url, "http://deb.debian.org/debian-security"),
+    "apt_proxy": Key(_optional(_url), None),
+    "timezone": Key(_timezone, "Europe/Berlin"),
+    "resolvers": Key(_ips, []),
+    # networks
+    "customer_networks": Key(_networks, []),
+    "ssh_networks": Key(_networks, ["0.0.0.0/0", "::/0"]),
+    "extra_public_networks": Key(_networks, []),
+    # scanners
+    "clamav_mirror": Key(_optional(_url), None),
+    "clamav_signatures_dir": Key(_path, "tests/data/clamav"),
+    # TLS
+    "internal_ca_file": Key(_path),
+    "public_ca_file": Key(_optional(_path), None),
+    "tls_rules": Key(_entries, []),
+    # DKIM
+    "dkim_domains": Key(_entries, []),
+    "dkim_keys_dir": Key(_path, "keys"),
+    # blacklist monitoring
+    "operations_mailbox": Key(_optional(parse_email), None),
+    "notify_via": Key(_optional(lambda v: parse_host_port(v, 25)), ("127.0.0.1", 25)),
+    "ticket_url": Key(_optional(_url), None),
+    "dnsbl_zones": Key(_entries, []),
+    "blacklist_monitor_hosts": Key(_names, []),
+    "blacklist_schedule": Key(_calendar, "*-*-* 05:00:00"),
+    "blacklist_timezone": Key(_timezone, "Europe/Berlin"),
+    # the relay
+    "relay_max_message_size": Key(_size, "25MiB"),
+    "relay_metrics_port": Key(_port, 9525),
+    "relay_settings": Key(_table, {}),
+}
+
+DKIM_ENTRY_KEYS = {"domain", "selector", "algorithm"}
+DKIM_ALGORITHMS = ("rsa", "ed25519")
+
+
+def passes_through(key: str) -> bool:
+    """pyinfra's connection data and global arguments are not ours to check."""
+    return key.startswith(("ssh_", "_"))
+
+
+# --- entries of list keys ---------------------------------------------------------------------
+
+
+def dkim_entry(item: Any) -> tuple[str, str, str] | str:
+    """``(domain, selector, algorithm)`` from a ``dkim_domains`` entry, or what is wrong."""
+    if not isinstance(item, dict):
+        return f"expected {{'domain': ..., 'selector': ..., 'algorithm': 'rsa'}}, got {item!r}"
+    unknown = sorted(set(item) - DKIM_ENTRY_KEYS)
+    if unknown:
+        return f"unknown key {unknown[0]!r} (known: algorithm, domain, selector)"
+    try:
+        domain = parse_domain(item.get("domain"))
+    except ValueError as exc:
+        return f"domain: {exc}"
+    selector = item.get("selector")
+    if not isinstance(selector, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", selector):
+        return f"selector: expected a DKIM selector such as 's2025', got {selector!r}"
+    algorithm = item.get("algorithm", "rsa")
+    if algorithm not in DKIM_ALGORITHMS:
+        return f"algorithm: must be 'rsa' or 'ed25519', got {algorithm!r}"
+    return domain, selector, algorithm
+
+
+def dkim_key_path(keys_dir: Path, domain: str, selector: str) -> Path:
+    """Where ``smg dkim keygen --out KEYS_DIR`` writes the key."""
+    return keys_dir / domain / f"{selector}.key"
+
+
+def domain_pattern(value: Any) -> str:
+    """``example.com``, ``.example.com`` (its subdomains) or ``*``."""
+    if value is None:
+        raise InvalidValue("required: a domain, .domain for its subdomains, or *")
+    if value == "*":
+        return "*"
+    if isinstance(value, str) and value.startswith("."):
+        return "." + parse_domain(value[1:])
+    return parse_domain(value)
