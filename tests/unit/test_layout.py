@@ -16,12 +16,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "gateway"
 MAX_LINES = 500
 
-# Modules still waiting to be split by another branch of issue 10 (queue: spool.py and
-# delivery.py; front: intake.py; deploy: inventory.py).  Emptied when the branches are merged.
-NOT_YET_SPLIT = {
-    "gateway/inventory.py",
-}
-
 
 def module_files(package: Path) -> dict[str, Path]:
     """Dotted module name -> file, for every module of ``package`` (a package is its
@@ -104,23 +98,8 @@ def test_no_module_is_longer_than_500_lines() -> None:
         str(path.relative_to(ROOT)): len(path.read_text(encoding="utf-8").splitlines())
         for path in module_files(PACKAGE).values()
     }
-    unexpected = {
-        name: lines
-        for name, lines in lengths.items()
-        if lines > MAX_LINES and name not in NOT_YET_SPLIT
-    }
-    assert not unexpected, f"modules over {MAX_LINES} lines: {unexpected}"
-
-
-def test_not_yet_split_lists_only_modules_still_too_long() -> None:
-    """So the escape list cannot outlive the split it waits for."""
-    stale = {
-        name
-        for name in NOT_YET_SPLIT
-        if not (ROOT / name).is_file()
-        or len((ROOT / name).read_text(encoding="utf-8").splitlines()) <= MAX_LINES
-    }
-    assert not stale, f"split already (remove from NOT_YET_SPLIT): {sorted(stale)}"
+    too_long = {name: lines for name, lines in lengths.items() if lines > MAX_LINES}
+    assert not too_long, f"modules over {MAX_LINES} lines: {too_long}"
 
 
 def test_no_import_cycle_in_the_gateway_package() -> None:
