@@ -78,7 +78,7 @@ class Relay:
     async def start(self) -> None:
         config = self.config
         try:
-            spool = await Spool.open(config.gateway.spool)
+            spool = await Spool.open(config.gateway.spool, check=True)
         except SpoolUnavailable as exc:
             raise StartupError(str(exc)) from None
         try:

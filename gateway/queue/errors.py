@@ -12,6 +12,11 @@ class SpoolUnavailable(Exception):
     """The spool cannot take or change messages now (disk full, not writable, I/O error)."""
 
 
+class SpoolDamaged(SpoolUnavailable):
+    """The spool database failed SQLite's integrity check at start: the relay refuses to run on
+    it (runbook: docs/queue.md, "Damaged spool")."""
+
+
 class SpoolFull(SpoolUnavailable):
     """The disk (or the database's size limit) is full: the intake answers 452 4.3.1."""
 

@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway.queue import store
-from gateway.queue.errors import SpoolFull, SpoolUnavailable, UnknownMessage, unavailable
+from gateway.queue.errors import (
+    SpoolDamaged,
+    SpoolFull,
+    SpoolUnavailable,
+    UnknownMessage,
+    unavailable,
+)
 from gateway.queue.model import (
     AttemptOutcome,
     AttemptResult,
@@ -44,6 +50,7 @@ __all__ = [
     "Spool",
     "SpoolAdmin",
     "SpoolFull",
+    "SpoolDamaged",
     "SpoolUnavailable",
     "UnknownMessage",
     "ids_of",
@@ -62,6 +69,26 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
     return p / DB_NAME
 
 
+RUNBOOK = "docs/queue.md, section 'Damaged spool'"
+
+
+def _damaged(db_path: Path, said: str) -> SpoolDamaged:
+    return SpoolDamaged(
+        f"spool database {db_path} is damaged; SQLite says: {said}. The relay does not run on "
+        f"a damaged spool: stop it, keep a copy and recover the mail as {RUNBOOK} says"
+    )
+
+
+def _check_integrity(conn: sqlite3.Connection, db_path: Path) -> None:
+    """Raise :class:`SpoolDamaged` unless SQLite's quick_check passes."""
+    try:
+        problems = store.quick_check(conn)
+    except sqlite3.DatabaseError as exc:  # too damaged to check: that is the answer
+        raise _damaged(db_path, str(exc)) from exc
+    if problems is not None:
+        raise _damaged(db_path, problems)
+
+
 class Spool:
     """The relay's asynchronous handle on the spool database (see the module docstring)."""
 
@@ -75,27 +102,43 @@ class Spool:
         self._closed = False
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], busy_timeout: float = BUSY_TIMEOUT) -> Spool:
-        """Open (and create) the spool database under ``path`` (``gateway.spool``)."""
+    async def open(
+        cls, path: str | os.PathLike[str], busy_timeout: float = BUSY_TIMEOUT, check: bool = False
+    ) -> Spool:
+        """Open (and create) the spool database under ``path`` (``gateway.spool``).
+
+        ``check``: run SQLite's quick_check on an existing database first and raise
+        :class:`SpoolDamaged` if it fails (the relay at start: it must not run on a damaged
+        spool, where a later write could spread the damage or lose mail)."""
         db_path = resolve_path(path)
-        return await asyncio.to_thread(cls._open_sync, db_path, busy_timeout)
+        return await asyncio.to_thread(cls._open_sync, db_path, busy_timeout, check)
 
     @classmethod
-    def _open_sync(cls, db_path: Path, busy_timeout: float) -> Spool:
+    def _open_sync(cls, db_path: Path, busy_timeout: float, check: bool = False) -> Spool:
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Several workers start at once: switching a new database to WAL takes a lock that
             # SQLite does not wait for, so they take turns on the lock file here.
             with file_lock(db_path.with_suffix(".lock")):
+                existed = db_path.exists() and db_path.stat().st_size > 0
                 conn = store.connect(db_path, busy_timeout)
                 try:
+                    if check and existed:
+                        _check_integrity(conn, db_path)
                     conn.execute("BEGIN IMMEDIATE")
                     store.create_schema(conn)
                     conn.execute("COMMIT")
                 finally:
                     conn.close()
                 reader = store.connect(db_path, busy_timeout)
-        except (sqlite3.Error, OSError) as exc:
+        except SpoolDamaged:
+            raise
+        except sqlite3.DatabaseError as exc:
+            # Not an OperationalError (locked, read-only, full): the file itself is bad.
+            if check and not isinstance(exc, sqlite3.OperationalError):
+                raise _damaged(db_path, str(exc)) from exc
+            raise unavailable(f"cannot open spool {db_path}", exc) from exc
+        except OSError as exc:
             raise unavailable(f"cannot open spool {db_path}", exc) from exc
         writer = Writer(db_path, busy_timeout)
         writer.start()
