@@ -49,8 +49,8 @@ from gateway.queue.writer import STOP, Job, Operation, Writer, file_lock
 __all__ = [
     "Spool",
     "SpoolAdmin",
-    "SpoolFull",
     "SpoolDamaged",
+    "SpoolFull",
     "SpoolUnavailable",
     "UnknownMessage",
     "ids_of",

@@ -108,8 +108,7 @@ class StateFile:
                 data = self.load() or {}
                 change(data)
                 temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-                temporary.write_text(json.dumps(data), encoding="utf-8")
-                os.replace(temporary, self.path)
+                replace_durably(self.path, temporary, json.dumps(data).encode("utf-8"))
                 st = self.path.stat()
                 self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
                 return data
@@ -121,6 +120,22 @@ class StateFile:
         if not self._warned:
             self._warned = True
             log.warning("%s (kept in this process's memory only)", message)
+
+
+def replace_durably(path: Path, temporary: Path, data: bytes) -> None:
+    """Write ``data`` to ``temporary``, fsync it, rename it over ``path`` and fsync the
+    directory: after a power cut the file is the old table or the new one, never empty (a
+    rename can reach the disk before the data it names)."""
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 # --- matching and parsing -------------------------------------------------------------------
