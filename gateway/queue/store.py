@@ -128,10 +128,10 @@ def connect(
 
 def quick_check(conn: sqlite3.Connection) -> str | None:
     """What SQLite's ``PRAGMA quick_check`` says is wrong with the database, None when it is
-    sound.  quick_check reads every page and checks the b-trees but not that each index matches
-    its table: O(pages), 0.5 s on a spool of 100k 2 KB messages (222 MB; docs/queue.md).  A database too
-    damaged to run the check at all raises :class:`sqlite3.DatabaseError`, which is an answer
-    too (the caller reports it the same way)."""
+    sound.  quick_check reads every page and checks the b-trees but not that each index
+    matches its table: O(pages), 0.5 s on a spool of 100k 2 KB messages (222 MB, measured;
+    docs/queue.md).  A database too damaged to run the check at all raises
+    :class:`sqlite3.DatabaseError`, which is an answer too (the caller reports it the same way)."""
     rows = [str(row[0]) for row in conn.execute("PRAGMA quick_check(20)").fetchall()]
     return None if rows == ["ok"] else "; ".join(rows)
 
