@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 _STATUS_RE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+_FIELD_START = re.compile(rb"\r\n(?=[^ \t])")  # a CRLF that ends a header field
+MAX_QUOTED = 16 * 1024  # bytes of original header fields a virus notice quotes, at most
+MAX_SHOWN = 200  # characters of the original's Subject or Message-ID shown in a notice
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,27 @@ def status_from_reply(code: int, text: str, default: str | None = None) -> str:
 def header_section(data: bytes) -> bytes:
     """The original message's header section (up to the empty line), with CRLF line ends."""
     match = re.search(rb"\r?\n\r?\n", data)
-    head = data[: match.start()] if match else data
+    # Without an empty line (a bare header block): its last line end is not a field's.
+    head = data[: match.start()] if match else data.rstrip(b"\r\n")
     if not match and not re.match(rb"^[!-9;-~]+:", head):
         return b""  # not a message at all (no headers): nothing to quote
     lines = re.split(rb"\r?\n", head)
     return b"\r\n".join(lines) + b"\r\n"
+
+
+def bounded_headers(original: bytes, limit: int = MAX_QUOTED) -> bytes:
+    """The original's header fields that fit whole in ``limit`` bytes, in their order (CRLF
+    line ends); the first field that does not fit ends the block."""
+    block = header_section(original)
+    if len(block) <= limit:
+        return block
+    quoted = 0
+    for match in _FIELD_START.finditer(block):
+        end = match.start() + 2  # through the CRLF that ends the field
+        if end > limit:
+            break
+        quoted = end
+    return block[:quoted]
 
 
 def original_fields(data: bytes) -> dict[str, str]:
@@ -298,11 +317,15 @@ def make_info_ndr(
     """The information mail to the sender of a message refused for a virus.
 
     It names the virus, the Subject, the Message-ID and the recipients, and quotes the
-    original's headers only: the infected content never goes back out.
+    original's headers only, at most :data:`MAX_QUOTED` bytes of whole fields: the infected
+    content never goes back out.  The caller passes as ``original`` what may be quoted: the
+    cleanup step passes the header block clamd found clean, or nothing
+    (``gateway.policy.notice``); the Subject and Message-ID shown come from it too.
     """
     if not sender:
         raise ValueError("no information mail to the null sender")
-    fields = original_fields(original)
+    quoted = bounded_headers(original)
+    fields = {name: _shown(value) for name, value in original_fields(quoted).items()}
     intro_lines = [
         f"This is the mail system at host {hostname}.",
         "",
@@ -323,4 +346,8 @@ def make_info_ndr(
     human = _human_part(hostname, queue_id, [], {}, None, "\n".join(intro_lines))
     status = _status_part(hostname, queue_id, arrival, failed)
     subject = f"Virus found in a message you sent: {virus}"
-    return _assemble(hostname, sender, subject, human, status, header_section(original))
+    return _assemble(hostname, sender, subject, human, status, quoted)
+
+
+def _shown(value: str) -> str:
+    return value if len(value) <= MAX_SHOWN else value[:MAX_SHOWN] + "..."

@@ -15,7 +15,10 @@ On accept, reroute or hold the message's bytes are prepared once, in this order:
    signature whichever gateway delivers it.  The bad gateway never signs.
 
 After a reject, the side effects the rules asked for run: for a virus, the sender gets an
-information NDR (``dsn.make_info_ndr``), queued like any other message; never to ``<>``.
+information NDR (``dsn.make_info_ndr``), queued like any other message; never to ``<>``, and
+only when the sender's domain resolves to the client's network (``notice.sender_check``: virus
+mail mostly has a forged sender, and a notice to it is backscatter).  It quotes at most 16 KiB
+of the original's header fields, and none when clamd flags them (``notice.quotable_headers``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import logging
 from typing import NamedTuple
 
 from gateway import dsn
-from gateway.policy import headers
+from gateway.dns import Resolver
+from gateway.policy import headers, notice
 from gateway.policy.chain import Action, Decision, MessageContext
 from gateway.policy.rules.verdict import format_verdict
 from gateway.queue.model import MessageKind, MessageState, Route
@@ -51,6 +55,7 @@ class Cleanup:
         self.role = config.gateway.role
         self.hostname = config.gateway.hostname
         self.verdict_header = config.routing.verdict_header
+        self.client_networks = config.gateway.client_networks
         self.signer = services.dkim if self.role == "good" else None
 
     async def enqueue(self, ctx: MessageContext, decision: Decision) -> Queued:
@@ -105,12 +110,20 @@ class Cleanup:
             log.info("virus %s from the null sender: no information NDR", virus)
             return
         try:
+            check = await notice.sender_check(
+                self._resolver(), ctx.mail_from, ctx.client_ip, self.client_networks
+            )
+            if not check.allowed:
+                log.info("virus %s from <%s>: no information NDR: %s",
+                         virus, ctx.mail_from, check.reason)  # fmt: skip
+                return
+            quoted = await notice.quotable_headers(self.services.clamd, ctx.data, virus)
             ndr = dsn.make_info_ndr(
                 hostname=self.hostname,
                 sender=ctx.mail_from,
                 recipients=ctx.rcpt_tos,
                 virus=virus,
-                original=ctx.data,
+                original=quoted,
                 queue_id=ctx.queue_id or None,
                 client_ip=ctx.client_ip,
             )
@@ -120,4 +133,10 @@ class Cleanup:
         except Exception:
             log.exception("information NDR for virus %s to %s not queued", virus, ctx.mail_from)
             return
-        log.info("information NDR %s queued to %s for virus %s", queue_id, ctx.mail_from, virus)
+        log.info("information NDR %s queued to %s for virus %s (%s)",
+                 queue_id, ctx.mail_from, virus, check.reason)  # fmt: skip
+
+    def _resolver(self) -> Resolver:
+        if self.services.resolver is None:
+            self.services.resolver = Resolver(self.services.config.dns)
+        return self.services.resolver

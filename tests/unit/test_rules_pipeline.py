@@ -6,15 +6,18 @@ from pathlib import Path
 from typing import Any
 
 import dkim as dkimpy
+import dns.rdata
 import pytest
 
 from gateway.config import Config, parse_config
 from gateway.dkim import DkimKeyError, load_private_key, write_new_key
+from gateway.dns import NODATA, OK, DnsResult, MailHost, MailHosts
 from gateway.policy import headers
 from gateway.policy.chain import Action, Decision, MessageContext
 from gateway.policy.cleanup import Cleanup
 from gateway.policy.rules.spam import SpamVerdict
 from gateway.policy.rules.verdict import parse_verdict
+from gateway.scanners.clamd import ScanResult
 from gateway.services import build_services
 
 EICAR_LIKE = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$ not really"
@@ -182,6 +185,30 @@ def test_loose_key_mode_stops_the_pipeline_from_starting(tmp_path: Path) -> None
     build_services(config("bad", []))  # the bad gateway loads no keys
 
 
+class SenderDns:
+    """The sender domain's MX host resolves to the client (the notice rule, issue 12)."""
+
+    async def mail_hosts(self, domain: str) -> MailHosts:
+        return MailHosts(domain, OK, [MailHost(10, f"mx.{domain}")])
+
+    async def addresses(self, host: str) -> DnsResult:
+        found = [dns.rdata.from_text("IN", "A", "127.0.0.5")] if host.startswith("mx.") else []
+        return DnsResult(host, "A+AAAA", OK if found else NODATA, found)
+
+
+class CleanClamd:
+    """clamd finds the header block clean (the notice may quote it)."""
+
+    async def scan(self, data: bytes) -> ScanResult:
+        return ScanResult(None, "stream: OK")
+
+
+def notice_cleanup(keys: list[dict[str, str]], spool: FakeSpool) -> Cleanup:
+    services = build_services(config("good", keys), spool=spool)
+    services.resolver, services.clamd = SenderDns(), CleanClamd()  # type: ignore[assignment]
+    return Cleanup(services)
+
+
 def virus_ctx(mail_from: str = "alice@example.com") -> MessageContext:
     ctx = MessageContext(
         client_ip="127.0.0.5",
@@ -196,7 +223,7 @@ def virus_ctx(mail_from: str = "alice@example.com") -> MessageContext:
 
 async def test_virus_reject_queues_info_ndr_without_the_content(keys) -> None:
     spool = FakeSpool()
-    cleanup = Cleanup(build_services(config("good", keys), spool=spool))
+    cleanup = notice_cleanup(keys, spool)
     await cleanup.after_reject(virus_ctx(), decision(Action.REJECT))
     ((sender, rcpts, data, kw),) = spool.queued
     assert sender == "" and rcpts == ["alice@example.com"] and kw["kind"] == "ndr"
@@ -209,7 +236,7 @@ async def test_virus_reject_queues_info_ndr_without_the_content(keys) -> None:
 
 async def test_no_info_ndr_for_null_sender_or_other_rejections(keys) -> None:
     spool = FakeSpool()
-    cleanup = Cleanup(build_services(config("good", keys), spool=spool))
+    cleanup = notice_cleanup(keys, spool)
     await cleanup.after_reject(virus_ctx(""), decision(Action.REJECT))
     await cleanup.after_reject(virus_ctx(), decision(Action.TEMPFAIL))
     plain = virus_ctx()
@@ -219,5 +246,5 @@ async def test_no_info_ndr_for_null_sender_or_other_rejections(keys) -> None:
 
 
 async def test_spool_failure_for_the_info_ndr_does_not_raise(keys) -> None:
-    cleanup = Cleanup(build_services(config("good", keys), spool=FakeSpool(fail=True)))
+    cleanup = notice_cleanup(keys, FakeSpool(fail=True))
     await cleanup.after_reject(virus_ctx(), decision(Action.REJECT))
