@@ -28,6 +28,10 @@ from gateway.tls.verify import NO_TLS, TlsOutcome, describe_tls
 log = logging.getLogger("smg.delivery")
 
 MAX_REPLY_LINE = 65536  # a reply line longer than this is not SMTP
+# A whole (multi-line) reply: an EHLO reply has a few dozen lines; a far end sending endless
+# continuation lines is cut off here instead of growing our memory (issue 12).
+MAX_REPLY_LINES = 512
+MAX_REPLY_BYTES = 65536
 
 Reply = tuple[int, str]  # code, text
 
@@ -140,16 +144,23 @@ class SmtpConnection:
         except TimeoutError as exc:
             raise Disconnected("Timed out waiting for server response") from exc
         except ValueError as exc:  # a line longer than MAX_REPLY_LINE
-            raise Disconnected("reply too long") from exc
+            raise Disconnected(f"reply too long (a line over {MAX_REPLY_LINE} bytes)") from exc
         except OSError as exc:
             raise Disconnected(f"connection lost: {exc}") from exc
 
     async def _read_reply(self) -> Reply:
         lines: list[bytes] = []
+        size = 0
         while True:
             line = await self._reader.readline()
             if not line.endswith(b"\n"):
                 raise Disconnected("connection closed by the far end")
+            size += len(line)
+            if len(lines) >= MAX_REPLY_LINES or size > MAX_REPLY_BYTES:
+                raise Disconnected(
+                    f"reply too long (more than {MAX_REPLY_LINES} lines or "
+                    f"{MAX_REPLY_BYTES} bytes): {(lines or [line])[0][:80]!r}..."
+                )
             line = line.rstrip(b"\r\n")
             lines.append(line)
             if line[3:4] != b"-":
