@@ -133,11 +133,19 @@ async def explain(config: Config, args: argparse.Namespace, data: bytes) -> Expl
             result.dkim = cleanup.signing_keys(ctx) or ["none (no key for the From: domain)"]
             await _tls(config, services, ctx, result)
         elif ctx.facts.get("virus") and ctx.mail_from:
-            result.notes.append(f"an information NDR naming the virus would go to {ctx.mail_from}")
+            result.notes.append(await _notice_note(cleanup, ctx))
     finally:
         if services.rspamd is not None:
             await services.rspamd.close()
     return result
+
+
+async def _notice_note(cleanup: Cleanup, ctx: MessageContext) -> str:
+    """Whether the virus notice would go out (the rule of docs/policy.md), and why."""
+    check = await cleanup.notice_check(ctx)
+    if check.allowed:
+        return f"an information NDR naming the virus would go to {ctx.mail_from} ({check.reason})"
+    return f"no information NDR to {ctx.mail_from}: {check.reason}"
 
 
 async def _run(

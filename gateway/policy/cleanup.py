@@ -110,9 +110,7 @@ class Cleanup:
             log.info("virus %s from the null sender: no information NDR", virus)
             return
         try:
-            check = await notice.sender_check(
-                self._resolver(), ctx.mail_from, ctx.client_ip, self.client_networks
-            )
+            check = await self.notice_check(ctx)
             if not check.allowed:
                 log.info("virus %s from <%s>: no information NDR: %s",
                          virus, ctx.mail_from, check.reason)  # fmt: skip
@@ -135,6 +133,12 @@ class Cleanup:
             return
         log.info("information NDR %s queued to %s for virus %s (%s)",
                  queue_id, ctx.mail_from, virus, check.reason)  # fmt: skip
+
+    async def notice_check(self, ctx: MessageContext) -> notice.NoticeCheck:
+        """May the virus notice go to ``ctx.mail_from`` (also for ``smg explain``)?"""
+        return await notice.sender_check(
+            self._resolver(), ctx.mail_from, ctx.client_ip, self.client_networks
+        )
 
     def _resolver(self) -> Resolver:
         if self.services.resolver is None:
