@@ -51,7 +51,7 @@ class NoticeCheck:
 def client_network(client_ip: str, client_networks: Iterable[Any]) -> Network:
     """The narrowest entry of ``client_networks`` that holds ``client_ip`` (the IP alone as a
     /32 or /128 when none does)."""
-    address = ipaddress.ip_address(client_ip)
+    address = _unmapped(ipaddress.ip_address(client_ip))
     holding = [net for net in client_networks if address.version == net.version and address in net]
     if not holding:
         return ipaddress.ip_network(address)
@@ -97,10 +97,17 @@ async def _sender_hosts(resolver: Resolver, domain: str) -> tuple[list[str], lis
 
 def _inside(text: str, network: Network) -> bool:
     try:
-        address = ipaddress.ip_address(text)
+        address = _unmapped(ipaddress.ip_address(text))
     except ValueError:
         return False
     return address.version == network.version and address in network
+
+
+def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Any:
+    """``::ffff:192.0.2.1`` (an IPv4 client on a dual-stack socket) as ``192.0.2.1``."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
 
 
 async def quotable_headers(clamd: ClamdClient | None, original: bytes, virus: str) -> bytes:
