@@ -42,13 +42,14 @@ class Checker:
         self.raw = raw
         self.check_keys = check_keys
         self.problems: list[Problem] = list(raw.problems)
+        self.warnings: list[Problem] = []  # worth an operator's look, never a refusal
         self._parsed: dict[tuple[int, str], Any] = {}
 
     def problem(self, source: Source, entry: str, message: str) -> None:
-        label = f"{source.entry}: {entry}" if entry else source.entry
-        item = Problem(source.file, label, message)
-        if item not in self.problems:
-            self.problems.append(item)
+        _add_once(self.problems, source, entry, message)
+
+    def warn(self, source: Source, entry: str, message: str) -> None:
+        _add_once(self.warnings, source, entry, message)
 
     # -- layers and keys
 
@@ -137,6 +138,13 @@ class _Broken:
 
 
 _BROKEN = _Broken()
+
+
+def _add_once(items: list[Problem], source: Source, entry: str, message: str) -> None:
+    label = f"{source.entry}: {entry}" if entry else source.entry
+    item = Problem(source.file, label, message)
+    if item not in items:
+        items.append(item)
 
 
 def _close_match(key: str) -> str | None:
@@ -314,13 +322,26 @@ def check_tls_files(checker: Checker, gateway: Gateway) -> None:
             checker.problem(checker.source(gateway, key), key, f"{value}: no such file")
     cert, key = gateway["tls_cert_file"], gateway["tls_key_file"]
     if _ok(cert, key) and Path(cert).is_file() and Path(key).is_file():
+        source = checker.source(gateway, "tls_cert_file")
         why = certificate_problem(Path(cert), Path(key), gateway)
         if why:
-            checker.problem(checker.source(gateway, "tls_cert_file"), "tls_cert_file", why)
+            checker.problem(source, "tls_cert_file", why)
+        else:
+            soon = certificate_expiry_warning(
+                x509.load_pem_x509_certificate(Path(cert).read_bytes()), cert
+            )
+            if soon:
+                checker.warn(source, "tls_cert_file", soon)
+
+
+# A certificate this close to its end gets a warning at every deploy (the monitoring's alert
+# fires at the same age), so the renewal is a planned change request, not an outage.
+CERT_RENEW_DAYS = 21
 
 
 def certificate_problem(cert_path: Path, key_path: Path, gateway: Gateway) -> str | None:
-    """The certificate must name the host, be valid now, and match its key."""
+    """The certificate must name the host as its peers reach it, be valid now, and match its
+    key."""
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -332,17 +353,50 @@ def certificate_problem(cert_path: Path, key_path: Path, gateway: Gateway) -> st
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
         return f"{cert_path} is not valid now (valid {start:%Y-%m-%d} to {end:%Y-%m-%d})"
+    return certificate_names_problem(cert, str(cert_path), gateway)
+
+
+def certificate_names_problem(cert: x509.Certificate, label: str, gateway: Gateway) -> str | None:
+    """The certificate must name the host, and a bad gateway's must carry the address the good
+    gateways reach it by.  Also run by testinfra on the certificate a host really has."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return f"{cert_path} has no subjectAltName"
+        return f"{label} has no subjectAltName"
     names = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
     addresses = {str(a) for a in san.get_values_for_type(x509.IPAddress)}
     if _ok(gateway.fqdn, gateway.public_address) and not (
         gateway.fqdn in names or gateway.public_address in addresses
     ):
-        return f"{cert_path} names neither {gateway.fqdn} nor {gateway.public_address}"
+        return f"{label} names neither {gateway.fqdn} nor {gateway.public_address}"
+    if (
+        gateway.role == "bad"
+        and _ok(gateway.public_address)
+        and (gateway.public_address not in addresses)
+    ):
+        # The good gateways reach a bad gateway by its address (routing.bad_gateways) and
+        # verify that address against the certificate: without it, spam waits and bounces.
+        return (
+            f"{label} has no IP address entry {gateway.public_address} in its "
+            "subjectAltName: the good gateways connect to the bad gateway by that address "
+            "(routing.bad_gateways) and verify it, so rerouted spam would wait in their "
+            "queues and bounce after delivery.max_lifetime"
+        )
     return None
+
+
+def certificate_expiry_warning(
+    cert: x509.Certificate, label: str, now: dt.datetime | None = None
+) -> str | None:
+    """A warning when the certificate ends within :data:`CERT_RENEW_DAYS` days."""
+    left = cert.not_valid_after_utc - (now or dt.datetime.now(dt.UTC))
+    if left > dt.timedelta(days=CERT_RENEW_DAYS):
+        return None
+    end = cert.not_valid_after_utc
+    return (
+        f"{label} expires on {end:%Y-%m-%d %H:%M} UTC, in {left.days} days "
+        f"(renew it when fewer than {CERT_RENEW_DAYS} days are left)"
+    )
 
 
 # -- the relay config: what the relay itself accepts

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from deploykit.dkim_keys import dns_records, make_dkim_keys
-from deploykit.inventory import load_inventory
+from deploykit.inventory import load_inventory, print_warnings
 from deploykit.problems import InventoryError
 
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except InventoryError as exc:
         print(exc.render(), file=sys.stderr)
         return 1
+    print_warnings(fleet)
     if args.command == "render":
         print(fleet.relay_toml(args.host), end="")
     elif args.command == "dns-records":

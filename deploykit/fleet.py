@@ -8,6 +8,7 @@ from functools import cached_property
 from typing import Any
 
 from deploykit.host import Gateway
+from deploykit.problems import Problem
 from deploykit.render import relay_config, to_toml
 
 
@@ -15,6 +16,7 @@ from deploykit.render import relay_config, to_toml
 class Fleet:
     inventory_file: str
     gateways: tuple[Gateway, ...]
+    warnings: tuple[Problem, ...] = ()  # found by the validation, not refusals
 
     def __iter__(self) -> Iterator[Gateway]:
         return iter(self.gateways)

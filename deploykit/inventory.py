@@ -48,7 +48,7 @@ def validate_inventory(inventory_file: str | Path, namespace: Mapping[str, Any])
     if namespace.get(_LOADED_BY_TOOL):
         return None
     try:
-        return check_inventory(inventory_file, namespace)
+        fleet = check_inventory(inventory_file, namespace)
     except InventoryError as error:
         # Loaded by pyinfra: the problems are the message, a traceback would only hide them.
         print(
@@ -56,6 +56,14 @@ def validate_inventory(inventory_file: str | Path, namespace: Mapping[str, Any])
             file=sys.stderr,
         )
         raise SystemExit(1) from None
+    print_warnings(fleet)
+    return fleet
+
+
+def print_warnings(fleet: Fleet) -> None:
+    """Warnings go to stderr, one line each, and never stop the deploy."""
+    for warning in fleet.warnings:
+        print(f"warning: {warning.render()}", file=sys.stderr)
 
 
 def check_inventory(
@@ -77,7 +85,7 @@ def check_inventory(
         check_relay_configs(checker, gateways)
     if checker.problems:
         raise InventoryError(checker.problems)
-    return Fleet(raw.file, tuple(gateways))
+    return Fleet(raw.file, tuple(gateways), tuple(checker.warnings))
 
 
 def load_inventory(inventory_file: str | Path, *, check_keys: bool = True) -> Fleet:

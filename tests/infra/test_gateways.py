@@ -26,7 +26,9 @@ from typing import Any
 
 import pytest
 import testinfra
+from cryptography import x509
 
+from deploykit.checks import certificate_expiry_warning, certificate_names_problem
 from deploykit.fleet import Fleet
 from deploykit.inventory import load_inventory
 from deploykit.paths import HostPaths
@@ -204,6 +206,15 @@ def test_keys_are_the_relays_alone(gw: Any) -> None:
     for path in wanted:
         file = host.file(path)
         assert (file.user, file.group, file.mode) == ("smg", "smg", 0o600), path
+
+
+def test_certificate_names_the_host_as_peers_reach_it_and_is_not_near_its_end(gw: Any) -> None:
+    """The certificate the host really serves: the same checks as the inventory's (a bad
+    gateway's carries the address good gateways verify; none ends within 21 days)."""
+    host, gateway = gw
+    cert = x509.load_pem_x509_certificate(host.file(HostPaths.CERT).content)
+    assert certificate_names_problem(cert, HostPaths.CERT, gateway) is None
+    assert certificate_expiry_warning(cert, HostPaths.CERT) is None
 
 
 def test_time_zone_is_the_inventorys(gw: Any) -> None:

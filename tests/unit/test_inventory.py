@@ -4,6 +4,7 @@ accepts.  Inventories are written to a temp dir the way an SRE writes them."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import pprint
 import re
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from deploykit.fleet import Fleet
-from deploykit.inventory import load_inventory
+from deploykit.inventory import load_inventory, print_warnings
 from deploykit.loader import display_path
 from deploykit.problems import InventoryError
 from deploykit.render import to_toml
@@ -413,6 +414,42 @@ def test_a_certificate_for_another_host_or_key_is_refused(site: Site, ca: TestCA
     assert "names neither otc-de-mta01.mms.example.net nor 2001:db8:10::1" in one(
         site.problems(), "tls_cert_file"
     )
+
+
+def test_a_bad_gateway_certificate_without_its_address_is_refused(site: Site, ca: TestCA) -> None:
+    """The good gateways connect to the bad gateway by address and verify that address: a
+    certificate naming only the FQDN would leave spam waiting until it bounces (issue 12)."""
+    fqdn_only = ca.valid("otc-de-mta03.mms.example.net")
+    site.hosts["otc-de-mta03"]["tls_cert_file"] = str(fqdn_only.cert_path)
+    site.hosts["otc-de-mta03"]["tls_key_file"] = str(fqdn_only.key_path)
+    problem = one(site.problems(), "otc-de-mta03: tls_cert_file")
+    assert "has no IP address entry 2001:db8:10::3 in its subjectAltName" in problem
+    assert "routing.bad_gateways" in problem
+
+
+def test_a_good_gateway_certificate_may_name_only_its_fqdn(site: Site, ca: TestCA) -> None:
+    fqdn_only = ca.valid("otc-de-mta01.mms.example.net")
+    site.hosts["otc-de-mta01"]["tls_cert_file"] = str(fqdn_only.cert_path)
+    site.hosts["otc-de-mta01"]["tls_key_file"] = str(fqdn_only.key_path)
+    assert site.load().get("otc-de-mta01").role == "good"
+
+
+def test_a_certificate_near_its_end_is_a_warning_not_a_refusal(
+    site: Site, ca: TestCA, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    ending = ca.issue(
+        ["otc-de-mta02.mms.example.net", "2001:db8:10::2"],
+        not_after=now + datetime.timedelta(days=10, hours=1),
+    )
+    site.hosts["otc-de-mta02"]["tls_cert_file"] = str(ending.cert_path)
+    site.hosts["otc-de-mta02"]["tls_key_file"] = str(ending.key_path)
+    fleet = site.load()
+    [warning] = [w.render() for w in fleet.warnings]
+    assert "otc-de-mta02: tls_cert_file" in warning
+    assert "in 10 days (renew it when fewer than 21 days are left)" in warning
+    print_warnings(fleet)
+    assert capsys.readouterr().err.startswith("warning: ")
 
 
 def test_missing_files_are_named(site: Site) -> None:
