@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import difflib
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -198,10 +199,26 @@ def check_entries(checker: Checker, gateway: Gateway) -> None:
             "customer_networks",
             f"empty: the good gateway {gateway.name} would take mail from nobody",
         )
+    _check_ssh_networks(checker, gateway)
     _check_tls_rules(checker, gateway)
     _check_dnsbl_zones(checker, gateway)
     if gateway.role == "good":
         _check_dkim(checker, gateway)
+
+
+def _check_ssh_networks(checker: Checker, gateway: Gateway) -> None:
+    """SSH open to the whole internet is allowed when written, but never quietly."""
+    networks = gateway["ssh_networks"]
+    if not _ok(networks):
+        return  # missing or unparsable: already a problem of its own
+    everyone = [n for n in networks if ipaddress.ip_network(n).prefixlen == 0]
+    if everyone:
+        checker.warn(
+            checker.source(gateway, "ssh_networks"),
+            "ssh_networks",
+            f"{', '.join(everyone)} opens SSH on {gateway.name} to the whole internet: "
+            "name the bastion or jump hosts' networks instead",
+        )
 
 
 def _check_tls_rules(checker: Checker, gateway: Gateway) -> None:

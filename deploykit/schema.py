@@ -161,7 +161,7 @@ KEYS: dict[str, Key] = {
     "resolvers": Key(_ips, []),
     # networks
     "customer_networks": Key(_networks, []),
-    "ssh_networks": Key(_networks, ["0.0.0.0/0", "::/0"]),
+    "ssh_networks": Key(_networks),  # no default: SSH open to the world is never assumed
     "extra_public_networks": Key(_networks, []),
     # scanners
     "clamav_mirror": Key(_optional(_url), None),

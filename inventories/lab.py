@@ -51,6 +51,8 @@ lab = (
         # TEST-NET-2 is documentation space: in the lab it counts as public.
         "extra_public_networks": [_STATE["network"]],
         "customer_networks": [_STATE["customer"]["address"] + "/32"],
+        # SSH only from this machine (the lab bridge): pyinfra and testinfra.
+        "ssh_networks": [_STATE["bridge"]["address"] + "/32"],
         # No freshclam in the lab: the kit's own signature set (EICAR and friends).
         "clamav_mirror": None,
         "internal_ca_file": _STATE["pki"]["ca_cert"],

@@ -15,8 +15,9 @@ timezone = "Europe/Berlin"
 # Empty: the relay and rspamd use the hosts' /etc/resolv.conf.
 resolvers = []
 
-# SSH into the gateways (the firewall allows port 22 only from here).
-ssh_networks = ["0.0.0.0/0", "::/0"]
+# SSH into the gateways: the firewall allows port 22 only from here.  No default: name the
+# networks of the bastion / jump hosts and the deploy's control machine.
+ssh_networks = ["REPLACE-ME/ssh-networks"]
 
 # ClamAV signatures: freshclam fetches them from this mirror.  None: the hosts get the
 # signature set the kit ships (clamav_signatures_dir) and freshclam stays off (labs, offline).

@@ -69,6 +69,7 @@ class Site:
                 {"sender": ".customer.example", "recipient": "*", "on_failure": "reject"},
             ],
             "blacklist_monitor_hosts": ["otc-de-mta01"],
+            "ssh_networks": ["2001:db8:ff::/64"],
         }
         self.good: dict[str, Any] = {
             "customer_networks": ["10.20.0.0/16", "2001:db8:99::/48"],
@@ -452,6 +453,16 @@ def test_a_certificate_near_its_end_is_a_warning_not_a_refusal(
     assert capsys.readouterr().err.startswith("warning: ")
 
 
+def test_ssh_networks_must_be_named_and_the_whole_internet_is_a_warning(site: Site) -> None:
+    """No default opens SSH to the world (issue 12): the inventory must say where from."""
+    del site.all["ssh_networks"]
+    assert "ssh_networks: required key is missing" in one(site.problems(), "otc-de-mta01: ssh")
+    site.all["ssh_networks"] = ["0.0.0.0/0", "2001:db8:ff::/64"]
+    warnings = [w.render() for w in site.load().warnings]
+    assert len(warnings) == 3  # one per host
+    assert "0.0.0.0/0 opens SSH on otc-de-mta01 to the whole internet" in warnings[0]
+
+
 def test_missing_files_are_named(site: Site) -> None:
     site.all["internal_ca_file"] = "/nonexistent/ca.crt"
     assert one(site.problems(), "internal_ca_file") == (
@@ -505,6 +516,7 @@ def test_production_is_valid_once_the_placeholders_are_set(tmp_path: Path, ca: T
     (copy / "group_data" / "good.py").write_text(good)
     all_py = (copy / "group_data" / "all.py").read_text()
     all_py = all_py.replace('"keys/pki/internal-ca.crt"', repr(str(ca.ca_bundle)))
+    all_py = all_py.replace('["REPLACE-ME/ssh-networks"]', '["2001:db8:ff::/64"]')
     (copy / "group_data" / "all.py").write_text(all_py)
 
     fleet = load_inventory(copy / "production.py")
@@ -536,6 +548,7 @@ def fake_lab_state(root: Path, ca: TestCA) -> Path:
         }
     state = {
         "network": "198.51.100.0/24",
+        "bridge": {"name": "smglab0", "address": "198.51.100.1"},
         "ssh_key": str(root / "id_ed25519"),
         "hosts": hosts,
         "customer": {"address": "198.51.100.30"},
@@ -561,6 +574,7 @@ def test_the_lab_inventory_is_the_same_fleet_with_lab_overrides(
     mta01 = fleet.get("otc-de-mta01")
     assert mta01["apt_proxy"] == "http://198.51.100.1:3142"
     assert mta01["customer_networks"] == ["198.51.100.30/32"]
+    assert mta01["ssh_networks"] == ["198.51.100.1/32"]  # the control machine only
     assert mta01["operations_mailbox"] == "fmb-change@partner-plain.example"
     config = parse_config(tomllib.loads(fleet.relay_toml("otc-de-mta01")))
     assert config.dns.nameservers == [("198.51.100.1", 53)]

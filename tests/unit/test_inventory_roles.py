@@ -40,7 +40,9 @@ def test_good_gateway_firewall_takes_smtp_only_from_customers(fleet: Fleet, tmp_
     assert 'iif "lo" accept' in text
     assert "ip saddr { 10.20.0.0/16 } tcp dport 25 accept" in text
     assert "ip6 saddr { 2001:db8:99::/48 } tcp dport 25 accept" in text
-    assert "ip saddr { 0.0.0.0/0 } tcp dport 22 accept" in text
+    # SSH only from the inventory's ssh_networks (no 0.0.0.0/0 default any more, issue 12)
+    assert "ip6 saddr { 2001:db8:ff::/64 } tcp dport 22 accept" in text
+    assert "0.0.0.0/0" not in text
     assert text.count("dport 25") == 2
     checked = nft_check(text, tmp_path)
     assert checked.returncode == 0, checked.stderr
