@@ -43,6 +43,11 @@ _owner_cache: tuple[int, str] | None = None
 
 
 def _boot_id() -> str:
+    # Under systemd the unit passes the boot id (``SMG_BOOT_ID=%b``): its sandbox
+    # (``ProcSubset=pid``) hides /proc/sys from the relay.
+    from_unit = os.environ.get("SMG_BOOT_ID", "").replace("-", "")
+    if from_unit:
+        return from_unit[:8]
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
     except OSError:

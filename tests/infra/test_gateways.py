@@ -129,6 +129,18 @@ def test_relay_runs_as_smg_in_its_sandbox(gw: Any) -> None:
     assert owner == "smg"
 
 
+# The unit's exposure by systemd's own measure (issue 12): at most this.
+MAX_EXPOSURE = 2.0
+
+
+def test_relay_unit_exposure_is_at_most_two(gw: Any) -> None:
+    host, _ = gw
+    report = host.check_output("systemd-analyze security smg.service --no-pager")
+    found = re.search(r"Overall exposure level for smg\.service: ([0-9.]+)", report)
+    assert found, report[-500:]
+    assert float(found.group(1)) <= MAX_EXPOSURE, report
+
+
 def test_blacklist_timer_runs_daily_at_five_on_the_monitor_host(gw: Any) -> None:
     host, gateway = gw
     timer = host.service(blacklist.TIMER)
