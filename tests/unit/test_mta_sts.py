@@ -363,9 +363,7 @@ async def test_workers_share_fetched_policies_through_the_state_file(
     assert second.cached("example.com") is None
 
 
-async def test_a_policy_host_on_an_internal_address_is_not_fetched(
-    zone_and_resolver, ca
-) -> None:
+async def test_a_policy_host_on_an_internal_address_is_not_fetched(zone_and_resolver, ca) -> None:
     """Issue 12: 127.0.0.77 is outside dns.extra_public_networks: never connected to."""
     zone, resolver = zone_and_resolver
     zone.records["mta-sts.example.com"]["A"] = ["127.0.0.77"]
