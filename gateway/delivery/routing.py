@@ -169,7 +169,9 @@ class Router:
             if problem:
                 errors.append(problem)
             for target in targets:
-                refusal = screen.refusal(target.host, target.ip, target.port, public_only=direct)
+                refusal = screen.refusal(
+                    domain, target.host, target.ip, target.port, public_only=direct
+                )
                 if refusal is not None:
                     refused.append(refusal)
                     event(log, "delivery_refused", message.id, domain=domain,

@@ -88,17 +88,20 @@ class Screen:
         else:
             self._own.add((address, port))
 
-    def refusal(self, host: str, ip: str, port: int, *, public_only: bool) -> Refusal | None:
-        """None if ``ip``:``port`` may be dialled; else why not.  ``public_only`` is false for
-        the bad-gateway route, which is our own fleet (the loop rule still holds)."""
+    def refusal(
+        self, domain: str, host: str, ip: str, port: int, *, public_only: bool
+    ) -> Refusal | None:
+        """None if ``ip``:``port`` (an address of ``host``, a next hop for ``domain``) may be
+        dialled; else why not.  ``public_only`` is false for the bad-gateway route, which is
+        our own fleet (the loop rule still holds)."""
         try:
             address = _normal(ip)
         except ValueError:
             return Refusal(f"host {host} has an invalid address {ip!r}")
         if self.loops_back(address, port):
             return Refusal(
-                f"mail for {host} loops back to myself: {ip} port {port} is this relay's own "
-                "listener (gateway.listen)",
+                f"mail for {domain} loops back to myself: host {host} address {ip} port {port} "
+                "is this relay's own listener (gateway.listen)",
                 LOOP,
             )
         if public_only and not self._public.is_public(str(address)):

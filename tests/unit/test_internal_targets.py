@@ -164,11 +164,12 @@ def test_address_literal(host: str, literal: bool) -> None:
 
 def test_screen_rules() -> None:
     screen = Screen(Public(), [("127.0.21.9", 2525), ("0.0.0.0", 25)])
-    assert screen.refusal("mx", "127.0.21.2", 2525, public_only=True) is None
-    assert screen.refusal("mx", "127.0.22.2", 2525, public_only=False) is None  # fleet
-    internal = screen.refusal("mx", "127.0.22.2", 2525, public_only=True)
+    assert screen.refusal("d.test", "mx", "127.0.21.2", 2525, public_only=True) is None
+    assert screen.refusal("d.test", "mx", "127.0.22.2", 2525, public_only=False) is None  # fleet
+    internal = screen.refusal("d.test", "mx", "127.0.22.2", 2525, public_only=True)
     assert internal is not None and internal.enhanced == NOT_ROUTABLE
     for ip, port in [("127.0.21.9", 2525), ("::ffff:127.0.21.9", 2525), ("127.0.21.2", 25)]:
-        loop = screen.refusal("mx", ip, port, public_only=False)  # 0.0.0.0:25: all local
+        loop = screen.refusal("d.test", "mx", ip, port, public_only=False)  # 0.0.0.0: local
         assert loop is not None and loop.enhanced == LOOP, (ip, port)
-    assert screen.refusal("mx", "8.8.8.8", 25, public_only=False) is None  # not this host's
+    not_ours = screen.refusal("d.test", "mx", "8.8.8.8", 25, public_only=False)
+    assert not_ours is None  # port 25 of the wildcard listen, but not an address of this host
