@@ -1,10 +1,17 @@
 """firewall: nftables.  SMTP into a good gateway only from the customer networks, into a bad
 gateway only from the good gateways; SSH from ``ssh_networks``; loopback free; the rest dropped.
+
+Out: no SMTP (25, 465, 587) or HTTPS (443, MTA-STS) to internal networks (RFC 1918, link-local,
+shared address space, IPv6 ULA and link-local), except to the fleet's own hosts, a private lab
+network (``extra_public_networks``) and the inventory's own endpoints written as addresses.  It
+backs up the relay's own rule (gateway/delivery/screen.py): a domain whose MX points inside our
+networks must not make the host talk to them (issue 12).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from urllib.parse import urlsplit
 
 from pyinfra.api import deploy
 from pyinfra.operations import systemd
@@ -16,6 +23,22 @@ from roles.render import render
 
 PACKAGES = ["nftables"]
 CONF = "/etc/nftables.conf"
+
+# Destinations delivery and MTA-STS must never reach on EGRESS_PORTS (loopback needs no rule:
+# the relay itself refuses it, and local services such as notify_via 127.0.0.1:25 live there).
+INTERNAL_NETWORKS = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+    "fe80::/10",
+)
+EGRESS_PORTS = (25, 465, 587, 443)
+# Inventory keys naming an endpoint the host itself talks to (a URL, or notify_via's host).
+ENDPOINT_URL_KEYS = ("debian_mirror", "debian_security_mirror", "apt_proxy", "clamav_mirror",
+                     "ticket_url")  # fmt: skip
 
 
 def by_family(networks: list[str]) -> list[tuple[str, list[str]]]:
@@ -35,6 +58,42 @@ def smtp_sources(fleet: Fleet, gateway: Gateway) -> tuple[str, list[str]]:
     return "the good gateways", [g.public_address for g in fleet.good]
 
 
+def _internal(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    return any(
+        network.version == internal.version and network.overlaps(internal)
+        for internal in map(ipaddress.ip_network, INTERNAL_NETWORKS)
+    )
+
+
+def _endpoint_addresses(gateway: Gateway) -> list[str]:
+    """The inventory's own endpoints that are written as addresses (names cannot be known
+    here: docs/deploy.md says to write an internal endpoint on these ports as an address)."""
+    hosts = [urlsplit(gateway[key]).hostname or "" for key in ENDPOINT_URL_KEYS if gateway[key]]
+    if gateway["notify_via"]:
+        hosts.append(gateway["notify_via"][0])
+    out = []
+    for host in hosts:
+        try:
+            network = ipaddress.ip_network(host)
+        except ValueError:
+            continue
+        if _internal(network):
+            out.append(str(network))
+    return out
+
+
+def egress_allowed(fleet: Fleet, gateway: Gateway) -> list[str]:
+    """Internal destinations still reachable on EGRESS_PORTS: the fleet's hosts (a bad gateway
+    may live on a private address), a private lab network, the inventory's own endpoints."""
+    fleet_hosts = [str(ipaddress.ip_network(g.public_address)) for g in fleet]
+    lab = [
+        str(network)
+        for network in map(ipaddress.ip_network, gateway["extra_public_networks"])
+        if _internal(network)
+    ]
+    return list(dict.fromkeys(fleet_hosts + lab + _endpoint_addresses(gateway)))
+
+
 def nftables_conf(fleet: Fleet, gateway: Gateway) -> str:
     label, smtp = smtp_sources(fleet, gateway)
     return render(
@@ -44,6 +103,9 @@ def nftables_conf(fleet: Fleet, gateway: Gateway) -> str:
         smtp_from_label=label,
         smtp_networks=by_family(smtp),
         ssh_networks=by_family(list(gateway["ssh_networks"])),
+        egress_ports=", ".join(str(port) for port in EGRESS_PORTS),
+        egress_allowed=by_family(egress_allowed(fleet, gateway)),
+        internal_networks=by_family(list(INTERNAL_NETWORKS)),
     )
 
 

@@ -8,10 +8,15 @@ answers the message stays deferred: it never goes direct.
 TLS.  Under a :class:`TlsRequirement` of ``encrypt`` or ``verify`` nothing is ever sent in
 cleartext: a missing STARTTLS, a failed handshake or a failed verification moves on to the
 next MX; when none is left the recipients are held or bounced, as ``on_failure`` says.
+
+Internal targets.  Only addresses that :class:`gateway.delivery.screen.Screen` lets through are
+dialled: public ones (the bad gateways exempt), never the relay's own listener, and an MX written
+as an address literal is not a host name.  A domain whose every host is refused bounces.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import time
@@ -22,6 +27,14 @@ from gateway.config import Config
 from gateway.delivery.client import Dialer, HostFailed, Target
 from gateway.delivery.outcome import BOUNCED, DEFERRED, HELD, RcptOutcome, Rcpts, everyone
 from gateway.delivery.pool import ConnectionPool
+from gateway.delivery.screen import (
+    LOOP,
+    NOT_ROUTABLE,
+    Refusal,
+    Screen,
+    address_literal,
+    literal_refusal,
+)
 from gateway.dns import MailHosts, Resolver
 from gateway.log import event
 from gateway.queue.model import QueuedMessage
@@ -55,11 +68,19 @@ class Router:
         self.dialer = dialer
         self._mail_hosts_cache: _Remembered[str, MailHosts] = _Remembered()
         self._targets_cache: _Remembered[tuple[str, int], list[Target]] = _Remembered()
+        self._screen: tuple[Config, Screen] | None = None
 
     def forget(self) -> None:
         """Drop remembered answers (a reload)."""
         self._mail_hosts_cache.clear()
         self._targets_cache.clear()
+
+    def screen(self) -> Screen:
+        """The address rules for the configuration in force (rebuilt after a reload)."""
+        config = self._config()
+        if self._screen is None or self._screen[0] is not config:
+            self._screen = (config, Screen(self.resolver, config.gateway.listen))
+        return self._screen[1]
 
     @property
     def _failures(self) -> TlsFailureCache | None:
@@ -95,8 +116,11 @@ class Router:
             reason = f"no MX host of {domain} is allowed by {requirement.source}"
             return self._tls_failed(domain, rcpts, requirement, reason)
         port = self._config().delivery.port
-        hosts_to_try = [(name, port) for name in names]
-        return await self._try_hosts(message, domain, rcpts, payload, requirement, hosts_to_try)
+        refused = [literal_refusal(name, domain) for name in names if address_literal(name)]
+        hosts_to_try = [(name, port) for name in names if not address_literal(name)]
+        return await self._try_hosts(
+            message, domain, rcpts, payload, requirement, hosts_to_try, refused
+        )
 
     async def deliver_bad_gateway(
         self, message: QueuedMessage, rcpts: Rcpts, payload: bytes
@@ -129,15 +153,30 @@ class Router:
         payload: bytes,
         requirement: TlsRequirement,
         hosts: list[tuple[str, int]],
+        refused: list[Refusal] | None = None,
     ) -> list[RcptOutcome]:
+        """Try the hosts' addresses in order.  ``refused`` (hosts already ruled out) is given
+        for the direct route only: there a domain whose every address is refused bounces; the
+        bad-gateway route (our fleet: no public-address rule) only ever defers."""
+        direct = refused is not None
+        refused = list(refused or [])
         errors: list[str] = []
         tls_errors: list[str] = []
         last_relay = ""
+        screen = self.screen()
         for host, port in hosts:
-            targets, problem = await self._targets(host, port)
+            targets, problem = await self._targets(host, port, literal_ok=not direct)
             if problem:
                 errors.append(problem)
             for target in targets:
+                refusal = screen.refusal(
+                    domain, target.host, target.ip, target.port, public_only=direct
+                )
+                if refusal is not None:
+                    refused.append(refusal)
+                    event(log, "delivery_refused", message.id, domain=domain,
+                          relay=target.relay, reason=refusal.reason)  # fmt: skip
+                    continue
                 last_relay = target.relay
                 try:
                     outcomes = await self.pool.deliver(
@@ -153,7 +192,10 @@ class Router:
                 return outcomes
         if tls_errors:
             return self._tls_failed(domain, rcpts, requirement, "; ".join(tls_errors[-3:]))
-        reason = "; ".join(errors[-3:]) or "no host to deliver to"
+        if refused and not errors and direct:  # nothing but internal targets: say so, at once
+            return _bounce_refused(rcpts, refused)
+        problems = errors[-3:] + [r.reason for r in refused][-3:]
+        reason = "; ".join(problems) or "no host to deliver to"
         return [RcptOutcome(p, a, DEFERRED, reason, "4.4.1", relay=last_relay) for p, a in rcpts]
 
     def _tls_failed(
@@ -179,12 +221,13 @@ class Router:
             self._mail_hosts_cache.put(domain, hosts, hosts.ttl)
         return hosts
 
-    async def _targets(self, host: str, port: int) -> tuple[list[Target], str]:
-        try:
-            ipaddress.ip_address(host)
-            return [Target(host, host, port)], ""
-        except ValueError:
-            pass
+    async def _targets(self, host: str, port: int, literal_ok: bool) -> tuple[list[Target], str]:
+        """The addresses of ``host``.  An address as ``host`` is taken as is only where the
+        operator wrote it (``literal_ok``: routing.bad_gateways); an MX never gets here as one."""
+        if literal_ok:
+            with contextlib.suppress(ValueError):
+                ipaddress.ip_address(host)
+                return [Target(host, host, port)], ""
         cached = self._targets_cache.get((host, port))
         if cached is not None:
             return cached, ""
@@ -220,6 +263,15 @@ class _Remembered(Generic[K, V]):
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def _bounce_refused(rcpts: Rcpts, refused: list[Refusal]) -> list[RcptOutcome]:
+    """Every host was refused: a loop bounces as a loop (5.4.6), the rest as unroutable."""
+    loops = [r for r in refused if r.enhanced == LOOP]
+    enhanced = LOOP if len(loops) == len(refused) else NOT_ROUTABLE
+    reasons = list(dict.fromkeys(r.reason for r in refused))  # each host named once
+    reason = "no usable mail host: " + "; ".join(reasons[:3])
+    return everyone(rcpts, BOUNCED, reason, enhanced)
 
 
 def _report_mta_sts_testing(

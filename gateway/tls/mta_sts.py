@@ -3,7 +3,9 @@
 Discovery: the TXT record ``_mta-sts.<domain>`` (``v=STSv1; id=...``) says a policy exists and
 which version it is; the policy itself is fetched from
 ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` (port ``mta_sts.https_port``, verified against
-``mta_sts.ca_bundle`` or the system CAs, redirects NOT followed, size and time bounded).
+``mta_sts.ca_bundle`` or the system CAs, redirects NOT followed, size and time bounded), and
+only from a public address (``Resolver.is_public``): a policy host on an internal address is
+not fetched, as for delivery.
 
 Caching: a policy is kept for its ``max_age``.  It is fetched again when the TXT ``id`` changes
 or the cached copy expired.  If a refresh fails (DNS, HTTPS, a bad policy), the cached policy
@@ -447,6 +449,15 @@ class MtaSts:
         addresses = [r.address for r in result.records] if result.status == "ok" else []
         if not addresses:
             raise MtaStsError(f"{host} has no address ({result.status})")
+        # Only public addresses (or dns.extra_public_networks): a domain must not make us
+        # fetch from hosts inside our own networks (SSRF).
+        public = [address for address in addresses if self.resolver.is_public(address)]
+        if not public:
+            raise MtaStsError(
+                f"{host} has only addresses that are not public ({', '.join(addresses)}): "
+                "not fetched"
+            )
+        addresses = public
         text = await fetch_policy_text(
             host, addresses[0], self.section.https_port, self.context(), self.section.fetch_timeout
         )

@@ -259,6 +259,18 @@ def test_firewall_rules_are_the_roles(gw: Any, fleet: Fleet) -> None:
         assert list(ipaddress.collapse_addresses(saddr_networks(rule))) == list(wanted), rule
 
 
+def test_firewall_keeps_smtp_and_https_out_of_internal_networks(gw: Any) -> None:
+    """Issue 12: the output chain drops SMTP/HTTPS to internal networks (roles/firewall.py).
+    Written without a lab run at hand: checks the loaded rules loosely (nft may reorder)."""
+    host, _ = gw
+    ruleset = host.check_output("nft list table inet smg")
+    assert "hook output" in ruleset
+    drops = [line for line in ruleset.splitlines() if "daddr" in line and " drop" in line]
+    assert any("10.0.0.0/8" in d and "192.168.0.0/16" in d for d in drops), ruleset
+    assert any("fc00::/7" in d for d in drops), ruleset
+    assert all("25" in d and "443" in d and "587" in d for d in drops), drops
+
+
 @pytest.mark.skipif(not IS_LAB, reason="the lab's customer host is in the lab only")
 def test_firewall_lets_the_customer_reach_good_gateways_only(
     gw: Any, lab_state: dict[str, Any]

@@ -26,13 +26,14 @@ from aiosmtpd.controller import Controller
 from gateway.config import Config, parse_config
 from gateway.delivery.client import data_block, strip_header
 from gateway.delivery.scheduler import Delivery
-from gateway.dns import DnsResult, MailHost, MailHosts
+from gateway.dns import DnsResult, MailHost, MailHosts, Resolver
 from gateway.log import TextFormatter
 from gateway.queue.spool import Spool, SpoolAdmin
 from gateway.tls.policy import TlsPolicy
 from tests.harness import TestCA, common_port
 
 SOURCE = "127.0.21.1"
+PUBLIC_NET = "127.0.21.0/24"
 HOSTNAME = "gw1.example.net"
 BODY = b"From: a@customer.test\r\nSubject: hello\r\nMessage-ID: <m1@customer.test>\r\n"
 
@@ -134,9 +135,16 @@ class Sink:
 
 
 class FakeResolver:
-    def __init__(self) -> None:
+    """MX and A answers from dicts; what counts as public is the real resolver's rule."""
+
+    def __init__(self, rule: Resolver) -> None:
         self.mx: dict[str, MailHosts] = {}
         self.a: dict[str, list[str]] = {}
+        self.asked: list[str] = []  # hosts whose addresses were looked up
+        self._rule = rule
+
+    def is_public(self, ip: str) -> bool:
+        return self._rule.is_public(ip)
 
     def route(self, domain: str, *hosts: tuple[str, str]) -> None:
         """``route("far.test", ("mx1.far.test", "127.0.21.2"), ...)`` in preference order."""
@@ -150,6 +158,7 @@ class FakeResolver:
         return self.mx.get(domain, MailHosts(domain, "nxdomain", rcode="NXDOMAIN"))
 
     async def addresses(self, host: str) -> DnsResult:
+        self.asked.append(host)
         ips = self.a.get(host)
         if not ips:
             return DnsResult(host, "A+AAAA", "nxdomain", rcode="NXDOMAIN")
@@ -190,6 +199,8 @@ class Relay:
             },
             "spam": {"enabled": False},
             "mta_sts": {"enabled": False},
+            # The far ends live on 127.0.21.x: public for this relay; 127.0.22.x stays internal.
+            "dns": {"nameservers": ["127.0.0.1:1"], "extra_public_networks": [PUBLIC_NET]},
         }
         data["delivery"] = {
             "port": port,
@@ -203,7 +214,7 @@ class Relay:
         for name, values in sections.items():
             data.setdefault(name, {}).update(values)
         self.config: Config = parse_config(data)
-        self.resolver = FakeResolver()
+        self.resolver = FakeResolver(Resolver(self.config.dns))
         self.spool: Spool
         self.delivery: Delivery
 

@@ -65,6 +65,42 @@ def test_firewall_replaces_only_its_own_table(fleet: Fleet) -> None:
     assert "table inet smg\ndelete table inet smg\n" in text
 
 
+def test_firewall_drops_smtp_and_https_to_internal_networks_but_the_fleet(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Issue 12: the egress rule behind the relay's own refusal of internal targets."""
+    for name in ("otc-de-mta01", "otc-de-mta03"):
+        text = firewall.nftables_conf(fleet, fleet.get(name))
+        ports = "tcp dport { 25, 465, 587, 443 }"
+        internal_v4 = "10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 169.254.0.0/16, 100.64.0.0/10"
+        assert f"ip daddr {{ {internal_v4} }} {ports} counter drop" in text
+        assert f"ip6 daddr {{ fc00::/7, fe80::/10 }} {ports} counter drop" in text
+        fleet_v6 = "2001:db8:10::1/128, 2001:db8:10::2/128, 2001:db8:10::3/128"
+        allowed = text.index(f"ip6 daddr {{ {fleet_v6} }} {ports} accept")
+        assert allowed < text.index('counter drop comment "no smtp')  # accepted first
+        assert "type filter hook output priority filter; policy accept;" in text
+        checked = nft_check(text, tmp_path)
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_firewall_egress_lets_a_private_lab_network_and_own_endpoints_through(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path, TestCA(tmp_path / "ca"))
+    site.all["extra_public_networks"] = ["192.168.56.0/24", "198.51.100.0/24"]
+    site.all["clamav_mirror"] = "https://10.1.2.3/clamav"  # an internal mirror, by address
+    site.all["ticket_url"] = "https://tickets.example.net/new"  # a name: not known here
+    fleet = site.load()
+    allowed = firewall.egress_allowed(fleet, fleet.get("otc-de-mta01"))
+    assert "192.168.56.0/24" in allowed and "10.1.2.3/32" in allowed
+    assert "198.51.100.0/24" not in allowed  # the lab's public range needs no exception
+    assert "127.0.0.1/32" not in allowed  # notify_via on loopback: no rule touches loopback
+    text = firewall.nftables_conf(fleet, fleet.get("otc-de-mta01"))
+    assert "ip daddr { 192.168.56.0/24, 10.1.2.3/32 } tcp dport" in text
+    checked = nft_check(text, tmp_path)
+    assert checked.returncode == 0, checked.stderr
+
+
 def test_relay_unit_is_hardened(fleet: Fleet) -> None:
     unit = relay.unit_file(fleet.get("otc-de-mta01"))
     for line in (

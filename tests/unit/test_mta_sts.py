@@ -191,7 +191,11 @@ async def zone_and_resolver() -> AsyncIterator[tuple[FakeZone, Resolver]]:
     config = parse_config(
         {
             "gateway": {"hostname": "gw.example.net", "role": "bad"},
-            "dns": {"nameservers": [f"127.0.0.1:{port}"], "timeout": "300ms"},
+            "dns": {
+                "nameservers": [f"127.0.0.1:{port}"],
+                "timeout": "300ms",
+                "extra_public_networks": ["127.0.0.1/32"],  # the policy server; .77 is not
+            },
         }
     )
     yield zone, Resolver(config.dns)
@@ -357,3 +361,26 @@ async def test_workers_share_fetched_policies_through_the_state_file(
     assert shared is not None and shared.mx == policy.mx and https.requests == 1
     clock.now += 86400 + 1  # expired for everyone
     assert second.cached("example.com") is None
+
+
+async def test_a_policy_host_on_an_internal_address_is_not_fetched(zone_and_resolver, ca) -> None:
+    """Issue 12: 127.0.0.77 is outside dns.extra_public_networks: never connected to."""
+    zone, resolver = zone_and_resolver
+    zone.records["mta-sts.example.com"]["A"] = ["127.0.0.77"]
+    server = PolicyServer(ca.valid("mta-sts.example.com").server_context(), "127.0.0.77")
+    try:
+        sts = make_sts(resolver, ca, server.port, Clock())
+        assert await sts.policy("example.com") is None
+        with pytest.raises(MtaStsError, match="not public"):
+            await sts.fetch("example.com", "one")
+        assert server.requests == 0
+        zone.records["mta-sts.example.com"]["A"] = ["127.0.0.77", "127.0.0.1"]
+        https = PolicyServer(ca.valid("mta-sts.example.com").server_context())
+        try:  # a public address beside it: that one is used
+            policy = await make_sts(resolver, ca, https.port, Clock()).fetch("example.com", "one")
+            assert policy.mode == "enforce" and https.requests == 1
+        finally:
+            https.close()
+        assert server.requests == 0
+    finally:
+        server.close()
