@@ -106,10 +106,15 @@ class Clamd(Daemon):
             sock.settimeout(10)
             sock.connect(target)
             sock.sendall(b"zINSTREAM\0")
-            for start in range(0, len(data), chunk):
-                part = data[start : start + chunk]
-                sock.sendall(struct.pack(">I", len(part)) + part)
-            sock.sendall(struct.pack(">I", 0))
+            try:
+                for start in range(0, len(data), chunk):
+                    part = data[start : start + chunk]
+                    sock.sendall(struct.pack(">I", len(part)) + part)
+                sock.sendall(struct.pack(">I", 0))
+            except (BrokenPipeError, ConnectionResetError):
+                # clamd answers "size limit exceeded" and closes as soon as a chunk passes
+                # StreamMaxLength, which can be before the rest is sent: its reply is read.
+                pass
             return _read_reply(sock).decode(errors="replace")
 
 
