@@ -28,6 +28,8 @@ where it says "close"):
   the client may say EHLO again);
 - a NUL byte anywhere in the message: ``554 5.6.0`` (RFC 5322 2.1 forbids it, and a next hop
   that drops NULs would see different data); the message is not queued;
+- a reply that echoes client text has its control characters and undecodable bytes escaped
+  (``printable``), so it stays one line and can always be sent;
 - PIPELINING and ENHANCEDSTATUSCODES are advertised; AUTH is not offered (relay control is by
   network); STARTTLS (TLS 1.2 or newer) when ``gateway.tls_cert``/``tls_key`` are set.
 """
@@ -46,7 +48,7 @@ from aiosmtpd.smtp import SMTP, Envelope, syntax
 from gateway.addresses import AddressError, split_path
 from gateway.config import Config
 from gateway.intake.handler import MailOptions, PolicyHandler, Transaction
-from gateway.log import event
+from gateway.log import event, printable
 from gateway.metrics import Metrics
 
 log = logging.getLogger("smg.intake")
@@ -185,7 +187,9 @@ class GatewaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
-            status = _with_status(status)
+            # Replies echo client text (an unknown command, a parameter): a byte that was not
+            # UTF-8 could not be encoded (451 and a traceback), a CR would split the reply.
+            status = _with_status(printable(status))
         await super().push(status)
 
     # --- commands -----------------------------------------------------------------------

@@ -48,3 +48,21 @@ async def test_nul_in_data_is_554_and_not_queued(tmp_path: Path) -> None:
         assert await relay.stored() == 0
         assert (await _mail(client, MESSAGE)).startswith("250 2.0.0")  # the session goes on
         assert await relay.stored() == 1
+
+
+async def test_replies_echoing_bad_bytes_are_escaped(tmp_path: Path) -> None:
+    """Found by the fuzz test: a reply quoting a parameter that is not UTF-8 could not be
+    encoded (451 4.3.0 and a traceback in the log); a CR in an unknown command split the
+    reply line."""
+    async with real_spool_relay(tmp_path / "spool") as relay:
+        client, _ = await Client.connect(relay.port)
+        assert (await client.cmd("EHLO c.example.net")).startswith("250")
+        assert (await client.cmd("MAIL FROM:<a@example.net>")).startswith("250")
+        reply = await client.cmd(b"RCPT TO:<b@example.net> X\xff")
+        assert reply == "555 5.5.4 RCPT TO parameters not recognised: X\\xff"
+        assert (await client.cmd(b"RSET")).startswith("250")
+        reply = await client.cmd(b"MAIL FROM:<a@example.net> X\xfe")
+        assert reply == "555 5.5.4 MAIL FROM parameter not recognised: X\\xfe"
+        await client.send(b"FOO\rBAR\r\n")
+        assert (await client.reply()).startswith('500 5.5.2 Error: command "FOO\\rBAR"')
+        assert (await _mail(client, MESSAGE)).startswith("250 2.0.0")
