@@ -62,3 +62,32 @@ def test_explain_render_escapes() -> None:
     explanation.outcome, explanation.reply = "rejected", f"550 {EVIL}"
     explanation.notes.append(EVIL)
     _assert_safe(render(explanation))
+
+
+def test_tls_probe_text_escapes_the_far_end(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A far end's banner reaches the operator's terminal through ``smg tls probe``."""
+    from gateway.cli import tls
+
+    async def probe(*args: object) -> tls.DomainProbe:
+        requirement = {"level": "opportunistic", "on_failure": None, "source": "default",
+                       "mx_patterns": []}  # fmt: skip
+        host = tls.HostProbe("mx.example.net", 10, "192.0.2.1", 25, banner=f"220 {EVIL}")
+        return tls.DomainProbe("example.net", "", requirement, hosts=[host])
+
+    monkeypatch.setattr(tls, "probe_domain", probe)
+    main(["tls", "probe", "example.net"])
+    out = capsys.readouterr().out
+    _assert_safe(out)
+
+
+def test_blacklist_reason_from_txt_is_escaped() -> None:
+    """A DNSBL's TXT record (the listing reason) is printed by ``smg blacklist check``."""
+    from gateway.blacklist.answers import LISTED
+    from gateway.blacklist.lookup import Result
+    from gateway.blacklist.report import _reason
+
+    result = Result("192.0.2.1", "dnsbl.example", "Example", False, LISTED, ("127.0.0.2",),
+                    "listed", reason=EVIL)  # fmt: skip
+    _assert_safe(_reason(result))
