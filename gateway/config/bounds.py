@@ -57,10 +57,11 @@ def duration(high: str, *, low: str | None = None, zero: bool = False) -> Callab
 
 
 # What one spool row can hold: the message is one BLOB of gateway/queue/store.py's messages
-# table, and SQLite refuses a value longer than SQLITE_LIMIT_LENGTH (SQLITE_MAX_LENGTH,
-# 1,000,000,000 bytes in the default build Debian and Python ship).  The stored copy is the
-# message plus what the gateway adds (Received:, the verdict header, DKIM signatures): 1 MiB
-# is kept for those.
+# table, and SQLite refuses a row whose record (every column together) is longer than
+# SQLITE_LIMIT_LENGTH (SQLITE_MAX_LENGTH, 1,000,000,000 bytes in the default build Debian and
+# Python ship).  The row also holds the envelope and the facts, and the stored copy is the
+# message plus what the gateway adds (Received:, the verdict header, DKIM signatures): 1 MiB is
+# kept for those.
 HEADROOM = 1024 * 1024
 MIN_MESSAGE_SIZE = 1024
 
@@ -88,8 +89,8 @@ def message_size_problem(size: int) -> str | None:
     if size > max_message_size():
         return (
             f"must be at most {max_message_size()} bytes, got {size}: the spool stores a "
-            f"message in one SQLite value of at most {spool_length_limit()} bytes, less 1 MiB "
-            "for the headers the gateway adds"
+            f"message in one SQLite row of at most {spool_length_limit()} bytes, less 1 MiB "
+            "for the envelope and the headers the gateway adds"
         )
     return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,17 @@ def test_values_that_stay_allowed() -> None:
 
 
 def test_spool_limit_is_sqlites() -> None:
-    """The bound is what the spool can really store: one byte more fails in SQLite itself."""
+    """The bound is what the spool can really store: SQLite refuses a row whose record (all its
+    columns together) is longer than the limit (shown with the limit lowered, to spare a
+    gigabyte): hence the headroom for the other columns and the added headers."""
     assert spool_length_limit() == 1_000_000_000  # SQLITE_MAX_LENGTH of the Debian build
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE messages (data BLOB NOT NULL)")
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1000)
+    conn.execute("INSERT INTO messages VALUES (?)", (b"x" * 990,))
+    with pytest.raises(sqlite3.Error, match="too big"):
+        conn.execute("INSERT INTO messages VALUES (?)", (b"x" * 1000,))
+    conn.close()
 
 
 SHADOWING = """
