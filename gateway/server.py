@@ -29,7 +29,13 @@ import signal
 import sys
 from pathlib import Path
 
-from gateway.config import Config, ConfigError, load_config, restart_only_changes
+from gateway.config import (
+    Config,
+    ConfigError,
+    config_warnings,
+    load_config,
+    restart_only_changes,
+)
 from gateway.delivery.scheduler import Delivery
 from gateway.intake import Intake, Runtime, make_tls_context
 from gateway.log import event, setup_logging
@@ -77,6 +83,7 @@ class Relay:
 
     async def start(self) -> None:
         config = self.config
+        _log_config_warnings(config)
         try:
             spool = await Spool.open(config.gateway.spool, check=True)
         except SpoolUnavailable as exc:
@@ -148,6 +155,7 @@ class Relay:
                 event(log, "reload_failed", level=logging.ERROR, error=line)
             return False
         assert self.services is not None and self.intake is not None
+        _log_config_warnings(config)
         for name in restart_only_changes(self.config, config):
             log.warning("reload: %s changed; it takes effect at the next restart", name)
         try:
@@ -182,6 +190,16 @@ class Relay:
             if self.services.spool is not None:
                 await self.services.spool.close()
         event(log, "stopped")
+
+
+def _log_config_warnings(config: Config) -> None:
+    """What ``smg config validate`` warns about, in the log at start and reload (worker 0
+    only: the workers share one file)."""
+    if worker_index() != 0:
+        return
+    for warning in config_warnings(config):
+        event(log, "config_warning", level=logging.WARNING, source=config.source,
+              key=warning.key, warning=warning.message)  # fmt: skip
 
 
 async def serve(config_path: str | Path) -> int:

@@ -9,6 +9,7 @@ from gateway.blacklist.check import EXIT_NAMES, CheckReport
 from gateway.blacklist.lookup import Result
 from gateway.blacklist.messages import duration, list_label
 from gateway.blacklist.state import iso
+from gateway.log import printable
 
 _STATUS_ORDER = {LISTED: 0, UNKNOWN: 1, CLEAN: 2}
 _SHOWN_IN_SUMMARY = 3
@@ -43,9 +44,10 @@ def _some(items: list[str]) -> str:
 
 
 def _reason(result: Result) -> str:
+    # The meaning and the TXT reason come from the list's DNS answers: escaped for a terminal.
     if result.status == LISTED:
-        return result.meaning + (f" - {result.reason}" if result.reason else "")
-    return result.meaning
+        return printable(result.meaning + (f" - {result.reason}" if result.reason else ""))
+    return printable(result.meaning)
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -86,7 +88,7 @@ def delivery_warnings(report: CheckReport) -> list[str]:
     return [
         f"warning: {item['kind']} #{item['id']} (listing {item['listing_id']}) failed "
         f"({'retried at the next check' if item['state'] == 'pending' else 'gave up'}): "
-        f"{item['error']}"
+        f"{printable(item['error'])}"
         for item in report.delivery.failed
     ]
 
@@ -128,7 +130,7 @@ def status_text(status: dict[str, Any], now: str) -> str:
     for item in undelivered:
         out.append(
             f"  #{item['id']} {item['kind']} for {item['ip']} on {item['zone']}: {item['state']} "
-            f"after {item['attempts']} attempts, last error: {item['last_error'] or '-'}"
+            f"after {item['attempts']} attempts, last error: {printable(item['last_error'] or '-')}"
         )
     out.append("")
     out.append(f"History (closed listings, newest first): {len(status['history'])}")

@@ -1,11 +1,14 @@
-"""``smg config validate FILE``: exit 0, or 1 listing every error (file: key: what)."""
+"""``smg config validate FILE``: exit 0, or 1 listing every error (file: key: what).
+
+Warnings (allowed, but probably not meant: a forced-TLS rule that shadows MTA-STS) are listed
+on stderr as ``file: key: warning: what`` and the exit status stays 0."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, config_warnings, load_config, render_warning
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,11 +21,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
     try:
-        load_config(args.file)
+        config = load_config(args.file)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         count = len(exc.problems)
         print(f"{args.file}: {count} error{'s' if count != 1 else ''}", file=sys.stderr)
         return 1
-    print(f"{args.file}: OK")
+    warnings = config_warnings(config)
+    for warning in warnings:
+        print(render_warning(args.file, warning), file=sys.stderr)
+    count = len(warnings)
+    print(f"{args.file}: OK" + (f" ({count} warning{'s' if count != 1 else ''})" if count else ""))
     return 0

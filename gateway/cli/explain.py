@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.log import printable
 from gateway.policy.build import build_chain
 from gateway.policy.chain import Action, Chain, Decision, MessageContext, RuleResult, Stage
 from gateway.policy.cleanup import Cleanup
@@ -225,7 +226,8 @@ def render(x: Explanation) -> str:
         for rcpt, tls in x.tls.items():
             lines.append(f"TLS:      {rcpt}: {tls}")
     lines += [f"note:     {note}" for note in x.notes]
-    return "\n".join(lines)
+    # The envelope, rule summaries and replies quote the message and the far ends: escaped.
+    return "\n".join(printable(line) for line in lines)
 
 
 def _as_dict(x: Explanation) -> dict[str, Any]:

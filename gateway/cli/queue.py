@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 from gateway.cli.serve import DEFAULT_CONFIG
 from gateway.config import ConfigError, load_config
+from gateway.log import printable
 from gateway.queue.model import HoldReason, MessageKind, MessageState, QueuedMessage
 from gateway.queue.spool import SpoolAdmin, SpoolUnavailable, UnknownMessage
 
@@ -145,15 +147,15 @@ def _list(args: argparse.Namespace) -> int:
             return 0
         print(f"{'Queue ID':<14} {'Size':>8}  {'Arrival':<25} {'State':<10} Sender")
         for m in messages:
-            sender = m.sender or ("<> (NDR)" if m.kind == MessageKind.NDR else "<>")
+            sender = printable(m.sender) or ("<> (NDR)" if m.kind == MessageKind.NDR else "<>")
             print(
                 f"{m.id:<14} {m.size_on_disk:>8}  {_when(m.created_at):<25} {m.state:<10} {sender}"
             )
             if m.state in (MessageState.HELD, MessageState.DEFERRED):
                 print(f"{'':<16}{_state_text(m)}, {m.attempts} attempt(s)")
             for r in m.recipients:
-                reply = f"  ({r.last_reply})" if r.last_reply else ""
-                print(f"{'':<16}{r.address}  [{r.status}]{reply}")
+                reply = f"  ({printable(r.last_reply)})" if r.last_reply else ""
+                print(f"{'':<16}{printable(r.address)}  [{r.status}]{reply}")
             print()
         total = sum(m.size_on_disk for m in messages)
         by_state = admin.counts()
@@ -172,33 +174,41 @@ def _show(args: argparse.Namespace) -> int:
             return 0
         lines = [
             f"Queue ID:     {m.id} ({m.kind})",
-            f"Sender:       <{m.sender}>",
+            f"Sender:       <{printable(m.sender)}>",
             f"State:        {_state_text(m)}",
             f"Route:        {m.route}",
             f"Arrival:      {_when(m.created_at)}",
             f"Attempts:     {m.attempts} (last {_when(m.last_attempt)})",
             f"Size:         {m.size_on_disk} bytes",
-            f"Client:       {m.client_ip or '-'} (HELO {m.helo or '-'})",
+            f"Client:       {printable(m.client_ip or '-')} (HELO {printable(m.helo or '-')})",
             "Recipients:",
         ]
         for r in m.recipients:
-            mta = f" via {r.remote_mta}" if r.remote_mta else ""
-            lines.append(f"  {r.address}  [{r.status}]{mta}")
+            mta = f" via {printable(r.remote_mta)}" if r.remote_mta else ""
+            lines.append(f"  {printable(r.address)}  [{r.status}]{mta}")
             if r.last_reply:
-                lines.append(f"      last reply: {r.last_reply}")
-        if m.facts:
+                lines.append(f"      last reply: {printable(r.last_reply)}")
+        if m.facts:  # JSON with ASCII escapes: nothing in it reaches the terminal raw
             lines.append("Facts:")
             lines += [f"  {line}" for line in json.dumps(m.facts, indent=2).splitlines()]
-        text = m.data.decode("utf-8", "replace")
         if args.body:
-            lines += ["", "--- message ---", text]
+            lines += ["", "--- message ---", *_message_lines(m.data)]
         else:
-            head = text.split("\r\n\r\n", 1)[0].split("\n\n", 1)[0]
-            lines += ["", "--- headers (use --body for the whole message) ---", head]
-        print("\n".join(line.rstrip("\r") for line in lines))
+            lines += ["", "--- headers (use --body for the whole message) ---"]
+            lines += _message_lines(m.data, headers_only=True)
+        print("\n".join(lines))
         return 0
 
     return _run(args, body)
+
+
+def _message_lines(data: bytes, headers_only: bool = False) -> list[str]:
+    """The stored message as lines for a terminal: control characters escaped (a folded
+    header's tab kept), bytes that are not UTF-8 shown as U+FFFD."""
+    lines = re.split("\r?\n", data.decode("utf-8", "replace"))
+    if headers_only and "" in lines:
+        lines = lines[: lines.index("")]
+    return [printable(line, keep="\t") for line in lines]
 
 
 def _flush(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import sys
 from gateway.cli.serve import DEFAULT_CONFIG
 from gateway.config import Config, ConfigError, load_config
 from gateway.dns import Resolver
+from gateway.log import printable
 from gateway.policy.rules.sender_domain import SenderVerdict, check_sender_domain
 
 
@@ -40,9 +41,9 @@ def cmd_check_sender(args: argparse.Namespace) -> int:
                 "summary": verdict.summary, "details": verdict.details}  # fmt: skip
         print(json.dumps(data, indent=2, default=str))
     elif verdict.reply is None:
-        print(f"{verdict.domain}: accept ({verdict.summary})")
+        print(printable(f"{verdict.domain}: accept ({verdict.summary})"))
     else:
-        print(f"{verdict.domain}: {action}: {verdict.reply}")
+        print(printable(f"{verdict.domain}: {action}: {verdict.reply}"))
     return verdict.exit_code
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from gateway.config import Config, ConfigError, load_config, parse_config
 from gateway.dns import MailHost, Resolver
+from gateway.log import printable
 from gateway.tls.levels import OPPORTUNISTIC, VERIFY
 from gateway.tls.policy import TlsPolicy, TlsRequirement
 from gateway.tls.verify import peer_chain_der
@@ -303,7 +304,8 @@ def render_text(result: DomainProbe) -> str:
         lines.append(f"  error: {result.error}")
     for probe in result.hosts:
         lines += _render_host(probe)
-    return "\n".join(lines)
+    # The far end's banner, names and errors: escaped for the operator's terminal.
+    return "\n".join(printable(line) for line in lines)
 
 
 def _render_host(probe: HostProbe) -> list[str]:

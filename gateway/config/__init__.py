@@ -6,14 +6,18 @@
   :class:`ConfigProblem`, :class:`InvalidValue` (raised by a value parser),
 - :mod:`gateway.config.values`: the value parsers (sizes, durations, domains, addresses, ...),
 - :mod:`gateway.config.schema`: the section dataclasses, :class:`Config`, :data:`RESTART_ONLY`,
-- :mod:`gateway.config.checks`: the checks across keys,
+- :mod:`gateway.config.bounds`: the bounded parsers (durations above zero, finite numbers,
+  header names, the spool's size limit, network widths),
+- :mod:`gateway.config.checks`: the checks across keys, and :func:`config_warnings` (what is
+  allowed but probably not meant, such as a rule that shadows MTA-STS),
 - :mod:`gateway.config.loader`: :func:`parse_config` and :func:`load_config`.
 
 The package imports nothing from the features it configures (TLS, blacklist, ...): they import
 it.
 """
 
-from gateway.config.errors import ConfigError, ConfigProblem, InvalidValue
+from gateway.config.checks import config_warnings
+from gateway.config.errors import ConfigError, ConfigProblem, InvalidValue, render_warning
 from gateway.config.loader import load_config, parse_config
 from gateway.config.schema import (
     RESTART_ONLY,
@@ -72,6 +76,7 @@ __all__ = [
     "TlsRule",
     "VirusSection",
     "choice",
+    "config_warnings",
     "int_range",
     "list_of",
     "load_config",
@@ -89,5 +94,6 @@ __all__ = [
     "parse_timezone",
     "parse_url",
     "parse_url_or_unix",
+    "render_warning",
     "restart_only_changes",
 ]

@@ -11,6 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from gateway.config.bounds import (
+    WIDEST_PREFIX,
+    is_loopback_host,
+    message_size_problem,
+    too_wide,
+)
 from gateway.config.errors import ConfigProblem
 from gateway.config.schema import Config
 from gateway.domains import normalize_pattern, pattern_problem
@@ -19,19 +25,59 @@ from gateway.domains import normalize_pattern, pattern_problem
 def _check_gateway_limits(config: Config) -> list[ConfigProblem]:
     gateway = config.gateway
     problems = []
-    if gateway.max_message_size < 1024:
-        problems.append(
-            ConfigProblem("gateway.max_message_size", "must be at least 1KiB (1024 bytes)")
-        )
+    size_problem = message_size_problem(gateway.max_message_size)
+    if size_problem:
+        problems.append(ConfigProblem("gateway.max_message_size", size_problem))
     for index, network in enumerate(gateway.client_networks):
-        if network.prefixlen < (8 if network.version == 4 else 16):
+        if too_wide(network):
             problems.append(
                 ConfigProblem(
                     f"gateway.client_networks[{index}]",
-                    f"{network} is too wide: this gateway would be an open relay",
+                    f"{network} is too wide (at most /{WIDEST_PREFIX[network.version]}): "
+                    "this gateway would be an open relay",
+                )
+            )
+    for index, network in enumerate(config.dns.extra_public_networks):
+        if too_wide(network):
+            problems.append(
+                ConfigProblem(
+                    f"dns.extra_public_networks[{index}]",
+                    f"{network} is too wide (at most /{WIDEST_PREFIX[network.version]}): "
+                    "it would turn the check for internal addresses off",
                 )
             )
     return problems
+
+
+def _check_exposure(config: Config) -> list[ConfigProblem]:
+    """The metrics endpoint has no authentication: loopback only unless said otherwise; and a
+    listener that demands STARTTLS must be able to offer it."""
+    gateway = config.gateway
+    problems = []
+    metrics = gateway.metrics_listen
+    if metrics is not None and not gateway.metrics_public and not is_loopback_host(metrics[0]):
+        problems.append(
+            ConfigProblem(
+                "gateway.metrics_listen",
+                f"{metrics[0]} is not a loopback address: the metrics have no authentication; "
+                "set gateway.metrics_public = true to serve them there anyway",
+            )
+        )
+    if gateway.require_tls_from_clients and gateway.tls_cert is None:
+        problems.append(
+            ConfigProblem(
+                "gateway.require_tls_from_clients",
+                "needs tls_cert and tls_key: without them no client could send",
+            )
+        )
+    return problems
+
+
+def _check_retries(config: Config) -> list[ConfigProblem]:
+    delivery = config.delivery
+    if delivery.retry_initial > delivery.retry_max:
+        return [ConfigProblem("delivery.retry_initial", "must not be longer than retry_max")]
+    return []
 
 
 def _check_routing(config: Config) -> list[ConfigProblem]:
@@ -118,8 +164,6 @@ def _check_blacklist(config: Config) -> list[ConfigProblem]:
         problem("addresses", "an address is listed twice")
     if not section.ticket_id_field.strip():
         problem("ticket_id_field", "must name the key of the ticket id in the reply")
-    if section.notify_attempts < 1:
-        problem("notify_attempts", "must be at least 1")
     return problems
 
 
@@ -127,9 +171,48 @@ def _check_blacklist(config: Config) -> list[ConfigProblem]:
 # tuple: a feature registering its own check here would make the config depend on importing it.
 CROSS_CHECKS: tuple[Callable[[Config], list[ConfigProblem]], ...] = (
     _check_gateway_limits,
+    _check_exposure,
+    _check_retries,
     _check_routing,
     _check_tls_listener,
     _check_dkim_keys,
     _check_tls_rules,
     _check_blacklist,
 )
+
+
+# --- warnings: allowed, but probably not meant -----------------------------------------------
+
+
+def _warn_rules_over_mta_sts(config: Config) -> list[ConfigProblem]:
+    """A forced-TLS rule applies before MTA-STS (gateway.tls.policy): a rule for every
+    recipient domain (``*``, or a whole top-level domain such as ``.com``) replaces the
+    ``enforce`` policy a domain publishes (verified TLS to the MX hosts it names) by the rule's
+    level, which for ``encrypt`` accepts any certificate."""
+    if not config.mta_sts.enabled:
+        return []
+    warnings = []
+    for index, rule in enumerate(config.tls_policy.rules):
+        recipient = normalize_pattern(rule.recipient)
+        if recipient != "*" and not (recipient.startswith(".") and recipient.count(".") == 1):
+            continue
+        senders = "every sender" if normalize_pattern(rule.sender) == "*" else rule.sender
+        warnings.append(
+            ConfigProblem(
+                f"tls_policy.rules[{index}]",
+                f"recipient {rule.recipient!r} (from {senders}) shadows MTA-STS: domains with "
+                f"an MTA-STS 'enforce' policy get this rule's level {rule.level!r} instead of "
+                "verified TLS to the MX hosts their policy names",
+            )
+        )
+    return warnings
+
+
+# Run on a valid config; what they find is printed by `smg config validate` (exit 0 all the
+# same) and logged by the relay at start and reload.
+WARNING_CHECKS: tuple[Callable[[Config], list[ConfigProblem]], ...] = (_warn_rules_over_mta_sts,)
+
+
+def config_warnings(config: Config) -> list[ConfigProblem]:
+    """What in a valid config is allowed but probably not meant."""
+    return [warning for check in WARNING_CHECKS for warning in check(config)]

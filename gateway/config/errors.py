@@ -11,6 +11,11 @@ class ConfigProblem:
     message: str
 
 
+def render_warning(source: str, warning: ConfigProblem) -> str:
+    """``FILE: KEY: warning: WHAT``, one line, like an error's."""
+    return f"{source}: {warning.key}: warning: {warning.message}"
+
+
 class ConfigError(Exception):
     """A configuration file is invalid; ``problems`` lists every error found."""
 

@@ -13,6 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.config.bounds import (
+    at_least_one,
+    duration,
+    finite_float,
+    parse_ip_port,
+    parse_optional_url,
+    parse_private_header,
+    parse_signed_headers,
+    whole,
+)
 from gateway.config.values import (
     choice,
     int_range,
@@ -20,7 +30,6 @@ from gateway.config.values import (
     parse_answer_codes,
     parse_calendar,
     parse_domain,
-    parse_duration,
     parse_email,
     parse_endpoint,
     parse_host_port,
@@ -48,63 +57,64 @@ def _parsed(parse: Callable[[Any], Any], default: Any = dataclasses.MISSING, **k
 class GatewaySection:
     hostname: str = _parsed(parse_domain)
     role: str = _parsed(choice("good", "bad"), "good")
-    listen: list[tuple[str, int]] = _parsed(list_of(parse_host_port), ["127.0.0.1:2525"])
+    listen: list[tuple[str, int]] = _parsed(
+        at_least_one(list_of(parse_host_port)), ["127.0.0.1:2525"]
+    )
     source_address: str | None = _parsed(parse_ip, None)
     spool: Path = Path("/var/spool/smg")
     max_message_size: int = _parsed(parse_size, "25MiB")
     client_networks: list[Any] = _parsed(list_of(parse_network), ["127.0.0.0/8"])
-    max_recipients: int = _parsed(int_range(1), 100)
-    max_connections: int = _parsed(int_range(1), 200)
-    idle_timeout: float = _parsed(parse_duration, "300s")
-    data_timeout: float = _parsed(parse_duration, "600s")
-    max_line_length: int = _parsed(int_range(78), 998)
+    max_recipients: int = _parsed(whole(1, 10000), 100)
+    max_connections: int = _parsed(whole(1, 10000), 200)
+    idle_timeout: float = _parsed(duration("1h"), "300s")
+    data_timeout: float = _parsed(duration("6h"), "600s")
+    max_line_length: int = _parsed(whole(78, 65536), 998)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     require_tls_from_clients: bool = False
     metrics_listen: tuple[str, int] | None = _parsed(parse_host_port, None)
+    metrics_public: bool = False  # true: metrics_listen may be other than loopback
     log_format: str = _parsed(choice("text", "json"), "text")
     workers: int = _parsed(int_range(1, 64), 1)  # relay processes sharing listen + spool
 
 
 @dataclass(frozen=True)
 class DnsSection:
-    nameservers: list[tuple[str, int]] = _parsed(
-        list_of(lambda v: parse_host_port(v, default_port=53)), []
-    )
+    nameservers: list[tuple[str, int]] = _parsed(list_of(parse_ip_port(53)), [])
     extra_public_networks: list[Any] = _parsed(list_of(parse_network), [])
-    timeout: float = _parsed(parse_duration, "5s")
-    cache_size: int = _parsed(int_range(0), 10000)
-    negative_ttl_max: float = _parsed(parse_duration, "15m")
+    timeout: float = _parsed(duration("60s"), "5s")
+    cache_size: int = _parsed(whole(0, 1_000_000), 10000)
+    negative_ttl_max: float = _parsed(duration("1d", zero=True), "15m")
 
 
 @dataclass(frozen=True)
 class DeliverySection:
     port: int = _parsed(int_range(1, 65535), 25)
-    max_lifetime: float = _parsed(parse_duration, "5d")
-    retry_initial: float = _parsed(parse_duration, "5m")
-    retry_max: float = _parsed(parse_duration, "1h")
-    connect_timeout: float = _parsed(parse_duration, "30s")
-    command_timeout: float = _parsed(parse_duration, "300s")
-    concurrency: int = _parsed(int_range(1), 64)
-    max_connections_per_host: int = _parsed(int_range(1), 10)
-    connection_reuse: float = _parsed(parse_duration, "30s")
-    scan_interval: float = _parsed(parse_duration, "1s")
+    max_lifetime: float = _parsed(duration("30d"), "5d")
+    retry_initial: float = _parsed(duration("1d"), "5m")
+    retry_max: float = _parsed(duration("7d"), "1h")
+    connect_timeout: float = _parsed(duration("10m"), "30s")
+    command_timeout: float = _parsed(duration("1h"), "300s")
+    concurrency: int = _parsed(whole(1, 10000), 64)
+    max_connections_per_host: int = _parsed(whole(1, 1000), 10)
+    connection_reuse: float = _parsed(duration("1h", zero=True), "30s")
+    scan_interval: float = _parsed(duration("1h", low="10ms"), "1s")
 
 
 @dataclass(frozen=True)
 class VirusSection:
     enabled: bool = True
     clamd: str = _parsed(parse_endpoint, "unix:/run/clamav/clamd.ctl")
-    timeout: float = _parsed(parse_duration, "60s")
+    timeout: float = _parsed(duration("1h"), "60s")
 
 
 @dataclass(frozen=True)
 class SpamSection:
     enabled: bool = True
     rspamd_url: str = _parsed(parse_url_or_unix, "http://127.0.0.1:11333")
-    timeout: float = _parsed(parse_duration, "20s")
+    timeout: float = _parsed(duration("1h"), "20s")
     fail_open: bool = False
-    spam_score: float = 6.0
+    spam_score: float = _parsed(finite_float(-1000, 1000), 6.0)
     spam_actions: list[str] = _parsed(
         list_of(choice("reject", "soft reject", "rewrite subject", "add header", "greylist")),
         ["reject", "rewrite subject", "add header"],
@@ -118,7 +128,7 @@ class RoutingSection:
     )
     good_gateways: list[str] = _parsed(list_of(parse_ip), [])
     internal_ca: Path | None = None
-    verdict_header: str = "X-SMG-Verdict"
+    verdict_header: str = _parsed(parse_private_header, "X-SMG-Verdict")
 
 
 @dataclass(frozen=True)
@@ -131,8 +141,9 @@ class DkimKey:
 @dataclass(frozen=True)
 class DkimSection:
     keys: list[DkimKey] = field(default_factory=list)
-    headers: list[str] = field(
-        default_factory=lambda: [
+    headers: list[str] = _parsed(
+        parse_signed_headers,
+        [
             "from",
             "to",
             "cc",
@@ -143,7 +154,7 @@ class DkimSection:
             "mime-version",
             "content-type",
             "content-transfer-encoding",
-        ]
+        ],
     )
 
 
@@ -159,16 +170,18 @@ class TlsRule:
 class TlsPolicySection:
     ca_bundle: Path = Path("/etc/ssl/certs/ca-certificates.crt")
     rules: list[TlsRule] = field(default_factory=list)
-    hold_retry: float = _parsed(parse_duration, "15m")
-    failure_memory: float = _parsed(parse_duration, "15m")  # intake's 5.7.10 after a TLS failure
+    hold_retry: float = _parsed(duration("1d"), "15m")
+    failure_memory: float = _parsed(
+        duration("1d", zero=True), "15m"
+    )  # intake's 5.7.10 after a TLS failure
 
 
 @dataclass(frozen=True)
 class MtaStsSection:
     enabled: bool = True
-    https_port: int = 443
+    https_port: int = _parsed(int_range(1, 65535), 443)
     ca_bundle: Path | None = None
-    fetch_timeout: float = _parsed(parse_duration, "10s")
+    fetch_timeout: float = _parsed(duration("5m"), "10s")
 
 
 @dataclass(frozen=True)
@@ -181,7 +194,7 @@ class DnsblZone:
     name: str = ""  # shown in tables and mails; default: the catalogue's name, else the zone
     major: bool | None = None  # a listing here exits 2 (critical); default: catalogue, else no
     ipv6: bool | None = None  # ask for IPv6 addresses; default: catalogue, else yes
-    removal_url: str = ""  # the provider's delisting form
+    removal_url: str = _parsed(parse_optional_url, "")  # the provider's delisting form
     removal_mail: str | None = _parsed(parse_email, None)  # removal request mailed here
     listing_codes: dict[str, str] | None = _parsed(parse_answer_codes, None)
     error_codes: dict[str, str] | None = _parsed(parse_answer_codes, None)
@@ -197,12 +210,11 @@ class BlacklistSection:
     mail_from: str | None = _parsed(parse_email, None)  # default smg-blacklist@<hostname>
     ticket_url: str | None = _parsed(parse_url, None)
     ticket_id_field: str = "id"  # which key of the ticket system's JSON reply is the id
-    notify_attempts: int = 10  # a failing notification is retried at this many checks
-    notify_timeout: float = _parsed(parse_duration, "30s")  # per SMTP or HTTP attempt
-    nameservers: list[tuple[str, int]] = _parsed(
-        list_of(lambda v: parse_host_port(v, default_port=53)), []
-    )  # empty: dns.nameservers (then /etc/resolv.conf)
-    timeout: float = _parsed(parse_duration, "5s")  # per DNS lookup
+    notify_attempts: int = _parsed(whole(1, 1000), 10)  # retried at this many checks
+    notify_timeout: float = _parsed(duration("10m"), "30s")  # per SMTP or HTTP attempt
+    # empty: dns.nameservers (then /etc/resolv.conf)
+    nameservers: list[tuple[str, int]] = _parsed(list_of(parse_ip_port(53)), [])
+    timeout: float = _parsed(duration("60s"), "5s")  # per DNS lookup
     state: Path = Path("/var/lib/smg/blacklist.sqlite")
     schedule: str = _parsed(parse_calendar, "*-*-* 05:00:00")
     timezone: str = _parsed(parse_timezone, "Europe/Berlin")

@@ -23,6 +23,13 @@ where it says "close"):
   headers: ``554 5.4.6`` (a mail loop);
 - SMTPUTF8 and 8BITMIME are advertised; a non-ASCII address without ``SMTPUTF8`` on MAIL FROM
   gets ``553 5.6.7``;
+- an EHLO/HELO name that is not valid UTF-8 or holds a control character: ``501 5.5.2`` (the
+  name goes into the Received: header and the spool's text columns, where it cannot be stored;
+  the client may say EHLO again);
+- a NUL byte anywhere in the message: ``554 5.6.0`` (RFC 5322 2.1 forbids it, and a next hop
+  that drops NULs would see different data); the message is not queued;
+- a reply that echoes client text has its control characters and undecodable bytes escaped
+  (``printable``), so it stays one line and can always be sent;
 - PIPELINING and ENHANCEDSTATUSCODES are advertised; AUTH is not offered (relay control is by
   network); STARTTLS (TLS 1.2 or newer) when ``gateway.tls_cert``/``tls_key`` are set.
 """
@@ -41,7 +48,7 @@ from aiosmtpd.smtp import SMTP, Envelope, syntax
 from gateway.addresses import AddressError, split_path
 from gateway.config import Config
 from gateway.intake.handler import MailOptions, PolicyHandler, Transaction
-from gateway.log import event
+from gateway.log import event, printable
 from gateway.metrics import Metrics
 
 log = logging.getLogger("smg.intake")
@@ -49,6 +56,9 @@ log = logging.getLogger("smg.intake")
 COMMAND_BUFFER = 8192  # bytes a command line may fill the reader's buffer with
 MAX_HOPS = 50  # Received: headers before we call it a mail loop (Postfix's hopcount_limit)
 IDENT = "ESMTP Secure Mail Gateway"
+# aiosmtpd decodes command arguments as UTF-8 with surrogateescape: a surrogate is a byte that
+# was not valid UTF-8.  C0, DEL and C1 controls have no place in a domain or address literal.
+_BAD_HELO = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class Sessions(Protocol):
@@ -177,10 +187,33 @@ class GatewaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
-            status = _with_status(status)
+            # Replies echo client text (an unknown command, a parameter): a byte that was not
+            # UTF-8 could not be encoded (451 and a traceback), a CR would split the reply.
+            status = _with_status(printable(status))
         await super().push(status)
 
     # --- commands -----------------------------------------------------------------------
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._refuse_helo(hostname):
+            await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not await self._refuse_helo(hostname):
+            await super().smtp_EHLO(hostname)
+
+    async def _refuse_helo(self, hostname: str | None) -> bool:
+        """``501`` for a name that could not be logged, traced or stored as text; the session
+        keeps its state before the command (a good EHLO may follow)."""
+        if not hostname or not _BAD_HELO.search(hostname):
+            return False
+        self._count_reject("helo", "bad_helo")
+        event(log, "reject", "NOQUEUE", stage="helo", client=self.client_ip,
+              reason="bad_helo", helo=hostname)  # fmt: skip
+        await self.push("501 5.5.2 HELO/EHLO name must be valid UTF-8 without control characters")
+        return True
 
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push("502 5.5.1 AUTH is not offered here: relay access is by client address")
@@ -341,6 +374,9 @@ class GatewaySMTP(SMTP):
         if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
             reply = "550 5.6.11 Message refused: bare CR or LF found, lines must end with CRLF"
             return self._refuse_data("bare_line_ending", reply)
+        if b"\x00" in data:
+            reply = "554 5.6.0 Message refused: NUL characters are not allowed (RFC 5322)"
+            return self._refuse_data("nul", reply)
         return None
 
     def _refuse_data(self, reason: str, reply: str, **fields: Any) -> str:

@@ -107,3 +107,35 @@ async def _get(port: int, path: str) -> str:
     data = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     return data.decode()
+
+
+# Client-controlled text with control characters: a forged line, a terminal escape, a bidi
+# override, a byte that was not UTF-8 (aiosmtpd's surrogateescape), DEL and a C1 control.
+HOSTILE = "evil\r\n2024-05-01T00:00:00.000Z smg[1]: forged \x1b[2J\u202etxt\udcff\x7f\x85"
+ESCAPED = "evil\\r\\n2024-05-01T00:00:00.000Z smg[1]: forged \\x1b[2J\\u202etxt\\xff\\x7f\\x85"
+
+
+def test_text_log_escapes_control_characters(stream: io.StringIO) -> None:
+    logger = _log(stream, "text")
+    event(logger, "reject", "NOQUEUE", helo=HOSTILE, path="a\\b", tab="x\ty")
+    logger.warning("plain %s", HOSTILE)
+    try:
+        raise ValueError(HOSTILE)
+    except ValueError:
+        logger.exception("failed")
+    text = stream.getvalue()
+    lines = text.splitlines()
+    assert lines[0].endswith(f'reject helo="{ESCAPED}" path=a\\\\b tab=x\\ty')
+    assert lines[1].endswith(f"warning: plain {ESCAPED}")
+    assert "\n  ValueError: evil\\r\n  2024-05-01T00:00:00.000Z smg[1]: forged \\x1b[2J" in text
+    assert not any(line.startswith("2024-05-01T00:00:00.000Z smg[1]") for line in lines)
+    assert all(c.isprintable() for c in text.replace("\n", ""))
+
+
+def test_json_log_escapes_control_characters(stream: io.StringIO) -> None:
+    logger = _log(stream, "json")
+    event(logger, "reject", "NOQUEUE", helo=HOSTILE, rcpts=[HOSTILE], n=2)
+    logger.warning("plain %s", HOSTILE)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["helo"] == ESCAPED and first["rcpts"] == [ESCAPED] and first["n"] == 2
+    assert second["message"] == f"plain {ESCAPED}"
