@@ -34,7 +34,15 @@ from deploykit.schema import (
     domain_pattern,
     passes_through,
 )
-from gateway.config import ConfigError, DnsblZone, TlsRule, parse_config, parse_domain
+from gateway.config import (
+    ConfigError,
+    ConfigProblem,
+    DnsblZone,
+    TlsRule,
+    config_warnings,
+    parse_config,
+    parse_domain,
+)
 from gateway.dkim import DkimKeyError, load_private_key
 
 
@@ -440,23 +448,40 @@ def check_relay_configs(checker: Checker, gateways: list[Gateway]) -> None:
     """Render each host's config and load it with the relay's own schema.  A refusal is told
     once per inventory entry, with the hosts it concerns."""
     refused: dict[tuple[Source, str, str], list[str]] = {}
+    warned: dict[tuple[Source, str, str], list[str]] = {}
     for gateway in gateways:
         data = relay_config(gateways, gateway)
         try:
-            parse_config(tomllib.loads(to_toml(data)), source=f"relay config of {gateway.name}")
+            config = parse_config(
+                tomllib.loads(to_toml(data)), source=f"relay config of {gateway.name}"
+            )
         except ConfigError as exc:
-            for problem in exc.problems:
-                origin = _origin(gateway, problem.key)
-                base_key = re.split(r"[.\[]", origin, maxsplit=1)[0]
-                message = f"{problem.key}: {problem.message}"
-                refused.setdefault((checker.source(gateway, base_key), origin, message), []).append(
-                    gateway.name
-                )
+            _by_origin(checker, gateway, exc.problems, refused)
+            continue
+        _by_origin(checker, gateway, config_warnings(config), warned)
     for (source, origin, message), names in refused.items():
         checker.problem(
             source,
             origin,
             f"the relay would refuse {HostPaths.CONFIG} on {', '.join(names)}: {message}",
+        )
+    for (source, origin, message), names in warned.items():
+        checker.warn(source, origin, f"the relay warns on {', '.join(names)}: {message}")
+
+
+def _by_origin(
+    checker: Checker,
+    gateway: Gateway,
+    problems: list[ConfigProblem],
+    found: dict[tuple[Source, str, str], list[str]],
+) -> None:
+    """Each relay config problem under the inventory entry it came from, with its hosts."""
+    for problem in problems:
+        origin = _origin(gateway, problem.key)
+        base_key = re.split(r"[.\[]", origin, maxsplit=1)[0]
+        message = f"{problem.key}: {problem.message}"
+        found.setdefault((checker.source(gateway, base_key), origin, message), []).append(
+            gateway.name
         )
 
 
