@@ -9,16 +9,12 @@ Every problem is collected, each naming the file and the entry it is in; the cal
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import difflib
 import ipaddress
 import re
 import tomllib
 from pathlib import Path
 from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from deploykit.host import Gateway
 from deploykit.loader import Layer, RawHost, RawInventory
@@ -161,7 +157,8 @@ def _close_match(key: str) -> str | None:
     return found[0] if found else None
 
 
-def _ok(*values: Any) -> bool:
+def is_parsed(*values: Any) -> bool:
+    """None of ``values`` is a value the validation already refused (reported elsewhere)."""
     return all(v is not _BROKEN for v in values)
 
 
@@ -179,7 +176,9 @@ def check_fleet(checker: Checker, gateways: list[Gateway]) -> None:
     names = {g.name for g in gateways}
     for gateway in gateways:
         for name in (
-            gateway["blacklist_monitor_hosts"] if _ok(gateway["blacklist_monitor_hosts"]) else []
+            gateway["blacklist_monitor_hosts"]
+            if is_parsed(gateway["blacklist_monitor_hosts"])
+            else []
         ):
             if name not in names:
                 checker.problem(
@@ -193,7 +192,7 @@ def _check_unique(checker: Checker, gateways: list[Gateway], key: str) -> None:
     seen: dict[Any, str] = {}
     for gateway in gateways:
         value = gateway[key]
-        if not _ok(value):
+        if not is_parsed(value):
             continue
         if value in seen:
             checker.problem(gateway.entry, key, f"{value} is also {seen[value]}'s {key}")
@@ -217,7 +216,7 @@ def check_entries(checker: Checker, gateway: Gateway) -> None:
 def _check_ssh_networks(checker: Checker, gateway: Gateway) -> None:
     """SSH open to the whole internet is allowed when written, but never quietly."""
     networks = gateway["ssh_networks"]
-    if not _ok(networks):
+    if not is_parsed(networks):
         return  # missing or unparsable: already a problem of its own
     everyone = [n for n in networks if ipaddress.ip_network(n).prefixlen == 0]
     if everyone:
@@ -231,7 +230,7 @@ def _check_ssh_networks(checker: Checker, gateway: Gateway) -> None:
 
 def _check_tls_rules(checker: Checker, gateway: Gateway) -> None:
     rules = gateway["tls_rules"]
-    if not _ok(rules):
+    if not is_parsed(rules):
         return
     source = checker.source(gateway, "tls_rules")
     allowed = {f.name for f in dataclasses.fields(TlsRule)}
@@ -267,7 +266,7 @@ def _check_tls_rules(checker: Checker, gateway: Gateway) -> None:
 
 def _check_dnsbl_zones(checker: Checker, gateway: Gateway) -> None:
     zones = gateway["dnsbl_zones"]
-    if not _ok(zones):
+    if not is_parsed(zones):
         return
     source = checker.source(gateway, "dnsbl_zones")
     allowed = {f.name for f in dataclasses.fields(DnsblZone)}
@@ -293,7 +292,7 @@ def _check_dnsbl_zones(checker: Checker, gateway: Gateway) -> None:
 
 def _check_dkim(checker: Checker, gateway: Gateway) -> None:
     entries, keys_dir = gateway["dkim_domains"], gateway["dkim_keys_dir"]
-    if not _ok(entries, keys_dir):
+    if not is_parsed(entries, keys_dir):
         return
     source = checker.source(gateway, "dkim_domains")
     seen: dict[tuple[str, str], int] = {}
@@ -336,92 +335,6 @@ def dkim_key_problem(
     if kind != algorithm:
         return f"{path} is an {kind} key, the inventory says {algorithm}"
     return None
-
-
-def check_tls_files(checker: Checker, gateway: Gateway) -> None:
-    for key in ("internal_ca_file", "public_ca_file", "tls_cert_file", "tls_key_file"):
-        value = gateway[key]
-        if value is None or not _ok(value):
-            continue
-        if not Path(value).is_file():
-            checker.problem(checker.source(gateway, key), key, f"{value}: no such file")
-    cert, key = gateway["tls_cert_file"], gateway["tls_key_file"]
-    if _ok(cert, key) and Path(cert).is_file() and Path(key).is_file():
-        source = checker.source(gateway, "tls_cert_file")
-        why = certificate_problem(Path(cert), Path(key), gateway)
-        if why:
-            checker.problem(source, "tls_cert_file", why)
-        else:
-            soon = certificate_expiry_warning(
-                x509.load_pem_x509_certificate(Path(cert).read_bytes()), cert
-            )
-            if soon:
-                checker.warn(source, "tls_cert_file", soon)
-
-
-# A certificate this close to its end gets a warning at every deploy (the monitoring's alert
-# fires at the same age), so the renewal is a planned change request, not an outage.
-CERT_RENEW_DAYS = 21
-
-
-def certificate_problem(cert_path: Path, key_path: Path, gateway: Gateway) -> str | None:
-    """The certificate must name the host as its peers reach it, be valid now, and match its
-    key."""
-    try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        return f"cannot read the certificate or its key: {exc}"
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
-        return f"{cert_path} does not belong to the key {key_path}"
-    now = dt.datetime.now(dt.UTC)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-        return f"{cert_path} is not valid now (valid {start:%Y-%m-%d} to {end:%Y-%m-%d})"
-    return certificate_names_problem(cert, str(cert_path), gateway)
-
-
-def certificate_names_problem(cert: x509.Certificate, label: str, gateway: Gateway) -> str | None:
-    """The certificate must name the host, and a bad gateway's must carry the address the good
-    gateways reach it by.  Also run by testinfra on the certificate a host really has."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return f"{label} has no subjectAltName"
-    names = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
-    addresses = {str(a) for a in san.get_values_for_type(x509.IPAddress)}
-    if _ok(gateway.fqdn, gateway.public_address) and not (
-        gateway.fqdn in names or gateway.public_address in addresses
-    ):
-        return f"{label} names neither {gateway.fqdn} nor {gateway.public_address}"
-    if (
-        gateway.role == "bad"
-        and _ok(gateway.public_address)
-        and (gateway.public_address not in addresses)
-    ):
-        # The good gateways reach a bad gateway by its address (routing.bad_gateways) and
-        # verify that address against the certificate: without it, spam waits and bounces.
-        return (
-            f"{label} has no IP address entry {gateway.public_address} in its "
-            "subjectAltName: the good gateways connect to the bad gateway by that address "
-            "(routing.bad_gateways) and verify it, so rerouted spam would wait in their "
-            "queues and bounce after delivery.max_lifetime"
-        )
-    return None
-
-
-def certificate_expiry_warning(
-    cert: x509.Certificate, label: str, now: dt.datetime | None = None
-) -> str | None:
-    """A warning when the certificate ends within :data:`CERT_RENEW_DAYS` days."""
-    left = cert.not_valid_after_utc - (now or dt.datetime.now(dt.UTC))
-    if left > dt.timedelta(days=CERT_RENEW_DAYS):
-        return None
-    end = cert.not_valid_after_utc
-    return (
-        f"{label} expires on {end:%Y-%m-%d %H:%M} UTC, in {left.days} days "
-        f"(renew it when fewer than {CERT_RENEW_DAYS} days are left)"
-    )
 
 
 # -- the relay config: what the relay itself accepts

@@ -23,12 +23,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from deploykit.certificates import check_tls_files
 from deploykit.checks import (
     Checker,
     check_entries,
     check_fleet,
     check_relay_configs,
-    check_tls_files,
 )
 from deploykit.fleet import Fleet
 from deploykit.loader import read_inventory

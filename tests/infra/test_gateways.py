@@ -28,7 +28,7 @@ import pytest
 import testinfra
 from cryptography import x509
 
-from deploykit.checks import certificate_expiry_warning, certificate_names_problem
+from deploykit.certificates import certificate_expiry_warning, certificate_names_problem
 from deploykit.fleet import Fleet
 from deploykit.inventory import load_inventory
 from deploykit.paths import HostPaths
