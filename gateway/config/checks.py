@@ -23,6 +23,14 @@ def _check_gateway_limits(config: Config) -> list[ConfigProblem]:
         problems.append(
             ConfigProblem("gateway.max_message_size", "must be at least 1KiB (1024 bytes)")
         )
+    if gateway.data_memory < gateway.max_message_size:
+        problems.append(
+            ConfigProblem(
+                "gateway.data_memory",
+                f"must be at least gateway.max_message_size ({gateway.max_message_size} bytes):"
+                " a message of the largest size must fit in the memory budget",
+            )
+        )
     for index, network in enumerate(gateway.client_networks):
         if network.prefixlen < (8 if network.version == 4 else 16):
             problems.append(

@@ -10,6 +10,7 @@ import ssl
 from dataclasses import dataclass
 
 from gateway.config import Config
+from gateway.intake.budget import DataBudget
 from gateway.intake.handler import PolicyHandler
 from gateway.intake.protocol import GatewaySMTP
 from gateway.log import event
@@ -52,12 +53,15 @@ class Intake:
         self.sessions: set[GatewaySMTP] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping = False
+        # One budget for the process's sessions, kept across reloads (a reload sets its size).
+        self.data_budget = DataBudget(runtime.config.gateway.data_memory)
         self._idle = asyncio.Event()
         self._idle.set()
         self._use(runtime)
 
     def _use(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.data_budget.resize(runtime.config.gateway.data_memory)
         self.handler = PolicyHandler(
             runtime.chain, runtime.cleanup, runtime.config.gateway.client_networks, self.metrics
         )
