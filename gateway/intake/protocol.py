@@ -424,4 +424,3 @@ def _non_ascii_problem(path: str, smtputf8: bool, which: str) -> str | None:
 def _last_two(tail: bytes, piece: bytes) -> bytes:
     """The last two bytes of the stream after ``piece`` (``tail``: the two before it)."""
     return piece[-2:] if len(piece) >= 2 else (tail + piece)[-2:]
-

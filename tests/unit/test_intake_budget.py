@@ -19,7 +19,7 @@ from gateway.policy.chain import Chain
 from gateway.policy.cleanup import Cleanup
 from gateway.policy.rules.relay_control import RelayControlRule
 from gateway.services import Services
-from tests.unit.test_intake import MESSAGE, BodyRule, Client, FakeSpool
+from tests.unit.test_intake import BodyRule, Client, FakeSpool
 
 GATEWAY = {
     "hostname": "gw.example.net",
@@ -171,9 +171,9 @@ async def test_sessions_that_would_all_wait_do_not_deadlock() -> None:
 
 
 def test_data_memory_must_hold_the_largest_message() -> None:
-    with pytest.raises(ConfigError, match="gateway.data_memory"):
+    with pytest.raises(ConfigError, match=r"gateway\.data_memory"):
         parse_config({"gateway": {**GATEWAY, "data_memory": "1KiB"}})
-    with pytest.raises(ConfigError, match="gateway.data_memory"):
+    with pytest.raises(ConfigError, match=r"gateway\.data_memory"):
         parse_config({"gateway": {**GATEWAY, "data_memory": "lots"}})
     assert parse_config({"gateway": GATEWAY}).gateway.data_memory == 3000
     defaults = {"hostname": "g.example", "role": "bad"}
