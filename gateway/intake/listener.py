@@ -9,8 +9,8 @@ import logging
 import ssl
 from dataclasses import dataclass
 
+from gateway.budget import DataBudget
 from gateway.config import Config
-from gateway.intake.budget import DataBudget
 from gateway.intake.handler import PolicyHandler
 from gateway.intake.protocol import GatewaySMTP
 from gateway.log import event
@@ -46,15 +46,18 @@ def make_tls_context(config: Config) -> ssl.SSLContext | None:
 class Intake:
     """The listeners and the sessions; :meth:`reload` swaps the runtime for new sessions."""
 
-    def __init__(self, services: Services, runtime: Runtime) -> None:
+    def __init__(
+        self, services: Services, runtime: Runtime, data_budget: DataBudget | None = None
+    ) -> None:
         """``services``: only their metrics are the intake's; the runtime's cleanup step
-        holds the rest (the spool, the DKIM signer)."""
+        holds the rest (the spool, the DKIM signer).  ``data_budget``: the process's memory
+        budget for message bytes, shared with delivery (a new one without)."""
         self.metrics: Metrics = services.metrics or Metrics()
         self.sessions: set[GatewaySMTP] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping = False
         # One budget for the process's sessions, kept across reloads (a reload sets its size).
-        self.data_budget = DataBudget(runtime.config.gateway.data_memory)
+        self.data_budget = data_budget or DataBudget(runtime.config.gateway.data_memory)
         self._idle = asyncio.Event()
         self._idle.set()
         self._use(runtime)

@@ -39,8 +39,8 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import SMTP, Envelope, syntax
 
 from gateway.addresses import AddressError, split_path
+from gateway.budget import DataBudget, Reservation
 from gateway.config import Config
-from gateway.intake.budget import DataBudget, Reservation
 from gateway.intake.data import DataPieces
 from gateway.intake.handler import MailOptions, PolicyHandler, Transaction
 from gateway.log import event

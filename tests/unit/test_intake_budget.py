@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from gateway.budget import DataBudget
 from gateway.config import ConfigError, parse_config
 from gateway.intake import Intake, Runtime
-from gateway.intake.budget import DataBudget
 from gateway.metrics import Metrics
 from gateway.policy.chain import Chain
 from gateway.policy.cleanup import Cleanup
