@@ -337,23 +337,38 @@ class GatewaySMTP(SMTP):
         return data.pieces, self._data_problem(data, starved)
 
     async def _next_piece(self, reader: asyncio.StreamReader) -> tuple[bytes, bool]:
-        """The next raw piece of DATA (at most about ``2 * DATA_CHUNK`` bytes, never ending
-        between a CR and its LF), and whether it is the last (the end line taken off)."""
-        try:
-            piece = await reader.readuntil(b".\r\n")
-        except asyncio.LimitOverrunError as exc:
-            size = exc.consumed
-            if size > 1 and reader._buffer[size - 1] == 13:  # type: ignore[attr-defined]
-                size -= 1  # leave the CR with its LF: the checks see every CRLF whole
-            return await reader.readexactly(size), False
-        except asyncio.IncompleteReadError as exc:
-            raise ConnectionResetError("connection closed during DATA") from exc
-        before = piece[:-3]
-        if _last_two(self._tail, before) == b"\r\n":  # "." alone on its line: the end
-            self._tail = b"\r\n"
-            return before, True
-        self._tail = piece[-2:]
-        return piece, False
+        """The next raw piece of DATA (up to about ``3 * DATA_CHUNK`` bytes, never ending
+        between a CR and its LF), and whether it is the last (the end line taken off).
+
+        Lines ending in "." come one ``readuntil`` each; they are gathered up to DATA_CHUNK
+        so that the checks and the budget run once per piece, not once per such line."""
+        batch: list[bytes] = []
+        size = 0
+        tail = self._tail
+        last = False
+        while size < DATA_CHUNK:
+            try:
+                piece = await reader.readuntil(b".\r\n")
+            except asyncio.LimitOverrunError as exc:
+                cut = exc.consumed
+                if cut > 1 and reader._buffer[cut - 1] == 13:  # type: ignore[attr-defined]
+                    cut -= 1  # leave the CR with its LF: the checks see every CRLF whole
+                piece = await reader.readexactly(cut)
+                batch.append(piece)
+                tail = _last_two(tail, piece)
+                break
+            except asyncio.IncompleteReadError as exc:
+                raise ConnectionResetError("connection closed during DATA") from exc
+            before = piece[:-3]
+            if _last_two(tail, before) == b"\r\n":  # "." alone on its line: the end
+                batch.append(before)
+                tail, last = b"\r\n", True
+                break
+            batch.append(piece)
+            size += len(piece)
+            tail = piece[-2:]
+        self._tail = tail
+        return (batch[0] if len(batch) == 1 else b"".join(batch)), last
 
     async def _reserve(
         self, reservation: Reservation, size: int, deadline: float, prepay: bool = False

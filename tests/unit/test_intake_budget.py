@@ -25,12 +25,13 @@ GATEWAY = {
     "hostname": "gw.example.net",
     "role": "bad",
     "client_networks": ["127.0.0.0/29"],
-    "max_message_size": 2000,
-    "data_memory": 3000,
+    "max_message_size": 300_000,
+    "data_memory": 500_000,
     "idle_timeout": "5s",
     "data_timeout": "5s",
 }
-LINES = b"abcdefgh.\r\n"  # a line ending in "." makes a piece: the session reserves it at once
+LINES = b"abcdefgh.\r\n"
+BODY = b"Subject: big\r\n\r\n" + LINES * 25_000  # 275 KB: several of the reader's pieces
 
 
 @dataclasses.dataclass
@@ -66,12 +67,14 @@ async def make_relay() -> AsyncIterator[RelayFactory]:
         await intake.stop(grace=1)
 
 
-async def _holding(relay: Relay, size: int) -> Client:
-    """A client in DATA that sent ``size`` bytes and holds them (no end yet)."""
+async def _in_data(relay: Relay, size: int | None = None) -> Client:
+    """A client after DATA's 354, having declared ``SIZE=size`` (or nothing)."""
     client, _ = await Client.connect(relay.port)
-    await client.start_mail()
-    await client.send(b"Subject: hold\r\n\r\n" + LINES * (size // len(LINES)))
-    await _until(lambda: relay.intake.data_budget.used >= size - len(LINES) * 2)
+    assert (await client.cmd("EHLO client.example.net")).startswith("250")
+    declared = f" SIZE={size}" if size else ""
+    assert (await client.cmd(f"MAIL FROM:<a@example.net>{declared}")).startswith("250")
+    assert (await client.cmd("RCPT TO:<b@example.net>")).startswith("250")
+    assert (await client.cmd("DATA")).startswith("354")
     return client
 
 
@@ -85,60 +88,63 @@ async def _until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
 
 async def test_a_session_waits_for_the_budget_then_goes_on(make_relay: RelayFactory) -> None:
     relay = await make_relay()
-    first = await _holding(relay, 1500)
-    second, _ = await Client.connect(relay.port)
-    await second.start_mail()
-    await second.send(b"Subject: second\r\n\r\n" + LINES * 150 + b".\r\n")
-    # 1500 + 1650 bytes > 3000: the second waits, reading nothing more, and says nothing
+    first = await _in_data(relay, len(BODY))
+    await _until(lambda: relay.intake.data_budget.used == len(BODY))  # SIZE= taken at once
+    second = await _in_data(relay, len(BODY))
+    await second.send(BODY + b".\r\n")
+    # 2 x 275 KB > 500 KB: the second waits, reading nothing, and says nothing
     waiting = asyncio.ensure_future(second.reply())
     await asyncio.sleep(0.5)
     assert not waiting.done()
-    assert relay.intake.data_budget.used <= 3000
-    assert (await first.cmd(b".")).startswith("250")
+    assert relay.intake.data_budget.used == len(BODY)
+    assert (await first.cmd(BODY + b".")).startswith("250")
     assert (await asyncio.wait_for(waiting, 5)).startswith("250")
-    assert len(relay.spool.messages) == 2
+    assert [len(m["data"]) > len(BODY) for m in relay.spool.messages] == [True, True]
     assert relay.intake.data_budget.used == 0
 
 
 async def test_budget_wait_ends_with_452_at_the_data_timeout(make_relay: RelayFactory) -> None:
     relay = await make_relay(data_timeout="1s")
     held = relay.intake.data_budget.reservation()
-    assert held.take_now(2500)  # what other sessions hold, for longer than this DATA timeout
-    client, _ = await Client.connect(relay.port)
-    await client.start_mail()
+    assert held.take_now(400_000)  # what other sessions hold, for longer than this DATA timeout
+    client = await _in_data(relay)  # no SIZE=: it takes the budget piece by piece
     started = asyncio.get_running_loop().time()
-    await client.send(b"Subject: second\r\n\r\n" + LINES * 150 + b".\r\n")
+    await client.send(BODY + b".\r\n")
     assert (await client.reply()).startswith("452 4.3.1")
     assert 0.8 < asyncio.get_running_loop().time() - started < 3
     assert relay.metrics.value("rejected", stage="data", reason="memory") == 1
     assert relay.spool.messages == []
-    assert relay.intake.data_budget.used == 2500  # the refused session gave its share back
+    assert relay.intake.data_budget.used == 400_000  # the refused session gave its share back
     held.release()
     await client.start_mail()  # the session goes on; the client retries
-    assert (await client.cmd(b"Subject: second\r\n\r\n" + LINES * 150 + b".")).startswith("250")
+    assert (await client.cmd(BODY + b".")).startswith("250")
     assert relay.intake.data_budget.used == 0
 
 
 async def test_a_session_killed_mid_data_releases_its_share(make_relay: RelayFactory) -> None:
     relay = await make_relay()
-    client = await _holding(relay, 1800)
-    assert relay.intake.data_budget.used > 0
+    client = await _in_data(relay)
+    await client.send(BODY[:200_000])
+    await _until(lambda: relay.intake.data_budget.used >= 100_000)
     client.writer.transport.abort()
     await _until(lambda: relay.intake.data_budget.used == 0)
-    other, _ = await Client.connect(relay.port)
-    await other.start_mail()
-    assert (await other.cmd(b"Subject: big\r\n\r\n" + LINES * 170 + b".")).startswith("250")
+    prepaid = await _in_data(relay, 250_000)
+    await _until(lambda: relay.intake.data_budget.used == 250_000)
+    prepaid.writer.transport.abort()
+    await _until(lambda: relay.intake.data_budget.used == 0)
+    other = await _in_data(relay, 300_000)
+    assert (await other.cmd(BODY + b".")).startswith("250")
 
 
 async def test_refused_messages_release_their_share(make_relay: RelayFactory) -> None:
     relay = await make_relay()
     client, _ = await Client.connect(relay.port)
     await client.start_mail()
-    assert (await client.cmd(b"Subject: x\r\n\r\n" + LINES * 300 + b".")).startswith("552")
+    assert (await client.cmd(BODY + LINES * 3000 + b".")).startswith("552")
     await client.start_mail()
-    assert (await client.cmd(b"Subject: x\r\n\r\nVIRUS\r\n.")).startswith("554")
+    assert (await client.cmd(BODY + b"VIRUS\r\n.")).startswith("554")
     await client.start_mail()
-    assert (await client.cmd(b"Subject: x\r\n\r\nbare\nLF\r\n.")).startswith("550 5.6.11")
+    assert (await client.cmd(BODY + b"bare\nLF\r\n.")).startswith("550 5.6.11")
     assert relay.intake.data_budget.used == 0
 
 
@@ -172,9 +178,9 @@ async def test_sessions_that_would_all_wait_do_not_deadlock() -> None:
 
 def test_data_memory_must_hold_the_largest_message() -> None:
     with pytest.raises(ConfigError, match=r"gateway\.data_memory"):
-        parse_config({"gateway": {**GATEWAY, "data_memory": "1KiB"}})
+        parse_config({"gateway": {**GATEWAY, "data_memory": "200KB"}})
     with pytest.raises(ConfigError, match=r"gateway\.data_memory"):
         parse_config({"gateway": {**GATEWAY, "data_memory": "lots"}})
-    assert parse_config({"gateway": GATEWAY}).gateway.data_memory == 3000
+    assert parse_config({"gateway": GATEWAY}).gateway.data_memory == 500_000
     defaults = {"hostname": "g.example", "role": "bad"}
     assert parse_config({"gateway": defaults}).gateway.data_memory == 256 << 20
