@@ -250,18 +250,38 @@ class DkimSigner:
         signatures = self.signatures(data, keys, now=now, parsed=(parsed, body))
         return b"".join(signatures) + data
 
+    def header_signatures(self, head: bytes, data: bytes, cut: int) -> bytes:
+        """The DKIM-Signature fields to put on top of ``head`` + ``data[cut:]`` (the cleanup's
+        new header block and the message's rest from its empty line on), b"" if none.  The
+        body is hashed where it lies in ``data``: no copy of it, in the usual case."""
+        if not self._by_domain:
+            return b""
+        crlf = data.count(b"\n") == data.count(b"\r\n")
+        if not crlf or not (cut == len(data) or data.startswith(b"\r\n", cut)):
+            message = head + data[cut:]  # bare LF somewhere: the general (copying) path
+            signed = self.sign(message)
+            return signed[: len(signed) - len(message)]
+        parsed, _ = _parse(head + b"\r\n")
+        keys = self._keys_for(parsed)
+        if not keys:
+            return b""
+        body_hash = _body_hash(data, min(cut + 2, len(data)))
+        return b"".join(self.signatures(head, keys, parsed=(parsed, b""), body_hash=body_hash))
+
     def signatures(
         self,
         data: bytes,
         keys: list[SigningKey],
         now: int | None = None,
         parsed: tuple[list[list[bytes]], bytes] | None = None,
+        body_hash: bytes | None = None,
     ) -> list[bytes]:
         """The DKIM-Signature fields (each ending in the message's line end) for ``keys``."""
         message_headers, body = parsed or _parse(data)
         linesep = header_tools.line_end(data)
         include = self._include_headers(message_headers)
-        body_hash = base64.b64encode(hashlib.sha256(canonical_body(body)).digest())
+        if body_hash is None:
+            body_hash = base64.b64encode(hashlib.sha256(canonical_body(body)).digest())
         canonical = canonical_headers(message_headers, include)
         timestamp = str(int(time.time()) if now is None else now).encode("ascii")
         return [_signature(key, include, canonical, body_hash, timestamp, linesep) for key in keys]
@@ -301,6 +321,25 @@ def canonical_body(body: bytes) -> bytes:
     if b"\t" in body or b"  " in body:
         body = compress_whitespace(body)
     return correct_empty_body(strip_trailing_lines(body))
+
+
+def _body_hash(data: bytes, start: int) -> bytes:
+    """base64 of the SHA-256 of ``canonical_body(data[start:])`` (CRLF line ends), hashing
+    ``data`` in place when relaxed canonicalization changes only the trailing empty lines."""
+    if any(data.find(run, start) >= 0 for run in (b" \r\n", b"\t", b"  ")):
+        body = canonical_body(data[start:])  # whitespace to rewrite: the copying path
+        return base64.b64encode(hashlib.sha256(body).digest())
+    end, extra = len(data), b""
+    if data.endswith(b"\r\n", start, end):
+        while end - start >= 4 and data.endswith(b"\r\n\r\n", start, end):
+            end -= 2  # strip_trailing_lines: one line end stays
+    else:
+        extra = b"\r\n"
+    digest = hashlib.sha256()
+    if end - start + len(extra) != 2:  # correct_empty_body: a body of one CRLF hashes as b""
+        digest.update(memoryview(data)[start:end])
+        digest.update(extra)
+    return base64.b64encode(digest.digest())
 
 
 _WSP_RUN = re.compile(rb"[\t ]+")

@@ -29,6 +29,7 @@ import signal
 import sys
 from pathlib import Path
 
+from gateway.budget import DataBudget
 from gateway.config import (
     Config,
     ConfigError,
@@ -95,11 +96,13 @@ class Relay:
             await spool.close()
             raise StartupError(f"{type(exc).__name__}: {exc}") from None
         self._register_gauges(spool)
+        budget = DataBudget(config.gateway.data_memory)  # message bytes: intake and delivery
         self.delivery = Delivery(
-            config, spool, self.services.resolver, self.services.tls_policy, metrics=self.metrics
-        )
+            config, spool, self.services.resolver, self.services.tls_policy, metrics=self.metrics,
+            budget=budget,
+        )  # fmt: skip
         await self.delivery.start()
-        self.intake = Intake(self.services, runtime)
+        self.intake = Intake(self.services, runtime, budget)
         try:
             await self.intake.start()
             if config.gateway.metrics_listen is not None and worker_index() == 0:

@@ -30,6 +30,7 @@ from deploykit.fleet import Fleet
 from deploykit.host import Gateway
 from deploykit.paths import HostPaths
 from gateway.config import ConfigError, parse_config, restart_only_changes
+from gateway.config.values import parse_size
 from roles import ops
 from roles.render import KIT_DIR, render
 
@@ -132,7 +133,27 @@ def unit_file(gateway: Gateway) -> str:
         spool=HostPaths.SPOOL,
         after=" ".join(after),
         docs="/opt/smg/README",
+        **unit_limits(gateway["relay_settings"].get("gateway", {})),
     )
+
+
+MIB = 1 << 20
+BASE_MEMORY = 128 * MIB  # one relay process without mail in flight (about 45 MiB measured)
+PEAK_COPIES = 4  # the message bytes at their peak per budgeted byte (docs/performance.md)
+TASKS_PER_WORKER = 32  # the event loop, the spool writer, the resolver's and asyncio's threads
+
+
+def unit_limits(settings: dict[str, object]) -> dict[str, str | int]:
+    """``MemoryMax=`` and ``TasksMax=`` for the configured budget and workers
+    (``gateway.data_memory``, ``gateway.workers``, defaults as the relay's)."""
+    budget = parse_size(str(settings.get("data_memory", "256MiB")))
+    workers = int(str(settings.get("workers", 1)))
+    memory = workers * (BASE_MEMORY + PEAK_COPIES * budget)
+    return {
+        "workers": workers,
+        "memory_max": f"{-(-memory // MIB)}M",
+        "tasks_max": 16 + workers * TASKS_PER_WORKER,
+    }
 
 
 def install_commands(wheelhouse: str = HostPaths.WHEELHOUSE) -> list[str]:

@@ -27,7 +27,8 @@ bash "$REPO/scripts/setup.sh"
 log "ruff check ."
 "$REPO/.venv/bin/ruff" check .
 
-run_pytest -m "not lab" tests/unit tests/integration
+run_pytest -m "not lab and not memory" tests/unit tests/integration
+run_pytest -m memory tests/integration  # peak RSS under large messages: docs/performance.md
 
 # ---------------------------------------------------------------------------------------
 # LAB SUITES (owner: acceptance; docs/acceptance.md): root only, mandatory with CI=true.

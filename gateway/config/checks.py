@@ -28,6 +28,14 @@ def _check_gateway_limits(config: Config) -> list[ConfigProblem]:
     size_problem = message_size_problem(gateway.max_message_size)
     if size_problem:
         problems.append(ConfigProblem("gateway.max_message_size", size_problem))
+    if gateway.data_memory < gateway.max_message_size:
+        problems.append(
+            ConfigProblem(
+                "gateway.data_memory",
+                f"must be at least gateway.max_message_size ({gateway.max_message_size} bytes):"
+                " a message of the largest size must fit in the memory budget",
+            )
+        )
     for index, network in enumerate(gateway.client_networks):
         if too_wide(network):
             problems.append(

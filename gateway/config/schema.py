@@ -63,6 +63,7 @@ class GatewaySection:
     source_address: str | None = _parsed(parse_ip, None)
     spool: Path = Path("/var/spool/smg")
     max_message_size: int = _parsed(parse_size, "25MiB")
+    data_memory: int = _parsed(parse_size, "256MiB")  # message bytes in flight, per process
     client_networks: list[Any] = _parsed(list_of(parse_network), ["127.0.0.0/8"])
     max_recipients: int = _parsed(whole(1, 10000), 100)
     max_connections: int = _parsed(whole(1, 10000), 200)

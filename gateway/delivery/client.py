@@ -28,6 +28,7 @@ from gateway.tls.verify import NO_TLS, TlsOutcome, describe_tls
 log = logging.getLogger("smg.delivery")
 
 MAX_REPLY_LINE = 65536  # a reply line longer than this is not SMTP
+SEND_CHUNK = 256 * 1024  # the message is written in pieces of this size (see send_all)
 # A whole (multi-line) reply: an EHLO reply has a few dozen lines; a far end sending endless
 # continuation lines is cut off here instead of growing our memory (issue 12).
 MAX_REPLY_LINES = 512
@@ -131,6 +132,18 @@ class SmtpConnection:
         if self._writer.is_closing():
             raise Disconnected("connection closed")
         self._writer.write(data)
+
+    async def send_all(self, parts: list[bytes], chunk: int = SEND_CHUNK) -> None:
+        """Write ``parts`` a chunk at a time, waiting for the socket between chunks: the
+        transport's buffer never holds a copy of a whole large message."""
+        for part in parts:
+            view = memoryview(part)
+            for start in range(0, len(view), chunk):
+                self.send(view[start : start + chunk])  # type: ignore[arg-type]
+                try:  # a far end that reads nothing for a whole timeout is gone
+                    await asyncio.wait_for(self._writer.drain(), self.timeout)
+                except TimeoutError as exc:
+                    raise Disconnected("Timed out sending the message") from exc
 
     async def reply(self, timeout: float | None = None) -> Reply:
         """The next reply: its code and its text (the lines of a multi-line reply joined)."""
@@ -324,7 +337,7 @@ async def transaction(
         await _abort(connection, data_reply)
         return refused + [far(p, a, *data_reply) for p, a in accepted if data_reply]
     try:
-        connection.send(data_block(payload))
+        await connection.send_all(data_parts(payload))
         final = await connection.reply()
     except (Disconnected, OSError) as exc:
         raise Lost(f"connection lost during DATA: {exc}", during_data=True) from exc
@@ -403,12 +416,13 @@ def strip_header(data: bytes, name: str) -> bytes:
     end = re.search(rb"\r?\n\r?\n", data)
     if end:
         split = end.start() + (2 if data[end.start() : end.start() + 1] == b"\r" else 1)
-        head, rest = data[:split], data[split:]  # rest: the empty line, then the body
     else:
-        head, rest = data, b""
+        split = len(data)
+    head = data[:split]  # the body is copied only when a field goes (usually none does)
     wanted = name.lower().encode("ascii") + b":"
     if wanted not in head.lower():
         return data
+    rest = data[split:]  # the empty line, then the body
     kept: list[bytes] = []
     dropping = False
     for line in re.split(rb"(?<=\n)", head):
@@ -435,10 +449,16 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 def data_block(data: bytes) -> bytes:
     """The message as sent after a 354: CRLF line ends, dot-stuffed, ending in CRLF.CRLF."""
+    return b"".join(data_parts(data))
+
+
+def data_parts(data: bytes) -> list[bytes]:
+    """:func:`data_block` in parts, so that a message already in wire form (CRLF, nothing to
+    stuff: the usual case) is sent as it is, without a copy of it with the end line added."""
     if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
         data = _LINE_ENDS.sub(b"\r\n", data)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
     if data.startswith(b".") or b"\n." in data:
         data = _LEADING_DOT.sub(b"..", data)
-    return data + b".\r\n"
+    if not data.endswith(b"\r\n"):
+        return [data, b"\r\n.\r\n"]
+    return [data, b".\r\n"]

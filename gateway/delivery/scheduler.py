@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gateway.budget import DataBudget
 from gateway.config import Config
 from gateway.delivery.client import Dialer, strip_header, wire_bytes
 from gateway.delivery.outcome import RcptOutcome, Rcpts, attempt_result, log_attempt
@@ -40,6 +41,11 @@ from gateway.tls.policy import TlsPolicy
 log = logging.getLogger("smg.delivery")
 
 HANDOFF_BACKLOG = 10000  # messages waiting in memory at most; beyond, the poll finds them
+# Bytes of message data the hand-off queue keeps in memory; beyond, a message is handed off by
+# its id and loaded from the spool when a worker takes it (50 large messages queued at once
+# would otherwise all stay in memory until their attempts).
+HANDOFF_MEMORY = 16 << 20
+BUDGET_WAIT = 3600.0  # an attempt waits this long at most for the memory budget, then later
 RECORD_TRIES = 15  # writes of an attempt's result while the spool is unavailable (~6 min)
 STALE_HANDOFF = 1.0  # a hand-off older than this is re-checked against the spool (held?)
 
@@ -49,6 +55,7 @@ class _Work:
     queue_id: str
     message: QueuedMessage | None  # None: found by the poll, loaded from the spool
     queued_at: float = field(default_factory=time.monotonic)
+    size: int = 0  # bytes of data this hand-off keeps in memory
 
 
 class Delivery:
@@ -65,7 +72,10 @@ class Delivery:
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        budget: DataBudget | None = None,
     ) -> None:
+        """``budget``: the process's memory budget for message bytes (shared with the
+        intake); an attempt takes its message's size from it first."""
         self._config = config
         self.spool = spool
         self.resolver = resolver
@@ -84,6 +94,8 @@ class Delivery:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()  # the workers' queue is short again (see _poll_loop)
         self.attempts = 0
+        self.budget = budget or DataBudget(config.gateway.data_memory)
+        self._handoff_bytes = 0  # data kept by hand-offs waiting in _queue
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -131,7 +143,12 @@ class Delivery:
         if message.id in self._known or self._queue.qsize() >= HANDOFF_BACKLOG:
             return  # already scheduled, or too many in memory: the poll will find it
         self._known.add(message.id)
-        self._queue.put_nowait(_Work(message.id, message))
+        size = len(message.data)
+        if self._handoff_bytes + size > HANDOFF_MEMORY:
+            self._queue.put_nowait(_Work(message.id, None))  # loaded when its turn comes
+            return
+        self._handoff_bytes += size
+        self._queue.put_nowait(_Work(message.id, message, size=size))
 
     async def _poll_loop(self) -> None:
         interval = max(0.05, self.config.delivery.scan_interval)
@@ -184,8 +201,9 @@ class Delivery:
             if self._queue.qsize() < self.concurrency:
                 self._room.set()  # the poll may search again
             work = await self._queue.get()
+            self._handoff_bytes -= work.size
             try:
-                await self._process(work)
+                await self._within_budget(work)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -235,6 +253,20 @@ class Delivery:
         if stale and await self.spool.state_of(work.queue_id) != MessageState.ACTIVE:
             return None
         return work.message
+
+    async def _within_budget(self, work: _Work) -> None:
+        """Attempt ``work`` once its message's bytes fit in the memory budget (the usual
+        case: at once); if they never do, the poll finds the message again later."""
+        size = work.size
+        if work.message is None:
+            size = await self.spool.stored_size(work.queue_id)
+        reservation = self.budget.reservation()
+        if not await reservation.take(size, BUDGET_WAIT):
+            return
+        try:
+            await self._process(work)
+        finally:
+            reservation.release()
 
     async def _process(self, work: _Work) -> None:
         message = await self._claim(work)

@@ -39,6 +39,8 @@ class Transaction(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.context: MessageContext | None = None
+        self.pieces: list[bytes] = []  # the message read by the protocol, dot-unstuffed
+        self.declared_size = 0  # MAIL FROM's SIZE= (0: none): DATA reserves it at once
 
 
 class PolicyHandler:
@@ -112,6 +114,7 @@ class PolicyHandler:
             return decision
         envelope.mail_from = address
         envelope.smtp_utf8 = bool(options.get("SMTPUTF8"))
+        envelope.declared_size = int(options.get("SIZE", 0))
         envelope.context = ctx
         return "250 2.1.0 Sender ok"
 
@@ -132,11 +135,12 @@ class PolicyHandler:
         return "250 2.1.5 Recipient ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Transaction) -> str:
-        """``envelope.content``: the message, dot-unstuffed and checked by the protocol.
+        """``envelope.pieces``: the message, dot-unstuffed and checked by the protocol.
         Trace, run the DATA stage, queue: the final reply."""
         ctx = _context(envelope)
-        assert isinstance(envelope.content, bytes)
-        ctx.data = _received_header(server.hostname, session, ctx) + envelope.content
+        # One copy of the message: the pieces joined behind the trace header, then let go.
+        ctx.data = b"".join([_received_header(server.hostname, session, ctx), *envelope.pieces])
+        envelope.pieces.clear()
         decision = await self._run_stage(Stage.DATA, ctx)
         if isinstance(decision, str):
             return decision

@@ -9,6 +9,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 
+from gateway.budget import DataBudget
 from gateway.config import Config
 from gateway.intake.handler import PolicyHandler
 from gateway.intake.protocol import GatewaySMTP
@@ -45,19 +46,25 @@ def make_tls_context(config: Config) -> ssl.SSLContext | None:
 class Intake:
     """The listeners and the sessions; :meth:`reload` swaps the runtime for new sessions."""
 
-    def __init__(self, services: Services, runtime: Runtime) -> None:
+    def __init__(
+        self, services: Services, runtime: Runtime, data_budget: DataBudget | None = None
+    ) -> None:
         """``services``: only their metrics are the intake's; the runtime's cleanup step
-        holds the rest (the spool, the DKIM signer)."""
+        holds the rest (the spool, the DKIM signer).  ``data_budget``: the process's memory
+        budget for message bytes, shared with delivery (a new one without)."""
         self.metrics: Metrics = services.metrics or Metrics()
         self.sessions: set[GatewaySMTP] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping = False
+        # One budget for the process's sessions, kept across reloads (a reload sets its size).
+        self.data_budget = data_budget or DataBudget(runtime.config.gateway.data_memory)
         self._idle = asyncio.Event()
         self._idle.set()
         self._use(runtime)
 
     def _use(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.data_budget.resize(runtime.config.gateway.data_memory)
         self.handler = PolicyHandler(
             runtime.chain, runtime.cleanup, runtime.config.gateway.client_networks, self.metrics
         )

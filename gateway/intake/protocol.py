@@ -46,7 +46,9 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import SMTP, Envelope, syntax
 
 from gateway.addresses import AddressError, split_path
+from gateway.budget import DataBudget, Reservation
 from gateway.config import Config
+from gateway.intake.data import DataPieces
 from gateway.intake.handler import MailOptions, PolicyHandler, Transaction
 from gateway.log import event, printable
 from gateway.metrics import Metrics
@@ -54,6 +56,7 @@ from gateway.metrics import Metrics
 log = logging.getLogger("smg.intake")
 
 COMMAND_BUFFER = 8192  # bytes a command line may fill the reader's buffer with
+DATA_CHUNK = 65536  # the reader's limit in DATA: its buffer pauses the transport at twice this
 MAX_HOPS = 50  # Received: headers before we call it a mail loop (Postfix's hopcount_limit)
 IDENT = "ESMTP Secure Mail Gateway"
 # aiosmtpd decodes command arguments as UTF-8 with surrogateescape: a surrogate is a byte that
@@ -66,6 +69,7 @@ class Sessions(Protocol):
 
     stopping: bool
     metrics: Metrics
+    data_budget: DataBudget  # message bytes in flight, shared by the process's sessions
 
     def admit(self, session: GatewaySMTP, client_ip: str) -> str | None: ...
 
@@ -122,7 +126,7 @@ class GatewaySMTP(SMTP):
         self._refused = False
         # The reader's buffer limit while reading commands: a client cannot make a session
         # buffer more than this without a line end (aiosmtpd answers 500 and reads on).
-        # DATA raises it to the message size for its reads (see _read_data).
+        # DATA sets it to DATA_CHUNK for its reads (see _read_data).
         self.line_length_limit = COMMAND_BUFFER
         super().__init__(
             handler,
@@ -311,72 +315,131 @@ class GatewaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA (no arguments)")
             return
         self.busy = True
+        reservation = self.intake.data_budget.reservation()
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             self._reset_timeout(self.config.gateway.data_timeout)
-            data, problem = await self._read_data()
+            pieces, problem = await self._read_data(reservation)
             self._reset_timeout()
-            reply = problem or await self._message(envelope, data)
+            reply = problem or await self._message(envelope, pieces)
+            del pieces
+            reservation.release()  # the message is queued or refused: its bytes are gone
             self._set_post_data_state()
             await self.push(reply)
         finally:
+            reservation.release()  # also on a disconnect, a timeout or a cancelled session
             self.busy = False
         if self.intake.stopping:
             self.close_with("421 4.3.2 Service shutting down, try again later")
 
     # --- DATA ---------------------------------------------------------------------------
 
-    async def _read_data(self) -> tuple[bytes, str | None]:
-        """Read up to ``<CRLF>.<CRLF>``; the bytes (dot-unstuffed) or a refusal.
+    async def _read_data(self, reservation: Reservation) -> tuple[list[bytes], str | None]:
+        """Read up to ``<CRLF>.<CRLF>``; the pieces (dot-unstuffed) or a refusal.
 
         Only a line that is exactly ``.`` between two CRLFs ends the data; the reader is left
-        right after it (pipelined commands stay for the command loop)."""
-        limit = self.config.gateway.max_message_size
-        chunks: list[bytes] = []
-        size = 0
-        tail = b"\r\n"  # the DATA command line ended a line
+        right after it (pipelined commands stay for the command loop).  The reader's buffer
+        stays bounded (``DATA_CHUNK``): when it is full the transport pauses, which is how a
+        session waiting for the memory budget (``reservation``) stops its client."""
+        gateway = self.config.gateway
+        data = DataPieces(gateway.max_line_length)
+        self._tail = b"\r\n"  # the DATA command line ended a line
+        deadline = asyncio.get_running_loop().time() + gateway.data_timeout
+        starved = False
         reader = self._reader
-        # One readuntil() per ".<CRLF>" instead of one per line: the buffer may hold a whole
-        # message now.  asyncio.StreamReader keeps its limit in _limit (3.7 to 3.13).
-        reader._limit = limit + 4096  # type: ignore[attr-defined]
+        reader._limit = DATA_CHUNK  # type: ignore[attr-defined]  # _limit: 3.7 to 3.13
+        declared = min(self.envelope.declared_size, gateway.max_message_size)
+        if declared and not await self._reserve(reservation, declared, deadline, prepay=True):
+            starved = True
+            data.drop()
         try:
             while True:
-                try:
-                    piece = await reader.readuntil(b".\r\n")
-                except asyncio.LimitOverrunError as exc:
-                    piece = await reader.readexactly(exc.consumed)
-                    size += len(piece)
-                    chunks.clear()  # too large for sure: keep nothing, read on to the end
-                    tail = _last_two(tail, piece)
-                    continue
-                except asyncio.IncompleteReadError as exc:
-                    raise ConnectionResetError("connection closed during DATA") from exc
-                before = piece[:-3]
-                if _last_two(tail, before) == b"\r\n":  # "." alone on its line: the end
-                    size += len(before)
-                    if size <= limit:
-                        chunks.append(before)
+                piece, last = await self._next_piece(reader)
+                if data.keep and data.size + len(piece) > gateway.max_message_size:
+                    data.drop()  # too large for sure: keep nothing, read on to the end
+                    reservation.release()
+                elif data.keep and not await self._reserve(reservation, len(piece), deadline):
+                    starved = True
+                    data.drop()
+                    reservation.release()
+                data.add(piece)
+                if last:
                     break
-                size += len(piece)
-                if size <= limit:
-                    chunks.append(piece)
-                tail = piece[-2:]
         finally:
             reader._limit = COMMAND_BUFFER  # type: ignore[attr-defined]
-        if size > limit:
-            reply = f"552 5.3.4 Message size exceeds the fixed limit of {limit} bytes"
-            return b"", self._refuse_data("size", reply, size=size)
-        data = b"".join(chunks)
-        return data, self._data_problem(data)
+        return data.pieces, self._data_problem(data, starved)
 
-    def _data_problem(self, data: bytes) -> str | None:
-        crlf = data.count(b"\r\n")
-        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+    async def _next_piece(self, reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+        """The next raw piece of DATA (up to about ``3 * DATA_CHUNK`` bytes, never ending
+        between a CR and its LF), and whether it is the last (the end line taken off).
+
+        Lines ending in "." come one ``readuntil`` each; they are gathered up to DATA_CHUNK
+        so that the checks and the budget run once per piece, not once per such line."""
+        batch: list[bytes] = []
+        size = 0
+        tail = self._tail
+        last = False
+        while size < DATA_CHUNK:
+            try:
+                piece = await reader.readuntil(b".\r\n")
+            except asyncio.LimitOverrunError as exc:
+                cut = exc.consumed
+                if cut > 1 and reader._buffer[cut - 1] == 13:  # type: ignore[attr-defined]
+                    cut -= 1  # leave the CR with its LF: the checks see every CRLF whole
+                piece = await reader.readexactly(cut)
+                batch.append(piece)
+                tail = _last_two(tail, piece)
+                break
+            except asyncio.IncompleteReadError as exc:
+                raise ConnectionResetError("connection closed during DATA") from exc
+            before = piece[:-3]
+            if _last_two(tail, before) == b"\r\n":  # "." alone on its line: the end
+                batch.append(before)
+                tail, last = b"\r\n", True
+                break
+            batch.append(piece)
+            size += len(piece)
+            tail = piece[-2:]
+        self._tail = tail
+        return (batch[0] if len(batch) == 1 else b"".join(batch)), last
+
+    async def _reserve(
+        self, reservation: Reservation, size: int, deadline: float, prepay: bool = False
+    ) -> bool:
+        """Take ``size`` bytes of the memory budget, waiting (reading nothing, so TCP holds the
+        client back) at most until the DATA timeout; False if it never came."""
+        if not prepay and reservation.take_now(size):
+            return True
+        loop = asyncio.get_running_loop()
+        wait = deadline - loop.time()
+        self._reset_timeout(wait + 5)  # the wait ends first and answers 452, not 421
+        take = reservation.prepay if prepay else reservation.take
+        taken = await take(size, wait)
+        # Starved: the client may still have much to send before it reads our 452.
+        self._reset_timeout(deadline - loop.time() if taken else self.config.gateway.data_timeout)
+        return taken
+
+    def _data_problem(self, data: DataPieces, starved: bool) -> str | None:
+        gateway = self.config.gateway
+        if data.size > gateway.max_message_size:
+            limit = gateway.max_message_size
+            reply = f"552 5.3.4 Message size exceeds the fixed limit of {limit} bytes"
+            return self._refuse_data("size", reply, size=data.size)
+        if starved:
+            reply = "452 4.3.1 Insufficient system storage, try again later"
+            return self._refuse_data("memory", reply, size=data.size)
+        if data.bare_line_ending:
             reply = "550 5.6.11 Message refused: bare CR or LF found, lines must end with CRLF"
             return self._refuse_data("bare_line_ending", reply)
-        if b"\x00" in data:
+        if data.has_nul:
             reply = "554 5.6.0 Message refused: NUL characters are not allowed (RFC 5322)"
             return self._refuse_data("nul", reply)
+        if data.longest > gateway.max_line_length:
+            reply = f"550 5.6.0 Message has a line longer than {gateway.max_line_length} characters"
+            return self._refuse_data("line_length", reply)
+        if data.hops() >= MAX_HOPS:
+            reply = f"554 5.4.6 Too many hops ({MAX_HOPS} Received: headers): mail loop?"
+            return self._refuse_data("mail_loop", reply)
         return None
 
     def _refuse_data(self, reason: str, reply: str, **fields: Any) -> str:
@@ -390,18 +453,9 @@ class GatewaySMTP(SMTP):
     def _count_reject(self, stage: str, reason: str) -> None:
         self.intake.metrics.inc("rejected", stage=stage, reason=reason)
 
-    async def _message(self, envelope: Transaction, raw: bytes) -> str:
-        """Unstuff and check the message, then the handler's reply for it."""
-        data = raw[1:] if raw.startswith(b".") else raw
-        data = data.replace(b"\r\n.", b"\r\n")
-        max_line = self.config.gateway.max_line_length
-        if len(data) > max_line and max(map(len, data.split(b"\r\n"))) > max_line:
-            reply = f"550 5.6.0 Message has a line longer than {max_line} characters"
-            return self._refuse_data("line_length", reply)
-        if _hops(data) >= MAX_HOPS:
-            reply = f"554 5.4.6 Too many hops ({MAX_HOPS} Received: headers): mail loop?"
-            return self._refuse_data("mail_loop", reply)
-        envelope.content = data
+    async def _message(self, envelope: Transaction, pieces: list[bytes]) -> str:
+        """The handler's reply for a message that passed the protocol's checks."""
+        envelope.pieces = pieces  # the handler joins them once, behind its Received: header
         return await self.handler.handle_DATA(self, self.session, envelope)
 
 
@@ -421,9 +475,3 @@ def _non_ascii_problem(path: str, smtputf8: bool, which: str) -> str | None:
 def _last_two(tail: bytes, piece: bytes) -> bytes:
     """The last two bytes of the stream after ``piece`` (``tail``: the two before it)."""
     return piece[-2:] if len(piece) >= 2 else (tail + piece)[-2:]
-
-
-def _hops(data: bytes) -> int:
-    header_end = data.find(b"\r\n\r\n")
-    head = data if header_end < 0 else data[: header_end + 2]
-    return len(re.findall(rb"(?im)^received:", head))

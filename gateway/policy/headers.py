@@ -22,14 +22,19 @@ def line_end(data: bytes) -> bytes:
 
 def split_header(data: bytes) -> tuple[bytes, bytes]:
     """(header block including its last line end, the rest from the empty line on)."""
+    cut = header_end(data)
+    return data[:cut], data[cut:]
+
+
+def header_end(data: bytes) -> int:
+    """Where :func:`split_header` cuts, without copying either part."""
     if data.startswith((b"\r\n", b"\n")):
-        return b"", data
+        return 0
     ends = [pos for pos in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if pos >= 0]
     if not ends:
-        return data, b""
+        return len(data)
     cut = min(ends)
-    cut += 2 if data[cut : cut + 4] == b"\r\n\r\n" else 1
-    return data[:cut], data[cut:]
+    return cut + (2 if data[cut : cut + 4] == b"\r\n\r\n" else 1)
 
 
 def fields(header: bytes) -> list[tuple[str, bytes]]:
@@ -76,9 +81,12 @@ def remove(data: bytes, names: Iterable[str]) -> bytes:
     return b"".join(raw for name, raw in entries if name not in drop) + rest
 
 
-def prepend(data: bytes, new_fields: Iterable[tuple[str, str]]) -> bytes:
-    """``data`` with ``Name: value`` fields added on top, in the order given."""
-    eol = line_end(data).decode()
+def prepend(
+    data: bytes, new_fields: Iterable[tuple[str, str]], eol_bytes: bytes | None = None
+) -> bytes:
+    """``data`` with ``Name: value`` fields added on top, in the order given (``eol_bytes``:
+    the line end, when ``data`` is a header block cut from its message)."""
+    eol = (eol_bytes or line_end(data)).decode()
     lines = []
     for name, value in new_fields:
         # A value never carries its own line breaks: they could forge further fields.

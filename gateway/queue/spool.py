@@ -297,6 +297,15 @@ class Spool:
     async def load(self, queue_id: str, with_data: bool = True) -> QueuedMessage | None:
         return await self._read(lambda conn: store.load_message(conn, queue_id, with_data))
 
+    async def stored_size(self, queue_id: str) -> int:
+        """The size of a message's data (0 if it is gone), without loading it."""
+
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT size FROM messages WHERE id = ?", (queue_id,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._read(query)
+
     async def due(self, limit: int, now: float | None = None) -> list[str]:
         """Ids of messages due for an attempt by this process (see :func:`due_ids`)."""
         when = time.time() if now is None else now

@@ -105,6 +105,7 @@ def test_values_that_stay_allowed() -> None:
                 "client_networks": ["2001:db8:1::/48", "10.0.0.0/8", "::1/128"],
                 "metrics_listen": "[::1]:9925",
                 "max_message_size": max_message_size(),
+                "data_memory": max_message_size(),  # the budget holds one such message
             },
             "dns": {"negative_ttl_max": 0, "nameservers": ["[::1]:53", "127.0.0.1"]},
             "delivery": {"connection_reuse": 0},

@@ -286,3 +286,30 @@ def test_unicode_from_domain_matches_its_idna_key() -> None:
 
     value = "Jürgen <j@bücher.example>".encode()
     assert from_domain([(b"From", b" " + value + b"\r\n")]) == "xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        b"\r\nHello.\r\n",
+        b"\r\nHello.\r\n\r\n\r\n",
+        b"\r\nno end",
+        b"\r\n",
+        b"",
+        b"\r\nrun  of spaces \r\n\tand a tab\r\n",
+        b"\r\nbare\nLF\r\n",
+    ],
+    ids=["plain", "trailing", "no-eol", "empty", "no-body", "whitespace", "bare-lf"],
+)
+def test_header_signatures_hash_the_body_in_place(keydir: Path, rest: bytes) -> None:
+    """The cleanup signs its new header block over the body where it lies; the fields are
+    the ones ``sign`` puts on the whole message."""
+    k = key(keydir, "example.com", "ed1")
+    signer = DkimSigner([k], HEADERS)
+    head = message().split(b"\r\n\r\n")[0] + b"\r\n"
+    data = b"X-Old: dropped by the cleanup\r\n" + head + rest
+    cut = len(data) - len(rest)
+    with mock.patch("time.time", return_value=NOW):
+        fields = signer.header_signatures(head, data, cut)
+        whole = signer.sign(head + rest)
+    assert fields and whole == fields + head + rest

@@ -122,6 +122,15 @@ def test_relay_unit_is_hardened(fleet: Fleet) -> None:
     assert "rspamd.service" not in relay.unit_file(fleet.get("otc-de-mta03"))
 
 
+def test_relay_unit_memory_follows_the_budget_and_workers(fleet: Fleet) -> None:
+    unit = relay.unit_file(fleet.get("otc-de-mta01"))
+    assert "MemoryMax=1152M" in unit.splitlines()  # 128 MiB + 4 x 256 MiB (the default)
+    assert "TasksMax=48" in unit.splitlines()
+    limits = relay.unit_limits({"data_memory": "64MiB", "workers": 2})
+    assert limits["memory_max"] == "768M"  # 2 x (128 MiB + 4 x 64 MiB)
+    assert limits["tasks_max"] == 80
+
+
 def test_rspamd_listens_on_loopback_only_without_fuzzy(fleet: Fleet) -> None:
     files = rspamd.config_files(fleet.get("otc-de-mta01"))
     assert 'bind_socket = "127.0.0.1:11333";' in files["override.d/worker-normal.inc"]

@@ -225,6 +225,29 @@ async def test_rspamd_request_headers_and_keepalive() -> None:
     assert body == b"Subject: x\r\n\r\nbody\r\n"
 
 
+async def test_rspamd_large_message_arrives_whole_in_chunks() -> None:
+    bodies: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(3):
+            request = await read_request(reader)
+            if request is None:
+                break
+            bodies.append(request[1])
+            writer.write(response(json.dumps(REPLY).encode()))
+            await writer.drain()
+        writer.close()
+
+    big = b"Subject: big\r\n\r\n" + bytes(range(256)) * 5000  # 1.2 MB: several chunks
+    server, port = await tcp_server(handler)
+    async with server:
+        client = RspamdClient(f"http://127.0.0.1:{port}", timeout=5)
+        assert (await client.check(big))["score"] == 15.5
+        assert (await client.check(b"small"))["score"] == 15.5
+        await client.close()
+    assert bodies == [big, b"small"]
+
+
 async def test_rspamd_reconnects_when_server_closed_idle_connection() -> None:
     async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
