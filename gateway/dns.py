@@ -35,6 +35,17 @@ import dns.resolver
 
 from gateway.config import DnsSection
 
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def unmapped(address: IpAddress) -> IpAddress:
+    """``::ffff:192.0.2.1`` (an IPv4 peer on a dual-stack socket, or such a record) as
+    ``192.0.2.1``: every address rule of the relay judges an IPv4 address as IPv4."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
 OK = "ok"
 NXDOMAIN = "nxdomain"
 NODATA = "nodata"
@@ -226,11 +237,9 @@ class Resolver:
     def is_public(self, ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """Global unicast, or inside ``dns.extra_public_networks`` (lab and test ranges)."""
         try:
-            address = ipaddress.ip_address(ip)
+            address = unmapped(ipaddress.ip_address(ip))
         except ValueError:
             return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
         if any(address in network for network in self._public_extra):
             return True
         return address.is_global and not address.is_multicast

@@ -31,10 +31,10 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.dns import IpAddress, unmapped
+
 NOT_ROUTABLE = "5.4.4"  # RFC 3463: unable to route (no usable next hop)
 LOOP = "5.4.6"  # RFC 3463: routing loop detected
-
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class PublicRule(Protocol):
@@ -118,10 +118,7 @@ class Screen:
 
 
 def _normal(text: str) -> IpAddress:
-    address = ipaddress.ip_address(text.strip().strip("[]"))
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
+    return unmapped(ipaddress.ip_address(text.strip().strip("[]")))
 
 
 def _is_local(address: IpAddress) -> bool:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.dns import NODATA, NXDOMAIN, OK, TEMPFAIL, Resolver
+from gateway.dns import NODATA, NXDOMAIN, OK, TEMPFAIL, Resolver, unmapped
 from gateway.dsn import bounded_headers
 from gateway.scanners.clamd import ClamdClient, ClamdError
 
@@ -51,7 +51,7 @@ class NoticeCheck:
 def client_network(client_ip: str, client_networks: Iterable[Any]) -> Network:
     """The narrowest entry of ``client_networks`` that holds ``client_ip`` (the IP alone as a
     /32 or /128 when none does)."""
-    address = _unmapped(ipaddress.ip_address(client_ip))
+    address = unmapped(ipaddress.ip_address(client_ip))
     holding = [net for net in client_networks if address.version == net.version and address in net]
     if not holding:
         return ipaddress.ip_network(address)
@@ -97,17 +97,10 @@ async def _sender_hosts(resolver: Resolver, domain: str) -> tuple[list[str], lis
 
 def _inside(text: str, network: Network) -> bool:
     try:
-        address = _unmapped(ipaddress.ip_address(text))
+        address = unmapped(ipaddress.ip_address(text))
     except ValueError:
         return False
     return address.version == network.version and address in network
-
-
-def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Any:
-    """``::ffff:192.0.2.1`` (an IPv4 client on a dual-stack socket) as ``192.0.2.1``."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
 
 
 async def quotable_headers(clamd: ClamdClient | None, original: bytes, virus: str) -> bytes:

@@ -12,17 +12,16 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
+from gateway.dns import unmapped
 from gateway.policy.chain import Action, MessageContext, Reply, RuleResult, Stage
 
 
 def client_allowed(client_ip: str, networks: Iterable[Any]) -> bool:
     """True if ``client_ip`` lies in one of ``networks`` (IPv4-mapped IPv6 counts as IPv4)."""
     try:
-        address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+        address = unmapped(ipaddress.ip_address(client_ip.split("%", 1)[0]))
     except ValueError:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
     return any(address in network for network in networks)
 
 

@@ -19,6 +19,7 @@ import ipaddress
 import re
 
 from gateway.config import RoutingSection
+from gateway.dns import unmapped
 from gateway.policy import headers
 from gateway.policy.chain import MessageContext, RuleResult, Stage
 from gateway.policy.rules.spam import SpamVerdict, describe
@@ -79,8 +80,7 @@ def _same_ip(a: str, b: str) -> bool:
         first, second = ipaddress.ip_address(a), ipaddress.ip_address(b)
     except ValueError:
         return False
-    mapped = getattr(first, "ipv4_mapped", None)
-    return (mapped or first) == second
+    return unmapped(first) == second
 
 
 class VerdictRule:
