@@ -27,6 +27,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from gateway.budget import DataBudget
@@ -43,7 +44,7 @@ from gateway.log import event, setup_logging
 from gateway.metrics import Metrics
 from gateway.policy.build import build_chain
 from gateway.policy.cleanup import Cleanup
-from gateway.queue.spool import Spool, SpoolUnavailable
+from gateway.queue.spool import Spool, SpoolDamaged, SpoolUnavailable
 from gateway.services import Services, build_services
 from gateway.workers import worker_index
 
@@ -69,6 +70,8 @@ class Relay:
         self.delivery: Delivery | None = None
         self._stop = asyncio.Event()
         self._reloading: asyncio.Task[None] | None = None
+        self._checking: asyncio.Task[None] | None = None
+        self.damaged = False  # the background check of a big spool failed: exit 1
 
     # --- building -----------------------------------------------------------------------
 
@@ -114,6 +117,24 @@ class Relay:
             raise StartupError(f"cannot listen: {exc}") from None
         event(log, "ready", role=config.gateway.role, hostname=config.gateway.hostname,
               listen=",".join(f"{h}:{p}" for h, p in self.intake.addresses))  # fmt: skip
+        if spool.check_later:
+            self._checking = asyncio.get_running_loop().create_task(self._check_spool(spool))
+
+    async def _check_spool(self, spool: Spool) -> None:
+        """The start check of a big spool, run while the relay accepts mail (see
+        Spool.open): a damaged spool still stops the relay, a little later."""
+        started = time.monotonic()
+        try:
+            await spool.check()
+        except SpoolDamaged as exc:
+            log.error("stopping: %s", exc)
+            self.damaged = True
+            self._stop.set()
+            return
+        except SpoolUnavailable as exc:
+            log.warning("the spool check could not run: %s", exc)
+            return
+        event(log, "spool_checked", seconds=f"{time.monotonic() - started:.1f}")
 
     def _register_gauges(self, spool: Spool) -> None:
         async def queue_sizes() -> dict[tuple[tuple[str, str], ...], float]:
@@ -222,4 +243,4 @@ async def serve(config_path: str | Path) -> int:
     relay.install_signal_handlers()
     await relay.wait()
     await relay.stop()
-    return 0
+    return 1 if relay.damaged else 0

@@ -5,9 +5,12 @@ never block the relay, and each change is one short transaction.  The relay poll
 ``delivery.scan_interval``, so a flush or a release takes effect within that time; a hold or a
 delete made during a delivery attempt wins over the attempt's result.
 
-    smg queue list [--json]     every queued message with its recipients and their last reply
+    smg queue list [--json] [--limit N] [--after ID] [--destination DOMAIN]
+                                queued messages with their recipients and last reply, oldest
+                                first, read a page at a time (never all in memory)
     smg queue show ID [--body]  one message: envelope, states, facts, headers (or whole message)
-    smg queue flush             every deferred message is due now (held ones stay held)
+    smg queue flush [--destination DOMAIN]
+                                every deferred message (of DOMAIN) is due now (held ones stay)
     smg queue hold ID           keep ID in the queue until released
     smg queue release ID        make a held ID due now
     smg queue delete ID         remove ID from the queue (no NDR)
@@ -23,6 +26,8 @@ import json
 import re
 import sqlite3
 import sys
+import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +50,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.set_defaults(handler=handler)
         return parser
 
-    listing = action("list", "every queued message", _list)
+    listing = action("list", "queued messages, oldest first", _list)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument("--limit", type=_positive, help="at most N messages")
+    listing.add_argument("--after", default="", metavar="ID", help="messages after this id")
+    listing.add_argument("--destination", metavar="DOMAIN", help="only mail to this domain")
     show = action("show", "one message in detail", _show, with_id=True)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.add_argument("--body", action="store_true", help="print the whole message")
-    action("flush", "attempt every deferred message now", _flush)
+    flush = action("flush", "attempt every deferred message now", _flush)
+    flush.add_argument("--destination", metavar="DOMAIN", help="only mail to this domain")
     action("hold", "keep a message until released", _hold, with_id=True)
     action("release", "make a held message due now", _release, with_id=True)
     action("delete", "remove a message from the queue (no NDR)", _delete, with_id=True)
@@ -60,6 +69,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --- plumbing ---------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--limit must be a whole number >= 1, not {text!r}")
+    return value
 
 
 def _fail(message: str) -> int:
@@ -138,32 +157,49 @@ def _state_text(message: QueuedMessage) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     def body(admin: SpoolAdmin) -> int:
-        messages = admin.list()
+        destination = args.destination.lower() if args.destination else None
+        messages = admin.pages(args.after, args.limit, destination)
         if args.json:
-            print(json.dumps([_to_json(m) for m in messages], indent=2, default=str))
+            _print_json_stream(messages)
             return 0
-        if not messages:
-            print("Mail queue is empty")
-            return 0
-        print(f"{'Queue ID':<14} {'Size':>8}  {'Arrival':<25} {'State':<10} Sender")
+        count = total = 0
         for m in messages:
-            sender = printable(m.sender) or ("<> (NDR)" if m.kind == MessageKind.NDR else "<>")
-            print(
-                f"{m.id:<14} {m.size_on_disk:>8}  {_when(m.created_at):<25} {m.state:<10} {sender}"
-            )
-            if m.state in (MessageState.HELD, MessageState.DEFERRED):
-                print(f"{'':<16}{_state_text(m)}, {m.attempts} attempt(s)")
-            for r in m.recipients:
-                reply = f"  ({printable(r.last_reply)})" if r.last_reply else ""
-                print(f"{'':<16}{printable(r.address)}  [{r.status}]{reply}")
-            print()
-        total = sum(m.size_on_disk for m in messages)
-        by_state = admin.counts()
-        states = ", ".join(f"{n} {s}" for s, n in by_state.items() if n)
-        print(f"-- {total // 1024 or 1} KiB in {len(messages)} message(s): {states}")
+            if count == 0:
+                print(f"{'Queue ID':<14} {'Size':>8}  {'Arrival':<25} {'State':<10} Sender")
+            _print_entry(m)
+            count, total = count + 1, total + m.size_on_disk
+        if count == 0:
+            print("Mail queue is empty" if not (args.after or destination) else "No messages")
+            return 0
+        if args.limit or args.after or destination:
+            print(f"-- {total // 1024 or 1} KiB in {count} message(s) listed")
+            return 0
+        states = ", ".join(f"{n} {s}" for s, n in admin.counts().items() if n)
+        print(f"-- {total // 1024 or 1} KiB in {count} message(s): {states}")
         return 0
 
     return _run(args, body)
+
+
+def _print_json_stream(messages: Iterable[QueuedMessage]) -> None:
+    """A JSON array written element by element (a million messages never in memory at once)."""
+    out = sys.stdout
+    out.write("[")
+    for i, m in enumerate(messages):
+        text = json.dumps(_to_json(m), indent=2, default=str)
+        out.write(("," if i else "") + "\n" + textwrap.indent(text, "  "))
+    out.write("\n]\n")
+
+
+def _print_entry(m: QueuedMessage) -> None:
+    sender = printable(m.sender) or ("<> (NDR)" if m.kind == MessageKind.NDR else "<>")
+    print(f"{m.id:<14} {m.size_on_disk:>8}  {_when(m.created_at):<25} {m.state:<10} {sender}")
+    if m.state in (MessageState.HELD, MessageState.DEFERRED):
+        print(f"{'':<16}{_state_text(m)}, {m.attempts} attempt(s)")
+    for r in m.recipients:
+        reply = f"  ({printable(r.last_reply)})" if r.last_reply else ""
+        print(f"{'':<16}{printable(r.address)}  [{r.status}]{reply}")
+    print()
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -213,6 +249,11 @@ def _message_lines(data: bytes, headers_only: bool = False) -> list[str]:
 
 def _flush(args: argparse.Namespace) -> int:
     def body(admin: SpoolAdmin) -> int:
+        if args.destination:
+            changed = admin.flush_destination(args.destination)
+            print(f"{changed} deferred message(s) to {printable(args.destination.lower())} due"
+                  " now; the relay picks them up within its scan")  # fmt: skip
+            return 0
         changed = admin.flush()
         print(f"{changed} deferred message(s) due now; the relay picks them up within its scan")
         return 0

@@ -99,6 +99,12 @@ class QueuedMessage:
         return len(self.data) or self.stored_size
 
     @property
+    def destination(self) -> str:
+        """The spool's destination column: the first recipient's domain, lower case."""
+        first = min(self.recipients, key=lambda r: r.position, default=None)
+        return first.address.rpartition("@")[2].lower() if first else ""
+
+    @property
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.status == RecipientStatus.PENDING]
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.queue import store
+from gateway.queue import backlog, store
 from gateway.queue.errors import (
     SpoolDamaged,
     SpoolFull,
@@ -70,6 +70,11 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
 
 
 RUNBOOK = "docs/queue.md, section 'Damaged spool'"
+# A spool larger than this is checked after the relay accepts mail, not before: quick_check
+# reads every page (about 2 s per GiB warm, far more cold), and a big backlog must not keep
+# the relay from accepting for minutes after a restart.
+BACKGROUND_CHECK_SIZE = 256 << 20
+DESTINATION_PAGE = 256  # destinations read per step of the due scan
 
 
 def _damaged(db_path: Path, said: str) -> SpoolDamaged:
@@ -100,6 +105,8 @@ class Spool:
         self._listeners: list[Callable[[QueuedMessage], None]] = []
         self._claimable: set[str] = {process_owner()}  # owners whose active mail we may take
         self._closed = False
+        self._cursor: str | None = None  # the due scan's last destination (round robin)
+        self.check_later = False  # the start check was left for check() (a big spool)
 
     @classmethod
     async def open(
@@ -109,7 +116,9 @@ class Spool:
 
         ``check``: run SQLite's quick_check on an existing database first and raise
         :class:`SpoolDamaged` if it fails (the relay at start: it must not run on a damaged
-        spool, where a later write could spread the damage or lose mail)."""
+        spool, where a later write could spread the damage or lose mail).  On a database
+        larger than BACKGROUND_CHECK_SIZE the check is left to :meth:`check` and
+        ``check_later`` is set: the caller runs it while accepting mail."""
         db_path = resolve_path(path)
         return await asyncio.to_thread(cls._open_sync, db_path, busy_timeout, check)
 
@@ -120,10 +129,11 @@ class Spool:
             # Several workers start at once: switching a new database to WAL takes a lock that
             # SQLite does not wait for, so they take turns on the lock file here.
             with file_lock(db_path.with_suffix(".lock")):
-                existed = db_path.exists() and db_path.stat().st_size > 0
+                size = db_path.stat().st_size if db_path.exists() else 0
+                later = check and size > BACKGROUND_CHECK_SIZE
                 conn = store.connect(db_path, busy_timeout)
                 try:
-                    if check and existed:
+                    if check and size > 0 and not later:
                         _check_integrity(conn, db_path)
                     conn.execute("BEGIN IMMEDIATE")
                     store.create_schema(conn)
@@ -142,7 +152,22 @@ class Spool:
             raise unavailable(f"cannot open spool {db_path}", exc) from exc
         writer = Writer(db_path, busy_timeout)
         writer.start()
-        return cls(db_path, writer, reader)
+        spool = cls(db_path, writer, reader)
+        spool.check_later = later
+        return spool
+
+    async def check(self) -> None:
+        """SQLite's quick_check on a connection of its own (read-only: it never blocks the
+        writer); raises :class:`SpoolDamaged`."""
+
+        def run() -> None:
+            conn = store.connect(self.path, readonly=True)
+            try:
+                _check_integrity(conn, self.path)
+            finally:
+                conn.close()
+
+        await asyncio.to_thread(run)
 
     async def close(self) -> None:
         if self._closed:
@@ -306,17 +331,57 @@ class Spool:
 
         return await self._read(query)
 
-    async def due(self, limit: int, now: float | None = None) -> list[str]:
-        """Ids of messages due for an attempt by this process (see :func:`due_ids`)."""
+    async def due(
+        self,
+        limit: int,
+        now: float | None = None,
+        rooms: dict[str, int] | None = None,
+        room: int | None = None,
+    ) -> list[str]:
+        """Ids of up to ``limit`` messages due for an attempt by this process, taken
+        destination by destination (round robin from where the last scan stopped): at most
+        ``rooms[d]`` of destination ``d`` (0: skip it, it is paused or full), ``room`` of any
+        other.  Each destination costs index seeks, so a paused destination with a million
+        due messages costs the others nothing (see :mod:`gateway.queue.backlog`)."""
         when = time.time() if now is None else now
+        rooms = rooms or {}
+        default = limit if room is None else room
 
         def query(conn: sqlite3.Connection) -> list[str]:
             me = process_owner()
             gone = {o for o in store.active_owners(conn) if o != me and not owner_alive(o)}
             self._claimable = {me, *gone}
-            return store.due_ids(conn, when, limit, tuple(self._claimable))
+            return self._scan(conn, when, limit, lambda d: rooms.get(d, default))
 
         return await self._read(query)
+
+    def _scan(
+        self, conn: sqlite3.Connection, now: float, limit: int, room: Callable[[str], int]
+    ) -> list[str]:
+        found: list[str] = []
+        start, after, wrapped = self._cursor, self._cursor, self._cursor is None
+        last = start
+        while len(found) < limit:
+            names = backlog.destinations(conn, after, DESTINATION_PAGE)
+            if wrapped and start is not None:
+                names = [n for n in names if n <= start]
+            if not names:
+                if wrapped:
+                    break
+                wrapped, after = True, None
+                continue
+            for name in names:
+                last = name
+                take = min(room(name), limit - len(found))
+                if take > 0:
+                    found += backlog.due_for(conn, name, now, take, tuple(self._claimable))
+                if len(found) >= limit:
+                    break
+            after = names[-1]
+            if wrapped and start is not None and after >= start:
+                break
+        self._cursor = last
+        return found
 
     async def state_of(self, queue_id: str) -> MessageState | None:
         def query(conn: sqlite3.Connection) -> MessageState | None:
@@ -382,6 +447,17 @@ class SpoolAdmin:
 
     def list(self) -> list[QueuedMessage]:
         return store.list_messages(self.conn)
+
+    def pages(
+        self, after: str = "", limit: int | None = None, destination: str | None = None
+    ) -> Iterable[QueuedMessage]:
+        """The queue a page at a time (bounded memory, see :func:`backlog.pages`)."""
+        return backlog.pages(self.conn, after, destination=destination, limit=limit)
+
+    def flush_destination(self, destination: str) -> int:
+        return self._write(
+            lambda conn: backlog.flush_destination(conn, destination.lower(), time.time())
+        )
 
     def show(self, queue_id: str) -> QueuedMessage:
         message = store.load_message(self.conn, queue_id)

@@ -33,7 +33,7 @@ from gateway.queue.model import (
 from gateway.queue.owners import new_queue_id, process_owner
 
 DB_NAME = "queue.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT = 5.0  # seconds a writer waits for another process's lock (smg queue)
 
 # For the SQL text below: the stored values.
@@ -65,10 +65,12 @@ CREATE TABLE IF NOT EXISTS messages (
     client_ip    TEXT,
     helo         TEXT,
     facts        TEXT NOT NULL DEFAULT '{{}}',
-    owner        TEXT
+    owner        TEXT,
+    destination  TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
 CREATE INDEX IF NOT EXISTS messages_owner ON messages (state, owner);
+CREATE INDEX IF NOT EXISTS messages_destination ON messages (destination, state, next_attempt);
 CREATE TABLE IF NOT EXISTS recipients (
     message_id  TEXT NOT NULL,
     position    INTEGER NOT NULL,
@@ -142,13 +144,33 @@ def create_schema(conn: sqlite3.Connection) -> None:
         raise sqlite3.DatabaseError(
             f"spool schema version {version} is newer than this relay understands"
         )
-    if version == 1:  # version 2 added the owner column (several relay processes)
-        conn.execute("ALTER TABLE messages ADD COLUMN owner TEXT")
+    _migrate(conn, version)
     # Statement by statement: executescript() would commit the caller's transaction.
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def destination_of(address: str) -> str:
+    """A recipient's destination: its domain in lower case (what shaping and ``smg queue
+    --destination`` go by)."""
+    return address.rpartition("@")[2].lower()
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Chained steps from ``version`` (0: a new database, nothing to do) to SCHEMA_VERSION."""
+    if version == 0:
+        return
+    if version < 2:  # version 2 added the owner column (several relay processes)
+        conn.execute("ALTER TABLE messages ADD COLUMN owner TEXT")
+    if version < 3:  # version 3: the destination column (per-destination scans and shaping)
+        conn.execute("ALTER TABLE messages ADD COLUMN destination TEXT NOT NULL DEFAULT ''")
+        conn.create_function("smg_destination", 1, destination_of, deterministic=True)
+        conn.execute(
+            "UPDATE messages SET destination = COALESCE((SELECT smg_destination(address)"
+            " FROM recipients WHERE message_id = messages.id ORDER BY position LIMIT 1), '')"
+        )
 
 
 def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> str:
@@ -164,8 +186,8 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> str
         try:
             conn.execute(
                 "INSERT INTO messages (id, sender, data, size, route, state, hold_reason, kind,"
-                " created_at, next_attempt, client_ip, helo, facts, owner)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, next_attempt, client_ip, helo, facts, owner, destination)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     queue_id,
                     msg.sender,
@@ -181,6 +203,7 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> str
                     msg.helo,
                     facts,
                     process_owner() if msg.state == MessageState.ACTIVE else None,
+                    destination_of(msg.recipients[0]),
                 ),
             )
             break
@@ -311,8 +334,14 @@ def due_ids(
 
 
 def active_owners(conn: sqlite3.Connection) -> list[str]:
+    """The owners of active mail: one seek of ``messages_owner`` per owner (a loose index
+    scan), not a walk over every active message (mail waiting for a paused destination)."""
     rows = conn.execute(
-        f"SELECT DISTINCT owner FROM messages WHERE state = '{ACTIVE}' AND owner IS NOT NULL"
+        "WITH RECURSIVE o(name) AS ("
+        f" SELECT (SELECT MIN(owner) FROM messages WHERE state = '{ACTIVE}' AND owner > '')"
+        f" UNION ALL SELECT (SELECT MIN(owner) FROM messages WHERE state = '{ACTIVE}'"
+        " AND owner > o.name) FROM o WHERE o.name IS NOT NULL LIMIT 1000)"
+        " SELECT name FROM o WHERE name IS NOT NULL"
     ).fetchall()
     return [row[0] for row in rows]
 
