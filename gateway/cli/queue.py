@@ -16,6 +16,10 @@ delete made during a delivery attempt wins over the attempt's result.
     smg queue delete ID         remove ID from the queue (no NDR)
     smg queue check             SQLite's integrity check of the spool (prints "ok")
     smg queue backup FILE       a consistent copy of the spool, also while the relay writes
+
+flush, hold, release and delete change state: each is logged in ``<spool>/audit.log`` and the
+journal with the operator (``SUDO_USER``/``USER``) and ``--reason`` (``gateway.audit``); when
+the audit log cannot be written the action is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from gateway.audit import AuditUnavailable, audited
 from gateway.cli.serve import DEFAULT_CONFIG
 from gateway.config import ConfigError, load_config
 from gateway.log import printable
@@ -42,11 +47,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     queue = subparsers.add_parser("queue", help="look at and act on the queue (like postqueue)")
     actions = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
 
-    def action(name: str, help_text: str, handler: Any, with_id: bool = False) -> Any:
+    def action(
+        name: str, help_text: str, handler: Any, with_id: bool = False, changes: bool = False
+    ) -> Any:
         parser = actions.add_parser(name, help=help_text)
         parser.add_argument("--config", default=DEFAULT_CONFIG, help="the relay's TOML file")
         if with_id:
             parser.add_argument("queue_id", metavar="ID", help="queue id (see smg queue list)")
+        if changes:
+            parser.add_argument("--reason", help="why (written to the audit log with your user)")
         parser.set_defaults(handler=handler)
         return parser
 
@@ -58,11 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = action("show", "one message in detail", _show, with_id=True)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.add_argument("--body", action="store_true", help="print the whole message")
-    flush = action("flush", "attempt every deferred message now", _flush)
+    flush = action("flush", "attempt every deferred message now", _flush, changes=True)
     flush.add_argument("--destination", metavar="DOMAIN", help="only mail to this domain")
-    action("hold", "keep a message until released", _hold, with_id=True)
-    action("release", "make a held message due now", _release, with_id=True)
-    action("delete", "remove a message from the queue (no NDR)", _delete, with_id=True)
+    action("hold", "keep a message until released", _hold, with_id=True, changes=True)
+    action("release", "make a held message due now", _release, with_id=True, changes=True)
+    action("delete", "remove a message from the queue (no NDR)", _delete, with_id=True,
+           changes=True)  # fmt: skip
     action("check", "SQLite's integrity check of the spool database", _check)
     backup = action("backup", "copy the spool database consistently to FILE", _backup)
     backup.add_argument("file", metavar="FILE", help="where the copy goes (must not exist)")
@@ -86,18 +96,26 @@ def _fail(message: str) -> int:
     return 1
 
 
-def _run(args: argparse.Namespace, body: Any) -> int:
-    """Open the spool named by ``--config`` and run ``body(admin)`` with clear errors."""
+def _run(args: argparse.Namespace, body: Any, audit: str | None = None) -> int:
+    """Open the spool named by ``--config`` and run ``body(admin)`` with clear errors; an
+    ``audit`` action name makes it an audited change (refused when it cannot be logged)."""
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         return _fail(exc.render())
     try:
         with SpoolAdmin(config.gateway.spool) as admin:
-            return int(body(admin) or 0)
+            if audit is None:
+                return int(body(admin) or 0)
+            target = getattr(args, "queue_id", None) or getattr(args, "destination", None) or "*"
+            with audited(config.gateway.spool, audit, target, args.reason) as extra:
+                code = int(body(admin) or 0)
+                if code:
+                    extra["result"] = "refused"
+                return code
     except UnknownMessage as exc:
         return _fail(str(exc))
-    except SpoolUnavailable as exc:
+    except (SpoolUnavailable, AuditUnavailable) as exc:
         return _fail(str(exc))
 
 
@@ -258,7 +276,7 @@ def _flush(args: argparse.Namespace) -> int:
         print(f"{changed} deferred message(s) due now; the relay picks them up within its scan")
         return 0
 
-    return _run(args, body)
+    return _run(args, body, audit="queue.flush")
 
 
 def _hold(args: argparse.Namespace) -> int:
@@ -267,7 +285,7 @@ def _hold(args: argparse.Namespace) -> int:
         print(f"{args.queue_id}: held")
         return 0
 
-    return _run(args, body)
+    return _run(args, body, audit="queue.hold")
 
 
 def _release(args: argparse.Namespace) -> int:
@@ -278,7 +296,7 @@ def _release(args: argparse.Namespace) -> int:
         print(f"{args.queue_id}: released, due now")
         return 0
 
-    return _run(args, body)
+    return _run(args, body, audit="queue.release")
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -313,4 +331,4 @@ def _delete(args: argparse.Namespace) -> int:
         print(f"{args.queue_id}: deleted")
         return 0
 
-    return _run(args, body)
+    return _run(args, body, audit="queue.delete")
