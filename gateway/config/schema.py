@@ -175,6 +175,11 @@ class TlsPolicySection:
     failure_memory: float = _parsed(
         duration("1d", zero=True), "15m"
     )  # intake's 5.7.10 after a TLS failure
+    # In-session check for reject rules (issue 14): remembered answers, else a live probe.
+    session_probe: bool = True
+    session_probe_timeout: float = _parsed(duration("60s", low="1s"), "10s")
+    session_probe_memory: float = _parsed(duration("1d", zero=True), "10m")
+    session_probe_limit: int = _parsed(whole(1, 100000), 60)  # probes per sender domain a minute
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,7 @@ class Router:
                     continue
                 if requirement.requires_tls and self._failures is not None:
                     self._failures.record_success(domain, requirement.level)
+                    self._remember(domain, requirement, True, f"delivered via {target.relay}")
                 if requirement.testing and outcomes:
                     _report_mta_sts_testing(message, domain, target, requirement, outcomes[0].tls)
                 return outcomes
@@ -204,9 +205,18 @@ class Router:
         reason = f"no TLS connection could be established ({requirement.describe()}): {detail}"
         if self._failures is not None and domain != BAD_GATEWAY:
             self._failures.record_failure(domain, detail, requirement.level)  # intake's 5.7.10
+            self._remember(domain, requirement, False, detail)
         status = BOUNCED if requirement.on_failure == "reject" else HELD
         enhanced = "5.7.10" if status == BOUNCED else "4.7.10"
         return everyone(rcpts, status, reason, enhanced)
+
+    def _remember(self, domain: str, req: TlsRequirement, ok: bool, reason: str) -> None:
+        """Tell the intake's in-session check (tls_reachability) what this delivery learnt."""
+        if self.tls_policy is None or domain == BAD_GATEWAY or req.mx_patterns:
+            return  # MTA-STS answers are for its own MX list, not for a rule's question
+        section = self._config().tls_policy
+        memory = section.session_probe_memory if ok else section.failure_memory
+        self.tls_policy.reachability.record(domain, req.level, ok, reason, "delivery", memory)
 
     # -- lookups ------------------------------------------------------------------------------
 

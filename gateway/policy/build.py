@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from gateway.config import Config
+from gateway.delivery.probe import SessionProber
 from gateway.policy.chain import Chain, Rule
 from gateway.policy.rules.recipient import RecipientRule
 from gateway.policy.rules.relay_control import RelayControlRule
@@ -12,6 +13,7 @@ from gateway.policy.rules.route import RouteRule
 from gateway.policy.rules.sender_domain import SenderDomainRule
 from gateway.policy.rules.spam import SpamRule
 from gateway.policy.rules.tls_known_failure import TlsKnownFailureRule
+from gateway.policy.rules.tls_reachability import TlsReachabilityRule
 from gateway.policy.rules.verdict import VerdictRule
 from gateway.policy.rules.virus import VirusRule
 from gateway.services import Services
@@ -35,6 +37,10 @@ def build_chain(config: Config, services: Services, *, relay_control: bool = Tru
     rules.append(RecipientRule(config.gateway.max_recipients))
     if services.tls_policy is not None:  # a reject rule and a recent TLS failure: 550 5.7.10
         rules.append(TlsKnownFailureRule(services.tls_policy))
+        if config.tls_policy.session_probe and services.resolver is not None:
+            # a reject rule: is the destination reachable with its TLS?  (cache, else a probe)
+            prober = SessionProber(config, services.resolver)
+            rules.append(TlsReachabilityRule(services.tls_policy, prober))
     # DATA stage: virus first (nothing infected goes further), the verdict header (trusted
     # only from good gateways, always removed), spam (good gateways: the bad one trusts the
     # verdict), then route, which always decides.

@@ -23,6 +23,8 @@ from gateway.queue.spool import resolve_path
 from gateway.tls.failures import TlsFailureCache
 from gateway.tls.levels import ENCRYPT, OPPORTUNISTIC, VERIFY
 from gateway.tls.mta_sts import MtaSts, MtaStsPolicy, StateFile, mx_matches
+from gateway.tls.reachability import STATE_FILE as REACHABILITY_STATE
+from gateway.tls.reachability import ReachabilityCache
 from gateway.tls.rules import CompiledRule, compile_rules
 
 FAILURES_STATE = "tls-failures.json"  # in the spool directory, shared by the workers
@@ -129,6 +131,8 @@ class TlsPolicy:
         ttl = config.tls_policy.failure_memory
         state = StateFile(state_dir / FAILURES_STATE) if state_dir else None
         self.failures = failures or TlsFailureCache(ttl, state=state)
+        # what deliveries and in-session probes learnt (the intake's tls_reachability rule)
+        self.reachability = ReachabilityCache(state_dir / REACHABILITY_STATE if state_dir else None)
 
     def carry_over(self, previous: TlsPolicy) -> None:
         """After a config reload: keep what the relay learnt (recent TLS failures, cached
@@ -136,6 +140,8 @@ class TlsPolicy:
         a blocked policy refresh would downgrade a domain."""
         previous.failures.ttl = self.failures.ttl
         self.failures = previous.failures
+        self.reachability.close()
+        self.reachability = previous.reachability
         if self.mta_sts is not None and previous.mta_sts is not None:
             self.mta_sts.adopt(previous.mta_sts)
 

@@ -141,7 +141,13 @@ def relay(zone, port, far, proxy, test_ca, tmp_path_factory) -> Iterator[TlsRela
         "connect_timeout": "3s",
     }
     # ... and held mail waits for an operator's release
-    config["tls_policy"] = {"ca_bundle": str(test_ca.ca_bundle), "hold_retry": "1h"}
+    # session_probe off: these tests show the delivery-time path (NDR, then the known failure);
+    # the in-session probe has its own tests (test_tls_session.py)
+    config["tls_policy"] = {
+        "ca_bundle": str(test_ca.ca_bundle),
+        "hold_retry": "1h",
+        "session_probe": False,
+    }
     config["mta_sts"] = {"enabled": False}
     relay = TlsRelay(tmp, config, RULES)
     relay.start()
@@ -300,7 +306,7 @@ def test_the_known_failure_is_shared_by_all_workers(zone, port, far, test_ca, tm
     config = base_config(tmp_path, zone.nameserver, hostname="gw.smg-test.example", workers=2)
     config["gateway"]["source_address"] = SOURCE
     config["delivery"] = {"port": port, "scan_interval": "200ms"}
-    config["tls_policy"] = {"ca_bundle": str(test_ca.ca_bundle)}
+    config["tls_policy"] = {"ca_bundle": str(test_ca.ca_bundle), "session_probe": False}
     config["mta_sts"] = {"enabled": False}
     relay = TlsRelay(tmp_path, config, RULES)
     relay.start()
