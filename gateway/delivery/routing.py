@@ -2,8 +2,10 @@
 
 Route ``direct``: per recipient domain the MX hosts in preference order (or the implicit MX);
 a null MX bounces at once.  Route ``bad_gateway`` (spam on a good gateway): the
-``routing.bad_gateways`` in order with TLS verified against ``routing.internal_ca``; if none
-answers the message stays deferred: it never goes direct.
+``routing.bad_gateways`` with TLS verified against ``routing.internal_ca``, spread over the list
+(each message starts at the gateway its queue id hashes to, then the next ones in turn) and a
+gateway that just failed tried last for ``BAD_GATEWAY_DOWN_SECONDS``; if none answers the
+message stays deferred: it never goes direct.
 
 TLS.  Under a :class:`TlsRequirement` of ``encrypt`` or ``verify`` nothing is ever sent in
 cleartext: a missing STARTTLS, a failed handshake or a failed verification moves on to the
@@ -20,6 +22,7 @@ import contextlib
 import ipaddress
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -48,6 +51,10 @@ log = logging.getLogger("smg.delivery")
 ROUTE_CACHE_SECONDS = 10  # MX and address answers reused this long at most (and never past TTL)
 ROUTE_CACHE_SIZE = 10000
 BAD_GATEWAY = "(bad gateway)"  # the "domain" of the bad-gateway route in failure records
+# A bad gateway that failed (refused, timed out, TLS) goes to the end of the order this long:
+# the others are tried first, so one gateway down costs no connect timeout per message; it is
+# still tried when every other one fails, so a gateway back up drains the queue at once.
+BAD_GATEWAY_DOWN_SECONDS = 60.0
 
 
 class Router:
@@ -69,6 +76,7 @@ class Router:
         self._mail_hosts_cache: _Remembered[str, MailHosts] = _Remembered()
         self._targets_cache: _Remembered[tuple[str, int], list[Target]] = _Remembered()
         self._screen: tuple[Config, Screen] | None = None
+        self.bad_gateways_down: dict[tuple[str, int], float] = {}  # -> monotonic time it ends
 
     def forget(self) -> None:
         """Drop remembered answers (a reload)."""
@@ -131,13 +139,34 @@ class Router:
             return everyone(rcpts, DEFERRED, reason, "4.3.5")
         # Verified TLS against the fleet's CA; a failure never falls back to direct delivery.
         requirement = TlsRequirement(VERIFY, None, "routing.bad_gateways", (), routing.internal_ca)
+        order = self.bad_gateway_order(message.id, routing.bad_gateways)
         outcomes = await self._try_hosts(
-            message, BAD_GATEWAY, rcpts, payload, requirement, list(routing.bad_gateways)
+            message, BAD_GATEWAY, rcpts, payload, requirement, order, gateway_route=True
         )
         for outcome in outcomes:
             if outcome.status == HELD:  # never held or bounced for TLS: stays deferred
                 outcome.status = DEFERRED
         return outcomes
+
+    def bad_gateway_order(
+        self, queue_id: str, gateways: list[tuple[str, int]]
+    ) -> list[tuple[str, int]]:
+        """The bad gateways for this message: rotated to start at the one its queue id hashes
+        to (the fleet's spam spread over all of them, a retry of one message stable), those
+        that failed within BAD_GATEWAY_DOWN_SECONDS moved to the end."""
+        if not gateways:
+            return []
+        start = zlib.crc32(queue_id.encode()) % len(gateways)
+        rotated = gateways[start:] + gateways[:start]
+        now = time.monotonic()
+        down = {g for g, until in self.bad_gateways_down.items() if until > now}
+        return [g for g in rotated if g not in down] + [g for g in rotated if g in down]
+
+    def _gateway_failed(self, queue_id: str, host: str, port: int, reply: str) -> None:
+        if self.bad_gateways_down.get((host, port), 0.0) <= time.monotonic():
+            event(log, "bad_gateway_down", queue_id, relay=f"{host}:{port}", reason=reply,
+                  seconds=int(BAD_GATEWAY_DOWN_SECONDS))  # fmt: skip
+        self.bad_gateways_down[(host, port)] = time.monotonic() + BAD_GATEWAY_DOWN_SECONDS
 
     async def _requirement(self, message: QueuedMessage, domain: str) -> TlsRequirement:
         if self.tls_policy is None:
@@ -154,6 +183,7 @@ class Router:
         requirement: TlsRequirement,
         hosts: list[tuple[str, int]],
         refused: list[Refusal] | None = None,
+        gateway_route: bool = False,
     ) -> list[RcptOutcome]:
         """Try the hosts' addresses in order.  ``refused`` (hosts already ruled out) is given
         for the direct route only: there a domain whose every address is refused bounces; the
@@ -184,7 +214,11 @@ class Router:
                     )
                 except HostFailed as exc:
                     (tls_errors if exc.tls else errors).append(f"{target.relay}: {exc.reply}")
+                    if gateway_route:
+                        self._gateway_failed(message.id, host, port, exc.reply)
                     continue
+                if gateway_route:
+                    self.bad_gateways_down.pop((host, port), None)
                 if requirement.requires_tls and self._failures is not None:
                     self._failures.record_success(domain, requirement.level)
                     self._remember(domain, requirement, True, f"delivered via {target.relay}")
