@@ -8,6 +8,7 @@
 - :mod:`gateway.config.schema`: the section dataclasses, :class:`Config`, :data:`RESTART_ONLY`,
 - :mod:`gateway.config.bounds`: the bounded parsers (durations above zero, finite numbers,
   header names, the spool's size limit, network widths),
+- :mod:`gateway.config.tenancy`: ``[tenant_defaults]``, the tenant tables and their checks,
 - :mod:`gateway.config.checks`: the checks across keys, and :func:`config_warnings` (what is
   allowed but probably not meant, such as a rule that shadows MTA-STS),
 - :mod:`gateway.config.loader`: :func:`parse_config` and :func:`load_config`.
@@ -32,11 +33,13 @@ from gateway.config.schema import (
     MtaStsSection,
     RoutingSection,
     SpamSection,
+    TenantSection,
     TlsPolicySection,
     TlsRule,
     VirusSection,
     restart_only_changes,
 )
+from gateway.config.tenancy import TenantDefaults, TenantLimits, TenantUser, effective_limits
 from gateway.config.values import (
     choice,
     int_range,
@@ -72,11 +75,16 @@ __all__ = [
     "MtaStsSection",
     "RoutingSection",
     "SpamSection",
+    "TenantDefaults",
+    "TenantLimits",
+    "TenantSection",
+    "TenantUser",
     "TlsPolicySection",
     "TlsRule",
     "VirusSection",
     "choice",
     "config_warnings",
+    "effective_limits",
     "int_range",
     "list_of",
     "load_config",

@@ -19,6 +19,7 @@ from gateway.config.bounds import (
 )
 from gateway.config.errors import ConfigProblem
 from gateway.config.schema import Config
+from gateway.config.tenancy import check_tenants
 from gateway.domains import normalize_pattern, pattern_problem
 
 
@@ -186,6 +187,7 @@ CROSS_CHECKS: tuple[Callable[[Config], list[ConfigProblem]], ...] = (
     _check_dkim_keys,
     _check_tls_rules,
     _check_blacklist,
+    check_tenants,
 )
 
 

@@ -23,6 +23,13 @@ from gateway.config.bounds import (
     parse_signed_headers,
     whole,
 )
+from gateway.config.tenancy import (
+    TenantDefaults,
+    TenantLimits,
+    TenantUser,
+    parse_owned_domain,
+    parse_tenant_name,
+)
 from gateway.config.values import (
     choice,
     int_range,
@@ -77,6 +84,12 @@ class GatewaySection:
     metrics_public: bool = False  # true: metrics_listen may be other than loopback
     log_format: str = _parsed(choice("text", "json"), "text")
     workers: int = _parsed(int_range(1, 64), 1)  # relay processes sharing listen + spool
+    # --- tenants (issue 11): docs/tenants.md ---
+    auth_networks: list[Any] = _parsed(list_of(parse_network), [])  # may connect, must AUTH
+    session_deadline: float = _parsed(duration("1d"), "1h")  # a whole SMTP session
+    command_deadline: float = _parsed(duration("1h"), "60s")  # one command line / DATA piece
+    max_junk_commands: int = _parsed(whole(1, 100000), 100)  # NOOP, RSET, VRFY, HELP
+    operations_mailbox: str | None = _parsed(parse_email, None)  # suspension notices
 
 
 @dataclass(frozen=True)
@@ -227,6 +240,19 @@ class BlacklistSection:
 
 
 @dataclass(frozen=True)
+class TenantSection:
+    """One ``[[tenants]]`` table: a customer (gateway/config/tenancy.py, docs/tenants.md)."""
+
+    name: str = _parsed(parse_tenant_name)
+    networks: list[Any] = _parsed(list_of(parse_network), [])
+    domains: list[str] = _parsed(list_of(parse_owned_domain), [])
+    auth: list[TenantUser] = field(default_factory=list)
+    limits: TenantLimits = field(default_factory=TenantLimits)
+    dkim: list[DkimKey] = field(default_factory=list)
+    tls_rules: list[TlsRule] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Config:
     gateway: GatewaySection
     dns: DnsSection = field(default_factory=DnsSection)
@@ -238,6 +264,8 @@ class Config:
     tls_policy: TlsPolicySection = field(default_factory=TlsPolicySection)
     mta_sts: MtaStsSection = field(default_factory=MtaStsSection)
     blacklist: BlacklistSection = field(default_factory=BlacklistSection)
+    tenant_defaults: TenantDefaults = field(default_factory=TenantDefaults)
+    tenants: list[TenantSection] = field(default_factory=list)
     source: str = "<memory>"
 
 

@@ -174,7 +174,7 @@ def _schema_keys(cls: type, prefix: str) -> list[str]:
         hint = hints[spec.name]
         inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
         if dataclasses.is_dataclass(hint):
-            keys += _schema_keys(hint, f"{spec.name}.")
+            keys += _schema_keys(hint, f"{prefix}{spec.name}.")
         elif dataclasses.is_dataclass(inner):
             keys.append(f"{prefix}{spec.name}")
             keys += _schema_keys(inner, f"{prefix}{spec.name}[].")
@@ -183,13 +183,23 @@ def _schema_keys(cls: type, prefix: str) -> list[str]:
     return keys
 
 
+def documented_key(section: str, key: str) -> str:
+    """``[[tenants]]`` is a list of tables: its rows ``name`` are ``tenants[].name``, and the
+    section itself is the key ``tenants``."""
+    if section.startswith("[") and section.endswith("]"):
+        return f"{section[1:-1]}[].{key}"
+    return f"{section}.{key}"
+
+
 def test_every_key_is_documented() -> None:
     text = DOCS.read_text()
-    sections = re.split(r"^## `\[(\w+)\]`", text, flags=re.M)
+    sections = re.split(r"^## `\[(\[?\w+\]?)\]`", text, flags=re.M)
     documented: set[str] = set()
     for name, body in zip(sections[1::2], sections[2::2], strict=True):
+        if name.startswith("["):
+            documented.add(name[1:-1])
         for key in re.findall(r"^\| `([\w.\[\]]+)` \|", body, flags=re.M):
-            documented.add(f"{name}.{key}")
+            documented.add(documented_key(name, key))
     missing = [key for key in _schema_keys(Config, "") if key not in documented]
     assert not missing, f"keys without a row in docs/configuration.md: {missing}"
 

@@ -17,7 +17,7 @@ from gateway.cli import main as smg
 from gateway.config import Config, ConfigError, config_warnings, load_config, parse_config
 from gateway.config.bounds import max_message_size, spool_length_limit
 from gateway.server import _log_config_warnings
-from tests.unit.test_config import DOCS, MINIMAL, _schema_keys
+from tests.unit.test_config import DOCS, MINIMAL, _schema_keys, documented_key
 
 GATEWAY = MINIMAL["gateway"]
 
@@ -176,12 +176,14 @@ def test_rule_shadowing_mta_sts_is_a_warning(
 
 def test_every_documented_key_states_its_bound() -> None:
     text = DOCS.read_text()
-    sections = re.split(r"^## `\[(\w+)\]`", text, flags=re.M)
+    sections = re.split(r"^## `\[(\[?\w+\]?)\]`", text, flags=re.M)
     bounds: dict[str, str] = {}
     for name, body in zip(sections[1::2], sections[2::2], strict=True):
         assert "| key | default | bound | meaning |" in body, name
+        if name.startswith("["):
+            bounds[name[1:-1]] = "a list of tables"
         for key, bound in re.findall(r"^\| `([\w.\[\]]+)` \| [^|]*\| ([^|]*) \|", body, re.M):
-            bounds[f"{name}.{key}"] = bound.strip()
+            bounds[documented_key(name, key)] = bound.strip()
     missing = [key for key in _schema_keys(Config, "") if not bounds.get(key)]
     assert not missing, f"keys without a bound in docs/configuration.md: {missing}"
     assert "998951424" in bounds["gateway.max_message_size"]
