@@ -39,6 +39,7 @@ from gateway.config import (
     restart_only_changes,
 )
 from gateway.delivery.scheduler import Delivery
+from gateway.health import Health
 from gateway.intake import Intake, Runtime, make_tls_context
 from gateway.log import event, setup_logging
 from gateway.metrics import Metrics
@@ -148,6 +149,8 @@ class Relay:
             "smg_queue_messages", "Messages in the queue by state.", queue_sizes
         )
         self.metrics.gauge_source("smg_connections_active", "SMTP sessions open now.", connections)
+        # Queue ages, scanners, the bad gateway, certificate and DKIM keys (gateway/health.py).
+        Health(lambda: (self.config, self.services)).register(self.metrics)
 
     # --- signals ------------------------------------------------------------------------
 

@@ -24,11 +24,12 @@ PACKAGES=(
     opendkim opendkim-tools libmail-dkim-perl
     debootstrap systemd-container apt-cacher-ng zstd nftables iproute2
     python3-venv openssl ca-certificates
+    prometheus prometheus-alertmanager prometheus-node-exporter chromium
 )
 # System services these packages ship; none of them may be left running by the install.
 SERVICES=(
     postfix clamav-daemon clamav-freshclam clamav-milter rspamd redis-server knot
-    opendkim apt-cacher-ng
+    opendkim apt-cacher-ng prometheus prometheus-alertmanager prometheus-node-exporter
 )
 
 log() { printf '[setup] %s\n' "$*"; }

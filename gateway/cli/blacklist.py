@@ -12,8 +12,10 @@ import asyncio
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, NoReturn
 
+from gateway.blacklist import textfile
 from gateway.blacklist.check import UNKNOWN_EXIT, CheckError, run_check, utc_now
 from gateway.blacklist.report import check_json, check_text, delivery_warnings, status_text
 from gateway.blacklist.state import StateError, Store, iso, status_snapshot
@@ -49,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     check.add_argument("--config", required=True, help="the relay's TOML config")
     check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    check.add_argument(
+        "--textfile", type=Path, help="also write the state for node exporter to this .prom file"
+    )
     check.set_defaults(handler=_check)
     status = commands.add_parser(
         "status", help="open listings and removal requests, undelivered notices, history"
@@ -60,17 +65,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(handler=_status)
 
 
+def _textfile(args: argparse.Namespace, results: list, code: int) -> None:
+    if args.textfile is None:
+        return
+    try:
+        textfile.write(args.textfile, textfile.render(results, code))
+    except OSError as exc:  # the check itself did its job: say so, do not change the exit code
+        print(f"cannot write {args.textfile}: {exc}", file=sys.stderr)
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         report = asyncio.run(run_check(config))
     except (ConfigError, CheckError, StateError) as exc:
         print(f"BLACKLIST UNKNOWN - {exc}", file=sys.stdout)
+        _textfile(args, [], UNKNOWN_EXIT)
         return UNKNOWN_EXIT
     except Exception:  # a bug must not read as "listed" to the monitoring
         print("BLACKLIST UNKNOWN - internal error, see stderr")
         traceback.print_exc()
+        _textfile(args, [], UNKNOWN_EXIT)
         return UNKNOWN_EXIT
+    _textfile(args, report.results, report.exit_code)
     if args.json:
         print(json.dumps(check_json(report), indent=2))
     else:

@@ -71,7 +71,8 @@ def due_for(
     without a live owner first (a crash's leftovers), then deferred ones by due time, then TLS
     holds whose retry came.  Each branch is one range of ``messages_destination``."""
     marks = ",".join("?" * len(claimable)) or "NULL"
-    rows = conn.execute(DUE_SQL.format(marks=marks),
+    rows = conn.execute(
+        DUE_SQL.format(marks=marks),
         (destination, *claimable, destination, now, destination, now, HoldReason.TLS, limit),
     ).fetchall()
     return [row[0] for row in rows]
