@@ -66,19 +66,16 @@ def certificate_names_problem(cert: x509.Certificate, label: str, gateway: Gatew
         return f"{label} has no subjectAltName"
     names = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
     addresses = {str(a) for a in san.get_values_for_type(x509.IPAddress)}
-    if is_parsed(gateway.fqdn, gateway.public_address) and not (
-        gateway.fqdn in names or gateway.public_address in addresses
+    if is_parsed(gateway.fqdn, gateway.public_address, gateway.listen_address) and not (
+        gateway.fqdn in names or {gateway.public_address, gateway.listen_address} & addresses
     ):
         return f"{label} names neither {gateway.fqdn} nor {gateway.public_address}"
-    if (
-        gateway.role == "bad"
-        and is_parsed(gateway.public_address)
-        and (gateway.public_address not in addresses)
-    ):
+    reached_at = gateway.listen_address  # the fleet's private network (docs/deploy.md)
+    if gateway.role == "bad" and is_parsed(reached_at) and (reached_at not in addresses):
         # The good gateways reach a bad gateway by its address (routing.bad_gateways) and
         # verify that address against the certificate: without it, spam waits and bounces.
         return (
-            f"{label} has no IP address entry {gateway.public_address} in its "
+            f"{label} has no IP address entry {reached_at} in its "
             "subjectAltName: the good gateways connect to the bad gateway by that address "
             "(routing.bad_gateways) and verify it, so rerouted spam would wait in their "
             "queues and bounce after delivery.max_lifetime"

@@ -172,6 +172,8 @@ def check_fleet(checker: Checker, gateways: list[Gateway]) -> None:
     if not any(g.role == "good" for g in gateways):
         checker.problem(Source(file, "good"), "", "no good gateway")
     _check_unique(checker, gateways, "public_address")
+    _check_unique(checker, gateways, "listen_address")
+    _check_unique(checker, gateways, "source_address")
     _check_unique(checker, gateways, "fqdn")
     names = {g.name for g in gateways}
     for gateway in gateways:
@@ -192,6 +194,8 @@ def _check_unique(checker: Checker, gateways: list[Gateway], key: str) -> None:
     seen: dict[Any, str] = {}
     for gateway in gateways:
         value = gateway[key]
+        if value is None:  # not set: the public address, checked as such
+            continue
         if not is_parsed(value):
             continue
         if value in seen:

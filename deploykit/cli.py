@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from deploykit.dkim_keys import dns_records, make_dkim_keys
+from deploykit.host import Gateway
 from deploykit.inventory import load_inventory, print_warnings
 from deploykit.problems import InventoryError
 
@@ -52,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
             print(text, end="")
     else:
         for gateway in fleet:
-            print(f"{gateway.name:16} {gateway.role:4} {gateway.public_address:40} {gateway.fqdn}")
+            print(f"{gateway.name:16} {gateway.role:4} {_addresses(gateway):40} {gateway.fqdn}")
         print(f"{fleet.inventory_file}: valid ({len(fleet.gateways)} hosts)")
     return 0
+
+
+def _addresses(gateway: Gateway) -> str:
+    """``public`` or, behind NAT, ``public (listen listen[, source source])``."""
+    private = [("listen", gateway.listen_address), ("source", gateway.source_address)]
+    shown = [f"{what} {a}" for what, a in private if a != gateway.public_address]
+    return f"{gateway.public_address} ({', '.join(shown)})" if shown else gateway.public_address

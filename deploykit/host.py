@@ -33,6 +33,16 @@ class Gateway:
         return self.settings["public_address"]
 
     @property
+    def listen_address(self) -> str:
+        """Where the relay listens (port 25): the private address behind NAT."""
+        return self.settings["listen_address"] or self.public_address
+
+    @property
+    def source_address(self) -> str:
+        """Where the relay sends from, and what the fleet's peers see (same private net)."""
+        return self.settings["source_address"] or self.listen_address
+
+    @property
     def fqdn(self) -> str:
         return self.settings["fqdn"]
 

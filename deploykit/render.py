@@ -18,16 +18,18 @@ def relay_config(fleet_gateways: list[Gateway], gateway: Gateway) -> dict[str, A
     good = [g for g in fleet_gateways if g.role == "good"]
     bad = [g for g in fleet_gateways if g.role == "bad"]
     is_good = gateway.role == "good"
+    # The fleet shares one private network (1:1 NAT: docs/deploy.md): a bad gateway sees the
+    # good gateways' source addresses, and the good gateways reach it on its listen address.
     clients = (
-        gateway["customer_networks"] if is_good else [_host_net(g.public_address) for g in good]
+        gateway["customer_networks"] if is_good else [_host_net(g.source_address) for g in good]
     )
     config: dict[str, Any] = {
         "gateway": {
             "role": gateway.role,
             "hostname": gateway.fqdn,
             # Loopback too: local tools (the blacklist monitor's notifications) submit there.
-            "listen": [_host_port(gateway.public_address, SMTP_PORT), f"127.0.0.1:{SMTP_PORT}"],
-            "source_address": gateway.public_address,
+            "listen": [_host_port(gateway.listen_address, SMTP_PORT), f"127.0.0.1:{SMTP_PORT}"],
+            "source_address": gateway.source_address,
             "spool": HostPaths.SPOOL,
             "max_message_size": gateway["relay_max_message_size"],
             "client_networks": [*clients, "127.0.0.0/8"],
@@ -42,10 +44,10 @@ def relay_config(fleet_gateways: list[Gateway], gateway: Gateway) -> dict[str, A
         "virus": {"enabled": is_good, "clamd": f"unix:{HostPaths.CLAMD_SOCKET}"},
         "spam": {"enabled": is_good, "rspamd_url": f"http://127.0.0.1:{RSPAMD_PORT}"},
         "routing": {
-            "bad_gateways": [_host_port(g.public_address, SMTP_PORT) for g in bad]
+            "bad_gateways": [_host_port(g.listen_address, SMTP_PORT) for g in bad]
             if is_good
             else [],
-            "good_gateways": [g.public_address for g in good],
+            "good_gateways": [g.source_address for g in good],
             "internal_ca": HostPaths.INTERNAL_CA,
         },
         "dkim": {"keys": _dkim_keys(gateway) if is_good else []},
@@ -93,7 +95,8 @@ def _tls_rules(gateway: Gateway) -> list[dict[str, Any]]:
 
 def _blacklist(gateways: list[Gateway], gateway: Gateway) -> dict[str, Any]:
     section: dict[str, Any] = {
-        "addresses": [g.public_address for g in gateways],
+        # What the DNSBLs list: the addresses the world sees.
+        "addresses": list(dict.fromkeys(g.public_address for g in gateways)),
         "zones": [dict(z) for z in gateway["dnsbl_zones"] if isinstance(z, dict)],
         "state": HostPaths.BLACKLIST_STATE,
         "schedule": gateway["blacklist_schedule"],

@@ -149,7 +149,11 @@ class Key:
 # keys (``ssh_*``) and global arguments (``_sudo`` ...) pass through untouched.
 KEYS: dict[str, Key] = {
     # per host
-    "public_address": Key(_ip, per_host=True, doc="the relay listens and sends from here"),
+    "public_address": Key(_ip, per_host=True, doc="what SPF, PTR, DNSBLs and far ends see"),
+    # Behind 1:1 NAT (a cloud's elastic IP) the host has a private address: the relay listens
+    # and binds there; None: the same as public_address (no NAT).
+    "listen_address": Key(_optional(_ip), None, per_host=True, doc="the relay listens here"),
+    "source_address": Key(_optional(_ip), None, per_host=True, doc="the relay sends from here"),
     "fqdn": Key(_domain, per_host=True, doc="EHLO name, NDR sender domain, certificate name"),
     "tls_cert_file": Key(_path, per_host=True, doc="the host's certificate (control machine)"),
     "tls_key_file": Key(_path, per_host=True, doc="its private key (control machine)"),

@@ -55,7 +55,7 @@ def by_family(networks: list[str]) -> list[tuple[str, list[str]]]:
 def smtp_sources(fleet: Fleet, gateway: Gateway) -> tuple[str, list[str]]:
     if gateway.role == "good":
         return "the customer networks", list(gateway["customer_networks"])
-    return "the good gateways", [g.public_address for g in fleet.good]
+    return "the good gateways", [g.source_address for g in fleet.good]
 
 
 def _internal(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
@@ -85,7 +85,8 @@ def _endpoint_addresses(gateway: Gateway) -> list[str]:
 def egress_allowed(fleet: Fleet, gateway: Gateway) -> list[str]:
     """Internal destinations still reachable on EGRESS_PORTS: the fleet's hosts (a bad gateway
     may live on a private address), a private lab network, the inventory's own endpoints."""
-    fleet_hosts = [str(ipaddress.ip_network(g.public_address)) for g in fleet]
+    addresses = [a for g in fleet for a in (g.listen_address, g.source_address, g.public_address)]
+    fleet_hosts = [str(ipaddress.ip_network(a)) for a in addresses]
     lab = [
         str(network)
         for network in map(ipaddress.ip_network, gateway["extra_public_networks"])
