@@ -349,6 +349,7 @@ _CONFIG_ORIGINS = (
     ("tls_policy.rules", "tls_rules"),
     ("dkim.keys", "dkim_domains"),
     ("blacklist.zones", "dnsbl_zones"),
+    ("delivery.destinations", "relay_destinations"),
     ("blacklist.operations_mailbox", "operations_mailbox"),
     ("blacklist.notify_via", "notify_via"),
     ("blacklist.ticket_url", "ticket_url"),

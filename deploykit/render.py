@@ -54,6 +54,7 @@ def relay_config(fleet_gateways: list[Gateway], gateway: Gateway) -> dict[str, A
         "tls_policy": {"ca_bundle": _ca_bundle(gateway), "rules": _tls_rules(gateway)},
         "mta_sts": {"ca_bundle": _ca_bundle(gateway)},
         "blacklist": _blacklist(fleet_gateways, gateway),
+        "delivery": {"destinations": [dict(e) for e in gateway["relay_destinations"]]},
     }
     if not is_good:
         # Only the good gateways send here, over TLS verified against the internal CA.

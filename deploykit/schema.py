@@ -189,6 +189,8 @@ KEYS: dict[str, Key] = {
     "relay_max_message_size": Key(_size, "25MiB"),
     "relay_metrics_port": Key(_port, 9525),
     "relay_settings": Key(_table, {}),
+    # per-destination shaping: [[delivery.destinations]] (the relay checks each entry)
+    "relay_destinations": Key(_entries, []),
 }
 
 DKIM_ENTRY_KEYS = {"domain", "selector", "algorithm"}

@@ -237,3 +237,40 @@ WIDEST_PREFIX = {4: 8, 6: 48}
 
 def too_wide(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
     return network.prefixlen < WIDEST_PREFIX[network.version]
+
+
+# --- delivery shaping ------------------------------------------------------------------------
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|sec|min|hour)\s*$")
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(value: Any) -> float:
+    """A message rate as messages per second: ``"100/s"``, ``"600/m"``, ``"3600/h"``; ``0``
+    (or ``"0"``) means no limit.  At most 100,000/s: beyond, it is a typo."""
+    if value in (0, "0"):
+        return 0.0
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise InvalidValue(f'expected a rate like "100/s", "600/m" or "3600/h" (0: none), '
+                           f"got {value!r}")  # fmt: skip
+    per_second = float(match[1]) / _RATE_UNITS[match[2]]
+    if not 0 < per_second <= 100_000:
+        raise InvalidValue(f"must be above 0 and at most 100000/s, got {value!r}")
+    return per_second
+
+
+def parse_patterns(value: Any) -> list[str]:
+    """Regular expressions (at most 50, each at most 200 characters), checked at load."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidValue(f"expected a list of regular expressions, got {value!r}")
+    if len(value) > 50:
+        raise InvalidValue(f"at most 50 patterns, got {len(value)}")
+    for pattern in value:
+        if not pattern or len(pattern) > 200:
+            raise InvalidValue(f"a pattern must have 1 to 200 characters, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise InvalidValue(f"{pattern!r} is not a regular expression: {exc}") from None
+    return list(value)

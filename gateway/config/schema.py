@@ -19,7 +19,9 @@ from gateway.config.bounds import (
     finite_float,
     parse_ip_port,
     parse_optional_url,
+    parse_patterns,
     parse_private_header,
+    parse_rate,
     parse_signed_headers,
     whole,
 )
@@ -102,6 +104,24 @@ class DnsSection:
 
 
 @dataclass(frozen=True)
+class DestinationLimits:
+    """``[[delivery.destinations]]``: other limits for some recipient domains (big providers);
+    keys left out take the ``delivery.destination_*`` defaults."""
+
+    domains: list[str] = _parsed(at_least_one(list_of(parse_domain)))
+    concurrency: int | None = _parsed(whole(1, 1000), None)
+    rate: float | None = _parsed(parse_rate, None)
+
+
+# A 421 anywhere, or a 4xx that says the sender goes too fast (deferrals for one message, such
+# as greylisting, are not about the destination and do not pause it).
+THROTTLE_REPLIES = [
+    r"^421[ -]",
+    r"(?i)^4\d\d[ -].*\b(rate limit|too many|throttl|exceeded|slow down)",
+]
+
+
+@dataclass(frozen=True)
 class DeliverySection:
     port: int = _parsed(int_range(1, 65535), 25)
     max_lifetime: float = _parsed(duration("30d"), "5d")
@@ -113,6 +133,13 @@ class DeliverySection:
     max_connections_per_host: int = _parsed(whole(1, 1000), 10)
     connection_reuse: float = _parsed(duration("1h", zero=True), "30s")
     scan_interval: float = _parsed(duration("1h", low="10ms"), "1s")
+    # Shaping per destination (recipient domain): gateway/delivery/shaping.py
+    destination_concurrency: int = _parsed(whole(1, 1000), 20)
+    destination_rate: float = _parsed(parse_rate, 0)
+    throttle_pause: float = _parsed(duration("1d"), "1m")
+    throttle_pause_max: float = _parsed(duration("7d"), "30m")
+    throttle_replies: list[str] = _parsed(parse_patterns, THROTTLE_REPLIES)
+    destinations: list[DestinationLimits] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,24 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.budget import DataBudget
 from gateway.config import Config
 from gateway.delivery.client import Dialer, strip_header, wire_bytes
-from gateway.delivery.outcome import RcptOutcome, Rcpts, attempt_result, log_attempt
+from gateway.delivery.outcome import (
+    DEFERRED,
+    RcptOutcome,
+    Rcpts,
+    attempt_result,
+    everyone,
+    log_attempt,
+)
 from gateway.delivery.pool import ConnectionPool
 from gateway.delivery.routing import Router
+from gateway.delivery.shaping import Shaper
 from gateway.dns import Resolver
 from gateway.log import event
 from gateway.metrics import Metrics
@@ -48,12 +57,14 @@ HANDOFF_MEMORY = 16 << 20
 BUDGET_WAIT = 3600.0  # an attempt waits this long at most for the memory budget, then later
 RECORD_TRIES = 15  # writes of an attempt's result while the spool is unavailable (~6 min)
 STALE_HANDOFF = 1.0  # a hand-off older than this is re-checked against the spool (held?)
+PARKED_MAX = 1000  # ids waiting in memory per full destination; beyond, the poll finds them
 
 
 @dataclass
 class _Work:
     queue_id: str
     message: QueuedMessage | None  # None: found by the poll, loaded from the spool
+    destination: str = ""  # the spool's destination column (what shaping goes by)
     queued_at: float = field(default_factory=time.monotonic)
     size: int = 0  # bytes of data this hand-off keeps in memory
 
@@ -88,7 +99,10 @@ class Delivery:
         self.dialer = Dialer(config)
         self.router = Router(lambda: self._config, resolver, tls_policy, self.pool, self.dialer)
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
-        self._known: set[str] = set()  # ids waiting in _queue or in an attempt
+        self._known: dict[str, str] = {}  # ids waiting (queue, parked) or in an attempt
+        self._known_per: Counter[str] = Counter()  # ... per destination
+        self.shaper = Shaper(section)
+        self._parked: dict[str, deque[str]] = {}  # ids of full destinations, in order
         self._cooldown: dict[str, float] = {}  # ids whose result could not be recorded
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
@@ -136,19 +150,34 @@ class Delivery:
         self.dialer.config = config
         self.router.forget()
         self.pool.reuse = config.delivery.connection_reuse
+        self.shaper.configure(config.delivery)
 
     # -- scheduling -----------------------------------------------------------------------
+
+    def _remember(self, queue_id: str, destination: str) -> None:
+        self._known[queue_id] = destination
+        self._known_per[destination] += 1
+
+    def _forget(self, queue_id: str) -> None:
+        destination = self._known.pop(queue_id, None)
+        if destination is not None:
+            self._known_per[destination] -= 1
+            if self._known_per[destination] <= 0:
+                del self._known_per[destination]
 
     def _handoff(self, message: QueuedMessage) -> None:
         if message.id in self._known or self._queue.qsize() >= HANDOFF_BACKLOG:
             return  # already scheduled, or too many in memory: the poll will find it
-        self._known.add(message.id)
+        destination = message.destination
+        if self.shaper.paused(destination):
+            return  # stays active (ours); the poll takes it when the pause is over
+        self._remember(message.id, destination)
         size = len(message.data)
         if self._handoff_bytes + size > HANDOFF_MEMORY:
-            self._queue.put_nowait(_Work(message.id, None))  # loaded when its turn comes
+            self._queue.put_nowait(_Work(message.id, None, destination))  # loaded at its turn
             return
         self._handoff_bytes += size
-        self._queue.put_nowait(_Work(message.id, message, size=size))
+        self._queue.put_nowait(_Work(message.id, message, destination, size=size))
 
     async def _poll_loop(self) -> None:
         interval = max(0.05, self.config.delivery.scan_interval)
@@ -164,14 +193,20 @@ class Delivery:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
+            self.shaper.forget_idle()
 
     async def _poll_once(self) -> bool:
-        """Queue due messages for the workers; True if there may be more due right now."""
+        """Queue due messages for the workers; True if there may be more due right now.
+        Per destination at most what shaping allows on top of what is already known (the
+        spool returns our own active messages too), nothing of a paused one."""
         if self._queue.qsize() >= self.concurrency:
             return False  # the workers have enough to do; keeps the poll cheap under load
         limit = len(self._known) + 2 * self.concurrency
+        known, shaper = dict(self._known_per), self.shaper
         try:
-            due = await self.spool.due(limit, self.clock())
+            due = await self.spool.due_by_destination(
+                limit, lambda d: known.get(d, 0) + shaper.room(d), self.clock()
+            )
         except SpoolUnavailable as exc:
             log.warning("spool poll failed: %s", exc)
             return False
@@ -180,15 +215,44 @@ class Delivery:
             if until <= now:
                 del self._cooldown[queue_id]
         added = 0
-        for queue_id in due:
+        for queue_id, destination in due:
             if queue_id not in self._known and queue_id not in self._cooldown:
-                self._known.add(queue_id)
-                self._queue.put_nowait(_Work(queue_id, None))
+                self._remember(queue_id, destination)
+                self._queue.put_nowait(_Work(queue_id, None, destination))
                 added += 1
         if len(due) >= limit and added:
             self._room.clear()
             return True
         return False
+
+    def _park(self, work: _Work) -> None:
+        """A destination paused or full: its message waits out of the workers' way (by id
+        only: no data kept), or is left to the poll."""
+        destination = work.destination
+        parked = self._parked.setdefault(destination, deque())
+        if self.shaper.paused(destination) or len(parked) >= PARKED_MAX:
+            self._forget(work.queue_id)  # the poll finds it again after the pause
+            return
+        parked.append(work.queue_id)
+        wait = self.shaper.wait(destination)
+        if wait > 0:  # the rate, not the concurrency: nothing ends to wake it
+            asyncio.get_running_loop().call_later(wait, self._unpark, destination)
+
+    def _unpark(self, destination: str) -> None:
+        parked = self._parked.get(destination)
+        if not parked:
+            self._parked.pop(destination, None)
+            return
+        if self.shaper.paused(destination):
+            while parked:
+                self._forget(parked.popleft())
+            return
+        for _ in range(min(len(parked), self.shaper.room(destination))):
+            self._queue.put_nowait(_Work(parked.popleft(), None, destination))
+        if parked and self.shaper.wait(destination) > 0:
+            asyncio.get_running_loop().call_later(
+                self.shaper.wait(destination), self._unpark, destination
+            )
 
     async def _reap_loop(self) -> None:
         while True:
@@ -202,6 +266,9 @@ class Delivery:
                 self._room.set()  # the poll may search again
             work = await self._queue.get()
             self._handoff_bytes -= work.size
+            if not self.shaper.start(work.destination):
+                self._park(work)  # paused or full: never holds a worker
+                continue
             try:
                 await self._within_budget(work)
             except asyncio.CancelledError:
@@ -210,7 +277,9 @@ class Delivery:
                 log.exception("queue_id=%s delivery attempt failed unexpectedly", work.queue_id)
                 await self._defer_after_bug(work.queue_id)
             finally:
-                self._known.discard(work.queue_id)
+                self._forget(work.queue_id)
+                self.shaper.finish(work.destination)
+                self._unpark(work.destination)
 
     async def _record(self, result: AttemptResult) -> AttemptOutcome:
         """Write the attempt's result; while the spool is unavailable (disk full), keep trying
@@ -294,8 +363,7 @@ class Delivery:
                 domain = rcpt.address.rpartition("@")[2].lower()
                 groups.setdefault(domain, []).append((rcpt.position, rcpt.address))
             tasks = [
-                self.router.deliver_domain(message, domain, rcpts, payload)
-                for domain, rcpts in groups.items()
+                self._shaped(message, domain, rcpts, payload) for domain, rcpts in groups.items()
             ]
         else:
             rcpts = [(r.position, r.address) for r in message.pending]
@@ -304,3 +372,17 @@ class Delivery:
             return await tasks[0]
         results = await asyncio.gather(*tasks)
         return [outcome for group in results for outcome in group]
+
+    async def _shaped(
+        self, message: QueuedMessage, domain: str, rcpts: Rcpts, payload: bytes
+    ) -> list[RcptOutcome]:
+        """One domain's recipients, unless the domain is paused (deferred at once, no
+        connection); what the far end said moves its shaping (see :mod:`shaping`)."""
+        pause = self.shaper.paused(domain)
+        if pause:
+            reason = self.shaper.reason(domain)
+            text = f"destination {domain} paused for {pause:.0f}s after: {reason}"
+            return everyone(rcpts, DEFERRED, text, "4.4.5")
+        outcomes = await self.router.deliver_domain(message, domain, rcpts, payload)
+        self.shaper.record(domain, outcomes)
+        return outcomes

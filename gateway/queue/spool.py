@@ -338,27 +338,36 @@ class Spool:
         rooms: dict[str, int] | None = None,
         room: int | None = None,
     ) -> list[str]:
-        """Ids of up to ``limit`` messages due for an attempt by this process, taken
-        destination by destination (round robin from where the last scan stopped): at most
-        ``rooms[d]`` of destination ``d`` (0: skip it, it is paused or full), ``room`` of any
-        other.  Each destination costs index seeks, so a paused destination with a million
-        due messages costs the others nothing (see :mod:`gateway.queue.backlog`)."""
-        when = time.time() if now is None else now
-        rooms = rooms or {}
+        """Ids of up to ``limit`` messages due for an attempt by this process, at most
+        ``rooms[d]`` of destination ``d`` (0: skip it), ``room`` of any other (see
+        :meth:`due_by_destination`)."""
+        given = rooms or {}
         default = limit if room is None else room
+        found = await self.due_by_destination(limit, lambda d: given.get(d, default), now)
+        return [queue_id for queue_id, _ in found]
 
-        def query(conn: sqlite3.Connection) -> list[str]:
+    async def due_by_destination(
+        self, limit: int, room: Callable[[str], int], now: float | None = None
+    ) -> list[tuple[str, str]]:
+        """(id, destination) of up to ``limit`` messages due for an attempt by this process,
+        taken destination by destination, round robin from where the last scan stopped: at
+        most ``room(d)`` of destination ``d`` (0: skip it, it is paused or full).  Each
+        destination costs index seeks, so a paused destination with a million due messages
+        costs the others nothing (see :mod:`gateway.queue.backlog`)."""
+        when = time.time() if now is None else now
+
+        def query(conn: sqlite3.Connection) -> list[tuple[str, str]]:
             me = process_owner()
             gone = {o for o in store.active_owners(conn) if o != me and not owner_alive(o)}
             self._claimable = {me, *gone}
-            return self._scan(conn, when, limit, lambda d: rooms.get(d, default))
+            return self._scan(conn, when, limit, room)
 
         return await self._read(query)
 
     def _scan(
         self, conn: sqlite3.Connection, now: float, limit: int, room: Callable[[str], int]
-    ) -> list[str]:
-        found: list[str] = []
+    ) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
         start, after, wrapped = self._cursor, self._cursor, self._cursor is None
         last = start
         while len(found) < limit:
@@ -374,7 +383,8 @@ class Spool:
                 last = name
                 take = min(room(name), limit - len(found))
                 if take > 0:
-                    found += backlog.due_for(conn, name, now, take, tuple(self._claimable))
+                    ids = backlog.due_for(conn, name, now, take, tuple(self._claimable))
+                    found += [(queue_id, name) for queue_id in ids]
                 if len(found) >= limit:
                     break
             after = names[-1]

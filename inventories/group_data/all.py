@@ -55,3 +55,13 @@ dnsbl_zones = [
 # The relay.
 relay_max_message_size = "25MiB"
 relay_metrics_port = 9525
+# Per-destination shaping (docs/queue.md, "Per-destination shaping"): limits per relay process
+# for the big mailbox providers (the default for every other domain is 20 at a time, no rate
+# limit).  Each entry: domains, and concurrency and/or rate ("100/s", "600/m").
+relay_destinations = [
+    {"domains": ["gmail.com", "googlemail.com"], "concurrency": 40},
+    {"domains": ["outlook.com", "hotmail.com", "live.com", "msn.com"], "concurrency": 40},
+    {"domains": ["yahoo.com", "aol.com"], "concurrency": 20, "rate": "50/s"},
+    {"domains": ["t-online.de"], "concurrency": 10, "rate": "20/s"},
+    {"domains": ["gmx.de", "gmx.net", "web.de"], "concurrency": 20},
+]

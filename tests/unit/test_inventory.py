@@ -231,6 +231,16 @@ def test_relay_settings_reach_the_relay_config(site: Site) -> None:
     assert "concurrency" not in fleet.relay_toml("otc-de-mta01")
 
 
+def test_destination_limits_reach_the_relay_config(site: Site) -> None:
+    site.bad = {"relay_destinations": [{"domains": ["big.example"], "concurrency": 50}]}
+    fleet = site.load()
+    toml = fleet.relay_toml("otc-de-mta03")
+    assert "[[delivery.destinations]]" in toml and "concurrency = 50" in toml
+    site.bad = {"relay_destinations": [{"domains": ["big.example"], "rate": "fast"}]}
+    problem = one(site.problems(), "relay_destinations")
+    assert "delivery.destinations[0].rate" in problem and "100/s" in problem
+
+
 # --- each class of mistake names the file and the entry -------------------------------------
 
 
