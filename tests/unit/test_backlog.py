@@ -183,7 +183,7 @@ async def test_paged_listing_and_flush_by_destination(spool: Spool, tmp_path: Pa
         assert admin.flush_destination("LIVE.example") == 5
     config = tmp_path / "smg.toml"
     config.write_text(
-        f'[gateway]\nhostname = "gw.example.net"\nrole = "bad"\nspool = "{spool.path}"\n'
+        f'[gateway]\nhostname = "gw.example.net"\nrole = "bad"\nspool = "{spool.path.parent}"\n'
     )
     assert smg(["queue", "list", "--config", str(config), "--json", "--limit", "2",
                 "--destination", "dead.example"]) == 0  # fmt: skip
