@@ -12,9 +12,12 @@ good gateways get the scanners and the DKIM keys, the bad gateway only what it n
 spam on.  docs/deploy.md walks through it.
 """
 
+import dataclasses
+
 from pyinfra import host, inventory
 from pyinfra.api.host import Host
 
+from deploykit.dnscheck import held_for_deploy
 from deploykit.fleet import Fleet
 from deploykit.host import Gateway, gateway_from_host_data
 from deploykit.problems import InventoryError, Problem
@@ -42,6 +45,8 @@ _refuse_overrides()
 # Every host of the inventory, not only those of this run (--limit): the firewall and the
 # relay config name the fleet's peers.
 fleet = Fleet("the pyinfra inventory", tuple(_gateway(target) for target in inventory))
+# Sign only with keys whose record is in DNS: an unverifiable signature hurts the customer.
+fleet = dataclasses.replace(fleet, held_dkim=held_for_deploy(fleet))
 gateway = fleet.get(host.name)
 good = gateway.role == "good"
 

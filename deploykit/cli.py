@@ -4,6 +4,7 @@ python -m deploykit check INVENTORY          # validate; print each host's role
 python -m deploykit render INVENTORY HOST    # the relay config HOST gets
 python -m deploykit dkim-keys INVENTORY      # make missing DKIM keys, write dns-records.txt
 python -m deploykit dns-records INVENTORY    # print the DKIM TXT records to publish
+python -m deploykit dns-check INVENTORY      # look the fleet's records up; print what is missing
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from deploykit import dnscheck
 from deploykit.dkim_keys import dns_records, make_dkim_keys
 from deploykit.host import Gateway
 from deploykit.inventory import load_inventory, print_warnings
@@ -31,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("inventory")
     records = sub.add_parser("dns-records", help="print the DKIM TXT records to publish")
     records.add_argument("inventory")
+    dns_check = sub.add_parser(
+        "dns-check", help="look up DKIM, SPF, PTR records; print what is missing (exit 3)"
+    )
+    dns_check.add_argument("inventory")
+    dns_check.add_argument(
+        "--nameserver", action="append", metavar="IP[:PORT]",
+        help="ask this server (default: the inventory's resolvers, else the system's)",
+    )  # fmt: skip
     return parser
 
 
@@ -48,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     print_warnings(fleet)
     if args.command == "render":
         print(fleet.relay_toml(args.host), end="")
+    elif args.command == "dns-check":
+        findings = dnscheck.check(fleet, dnscheck.lookup_for(fleet, args.nameserver))
+        print(dnscheck.report(findings), end="")
+        return 0 if all(f.ok for f in findings) else 3
     elif args.command == "dns-records":
         for text in dns_records(fleet).values():
             print(text, end="")

@@ -3,7 +3,7 @@ values and the fleet's, as TOML data and as the TOML text the host gets (written
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import tomli_w
@@ -13,8 +13,11 @@ from deploykit.paths import RSPAMD_PORT, SMTP_PORT, HostPaths
 from deploykit.schema import dkim_entry
 
 
-def relay_config(fleet_gateways: list[Gateway], gateway: Gateway) -> dict[str, Any]:
-    """``/etc/smg/smg.toml`` for ``gateway`` as TOML data (see docs/configuration.md)."""
+def relay_config(
+    fleet_gateways: list[Gateway], gateway: Gateway, held_dkim: Collection[tuple[str, str]] = ()
+) -> dict[str, Any]:
+    """``/etc/smg/smg.toml`` for ``gateway`` as TOML data (see docs/configuration.md).
+    ``held_dkim``: (domain, selector) keys not to sign with (their record is not in DNS)."""
     good = [g for g in fleet_gateways if g.role == "good"]
     bad = [g for g in fleet_gateways if g.role == "bad"]
     is_good = gateway.role == "good"
@@ -50,7 +53,7 @@ def relay_config(fleet_gateways: list[Gateway], gateway: Gateway) -> dict[str, A
             "good_gateways": [g.source_address for g in good],
             "internal_ca": HostPaths.INTERNAL_CA,
         },
-        "dkim": {"keys": _dkim_keys(gateway) if is_good else []},
+        "dkim": {"keys": _dkim_keys(gateway, held_dkim) if is_good else []},
         "tls_policy": {"ca_bundle": _ca_bundle(gateway), "rules": _tls_rules(gateway)},
         "mta_sts": {"ca_bundle": _ca_bundle(gateway)},
         "blacklist": _blacklist(fleet_gateways, gateway),
@@ -74,11 +77,11 @@ def _ca_bundle(gateway: Gateway) -> str:
     return HostPaths.PUBLIC_CA if gateway["public_ca_file"] else HostPaths.SYSTEM_CA_BUNDLE
 
 
-def _dkim_keys(gateway: Gateway) -> list[dict[str, str]]:
+def _dkim_keys(gateway: Gateway, held: Collection[tuple[str, str]]) -> list[dict[str, str]]:
     keys = []
     for item in gateway["dkim_domains"]:
         entry = dkim_entry(item)
-        if not isinstance(entry, str):
+        if not isinstance(entry, str) and entry[:2] not in held:
             domain, selector, _ = entry
             keys.append(
                 {

@@ -99,6 +99,12 @@ def _calendar(value: Any) -> str:
     )
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise InvalidValue(f"expected True or False, got {value!r}")
+
+
 def _port(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
         return value
@@ -177,6 +183,11 @@ KEYS: dict[str, Key] = {
     # DKIM
     "dkim_domains": Key(_entries, []),
     "dkim_keys_dir": Key(_path, "keys"),
+    # Sign with a key whose TXT record is not visible yet (python -m deploykit dns-check):
+    # only on purpose, e.g. a domain whose DNS the control machine cannot see.
+    "dkim_unpublished_ok": Key(_bool, False),
+    # DNS records of the fleet (python -m deploykit dns-check)
+    "spf_domain": Key(_optional(_domain), None),
     # blacklist monitoring
     "operations_mailbox": Key(_optional(parse_email), None),
     "notify_via": Key(_optional(lambda v: parse_host_port(v, 25)), ("127.0.0.1", 25)),

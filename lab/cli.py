@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab import fleet, net, sshkeys, state
+from lab import dns, fleet, net, sshkeys, state
 from lab.config import REPO_DIR, VENV_BIN, host_by_name
 from lab.proc import LabError
+from lab.zones import CUSTOMER_DOMAINS, default_zones
 
 log = logging.getLogger("lab")
 
@@ -79,6 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     current = fleet.up(rebuild_image=args.rebuild_image, keep_on_failure=args.keep_on_failure)
     if not was_up:
         log.info("lab up in %.1f s", time.monotonic() - started)
+    publish_dkim()
     print_summary(current)
     if args.deploy:
         return run_deploy()
@@ -103,6 +105,22 @@ def run_deploy() -> int:
         if done.returncode != 0:
             return done.returncode
     return 0
+
+
+def publish_dkim() -> None:
+    """Make the lab's DKIM keys (the kit's command: existing keys are kept) and serve their
+    records in the customer zones, as a customer publishes them before the first signed mail;
+    the deploy signs only with published keys (deploykit.dnscheck)."""
+    if not (REPO_DIR / "inventories" / "lab.py").exists():
+        return
+    keys = [str(VENV_BIN / "python"), "-m", "deploykit", "dkim-keys", "inventories/lab.py"]
+    done = subprocess.run(keys, cwd=REPO_DIR, timeout=300, check=False)
+    if done.returncode != 0:
+        raise LabError("python -m deploykit dkim-keys inventories/lab.py failed")
+    zones = default_zones()
+    for domain in CUSTOMER_DOMAINS:
+        dns.set_zone(domain, zones[domain])
+    log.info("DKIM records published in %s", ", ".join(CUSTOMER_DOMAINS))
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from lab.config import (
     DOMAIN,
     FAR_ENDS,
     GATEWAYS,
+    REPO_DIR,
     host_by_name,
 )
 
@@ -30,6 +31,23 @@ CUSTOMER_DOMAINS = {
 NO_RECORDS_DOMAIN = "no-records.example"  # exists (SOA/NS) but has no MX, A or AAAA
 NULL_MX_DOMAIN = "null-mx.example"  # RFC 7505 "MX 0 ." : accepts no mail
 NXDOMAIN_EXAMPLE = "does-not-exist.example"  # in no zone: the root zone answers NXDOMAIN
+
+
+# The kit's lab DKIM keys' records (python -m deploykit dkim-keys inventories/lab.py): served
+# in the customer zones, so the far ends can verify what the gateways sign.
+DKIM_RECORDS = REPO_DIR / "keys" / "lab" / "dns-records.txt"
+
+
+def dkim_records(domain: str) -> str:
+    """The zone-file lines of ``dns-records.txt`` for ``domain``'s selectors ("" if none)."""
+    if not DKIM_RECORDS.is_file():
+        return ""
+    lines = [
+        line
+        for line in DKIM_RECORDS.read_text().splitlines()
+        if line and not line.startswith(";") and line.split()[0].endswith(f"._domainkey.{domain}.")
+    ]
+    return "".join(f"{line}\n" for line in lines)
 
 
 def far_end_fqdn(domain: str) -> str:
@@ -79,4 +97,6 @@ def default_zones() -> dict[str, str]:
         DNSBL_ZONE: '2.0.0.127 A 127.0.0.2\n2.0.0.127 TXT "test entry"\n',
     }
     zones.update({d: partner_zone(d) for d in PARTNER_DOMAINS})
+    for domain in CUSTOMER_DOMAINS:
+        zones[domain] += dkim_records(domain)
     return zones

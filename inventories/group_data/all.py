@@ -53,6 +53,11 @@ dnsbl_zones = [
 ]
 
 # The relay.
+# The fleet's SPF record (customers include: it), checked by python -m deploykit dns-check;
+# None until the name is agreed with the DNS team.
+spf_domain = None
+dkim_unpublished_ok = False  # sign only with keys whose record is in DNS (docs/dkim.md)
+
 relay_max_message_size = "25MiB"
 relay_metrics_port = 9525
 # Per-destination shaping (docs/queue.md, "Per-destination shaping"): limits per relay process

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from deploykit.paths import HostPaths
+from lab import dns as lab_dns
 from lab import fleet as lab_fleet
 from lab.config import STATE_FILE
 from roles import relay
@@ -150,9 +151,15 @@ def change_request(tmp_path: Path, lab: dict[str, Any], converged: Run) -> Itera
         timeout=120,
     )
     assert made.returncode == 0, made.stderr
+    # The customer publishes the record: the deploy signs only with published keys.
+    records = (keys_dir / "dns-records.txt").read_text().splitlines()
+    mine = [line for line in records if line.split()[:1] == [f"lab._domainkey.{NEW_DOMAIN}."]]
+    assert len(mine) == 1, records
+    lab_dns.set_zone(NEW_DOMAIN, f"@ A {lab['customer']['address']}\n{mine[0]}\n")
     try:
         yield inventory
     finally:
+        lab_dns.remove_zone(NEW_DOMAIN)
         shutil.rmtree(keys_dir / NEW_DOMAIN, ignore_errors=True)
         subprocess.run(
             [sys.executable, "-m", "deploykit", "dkim-keys", str(LAB_INVENTORY)],
