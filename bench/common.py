@@ -6,10 +6,11 @@
         "count signed first_arrival last_arrival" (signed: messages with a DKIM-Signature in
         their first 20000 bytes).  Stops on SIGTERM.
 
-    python -m bench.common load HOST:PORT COUNT CONNECTIONS SIZE SEED [SOURCE_IP]
+    python -m bench.common load HOST:PORT COUNT CONNECTIONS SIZE SEED [SOURCE_IP|-] [RCPT]
         Sends COUNT messages of about SIZE bytes over CONNECTIONS sessions (one transaction
-        after another per session).  Prints one JSON line: sent, failed, seconds, p50/p99 of
-        the time from MAIL FROM to the final 250 (ms), a sample of failures.
+        after another per session), to RCPT (default bob@bench-far.test).  Prints one JSON
+        line: sent, failed, seconds, p50/p99 of the time from MAIL FROM to the final 250 (ms),
+        a sample of failures.
 
 Both are plain asyncio protocol code without any SMTP library: the machine has two cores, and
 the sink and the load must cost as little as possible and the same for every stack measured.
@@ -185,6 +186,7 @@ async def _session(
     messages: list[bytes],
     latencies: list[float],
     failures: list[str],
+    rcpt: str = RECIPIENT,
 ) -> None:
     local = (source, 0) if source else None
     reader, writer = await asyncio.open_connection(host, port, local_addr=local)
@@ -195,7 +197,7 @@ async def _session(
         for data in messages:
             started = time.perf_counter()
             reply = b""
-            for command in (f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{RECIPIENT}>", "DATA"):
+            for command in (f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{rcpt}>", "DATA"):
                 writer.write(command.encode() + b"\r\n")
                 reply = await _reply(reader)
                 if reply[:1] not in (b"2", b"3"):
@@ -215,7 +217,13 @@ async def _session(
 
 
 async def load(
-    target: str, count: int, connections: int, size: int, seed: int, source: str | None
+    target: str,
+    count: int,
+    connections: int,
+    size: int,
+    seed: int,
+    source: str | None,
+    rcpt: str = RECIPIENT,
 ) -> dict[str, object]:
     host, port = target.rsplit(":", 1)
     rng = random.Random(seed)
@@ -226,7 +234,7 @@ async def load(
     wall_started = time.time()
     results = await asyncio.gather(
         *(
-            _session(host, int(port), source, messages[i::connections], latencies, failures)
+            _session(host, int(port), source, messages[i::connections], latencies, failures, rcpt)
             for i in range(connections)
         ),
         return_exceptions=True,
@@ -252,8 +260,9 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["load"]:
         target, count, conns, size, seed = argv[1], *map(int, argv[2:6])
-        source = argv[6] if len(argv) > 6 else None
-        print(json.dumps(asyncio.run(load(target, count, conns, size, seed, source))))
+        source = argv[6] if len(argv) > 6 and argv[6] != "-" else None
+        rcpt = argv[7] if len(argv) > 7 else RECIPIENT
+        print(json.dumps(asyncio.run(load(target, count, conns, size, seed, source, rcpt))))
         return 0
     print(__doc__, file=sys.stderr)
     return 2

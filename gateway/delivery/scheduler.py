@@ -103,6 +103,7 @@ class Delivery:
         self._known_per: Counter[str] = Counter()  # ... per destination
         self.shaper = Shaper(section)
         self._parked: dict[str, deque[str]] = {}  # ids of full destinations, in order
+        self._capped: set[str] = set()  # destinations with more due than the last poll took
         self._cooldown: dict[str, float] = {}  # ids whose result could not be recorded
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
@@ -203,10 +204,14 @@ class Delivery:
             return False  # the workers have enough to do; keeps the poll cheap under load
         limit = len(self._known) + 2 * self.concurrency
         known, shaper = dict(self._known_per), self.shaper
+        asked: dict[str, int] = {}
+
+        def room(destination: str) -> int:
+            asked[destination] = known.get(destination, 0) + shaper.room(destination)
+            return asked[destination]
+
         try:
-            due = await self.spool.due_by_destination(
-                limit, lambda d: known.get(d, 0) + shaper.room(d), self.clock()
-            )
+            due = await self.spool.due_by_destination(limit, room, self.clock())
         except SpoolUnavailable as exc:
             log.warning("spool poll failed: %s", exc)
             return False
@@ -215,11 +220,16 @@ class Delivery:
             if until <= now:
                 del self._cooldown[queue_id]
         added = 0
+        taken: Counter[str] = Counter()
         for queue_id, destination in due:
+            taken[destination] += 1
             if queue_id not in self._known and queue_id not in self._cooldown:
                 self._remember(queue_id, destination)
                 self._queue.put_nowait(_Work(queue_id, None, destination))
                 added += 1
+        # A destination that filled its room may have more due: search again as soon as one
+        # of its attempts ends (a drain after a pause ramps up with its concurrency).
+        self._capped = {d for d, n in taken.items() if n >= asked.get(d, 0) > 0}
         if len(due) >= limit and added:
             self._room.clear()
             return True
@@ -280,6 +290,8 @@ class Delivery:
                 self._forget(work.queue_id)
                 self.shaper.finish(work.destination)
                 self._unpark(work.destination)
+                if work.destination in self._capped:
+                    self._wake.set()
 
     async def _record(self, result: AttemptResult) -> AttemptOutcome:
         """Write the attempt's result; while the spool is unavailable (disk full), keep trying
