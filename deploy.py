@@ -22,7 +22,7 @@ from deploykit.fleet import Fleet
 from deploykit.host import Gateway, gateway_from_host_data
 from deploykit.problems import InventoryError, Problem
 from deploykit.schema import KEYS
-from roles import base, blacklist, clamav, dkim, firewall, relay, rspamd, tls
+from roles import base, blacklist, clamav, dkim, firewall, monitoring, relay, rspamd, tls
 
 
 def _refuse_overrides() -> None:
@@ -51,6 +51,7 @@ gateway = fleet.get(host.name)
 good = gateway.role == "good"
 
 packages = firewall.PACKAGES + (clamav.PACKAGES + rspamd.PACKAGES if good else [])
+packages += monitoring.packages(gateway)
 base.apply(gateway, packages)
 firewall.apply(fleet, gateway)
 reload_relay_on = tls.apply(gateway)
@@ -59,4 +60,5 @@ if good:
     rspamd.apply(gateway)
     reload_relay_on += dkim.apply(gateway)
 relay.apply(fleet, gateway, reload_relay_on)
+monitoring.apply(fleet, gateway)  # before the blacklist unit: it writes into node exporter's dir
 blacklist.apply(gateway)

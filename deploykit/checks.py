@@ -176,6 +176,7 @@ def check_fleet(checker: Checker, gateways: list[Gateway]) -> None:
     _check_unique(checker, gateways, "source_address")
     _check_unique(checker, gateways, "fqdn")
     names = {g.name for g in gateways}
+    _check_monitoring(checker, gateways, names)
     for gateway in gateways:
         for name in (
             gateway["blacklist_monitor_hosts"]
@@ -188,6 +189,32 @@ def check_fleet(checker: Checker, gateways: list[Gateway]) -> None:
                     "blacklist_monitor_hosts",
                     f"{name!r} is not a host of this inventory ({', '.join(sorted(names))})",
                 )
+
+
+def _check_monitoring(checker: Checker, gateways: list[Gateway], names: set[str]) -> None:
+    """monitoring_host names a host of the inventory, the same on every host (one Prometheus
+    scrapes the fleet); alert_for names alerts the kit ships."""
+    from roles.monitoring import alert_names  # the rules template is the kit's, not deploykit's
+
+    hosts = {g["monitoring_host"] for g in gateways if is_parsed(g["monitoring_host"])}
+    for gateway in gateways:
+        host = gateway["monitoring_host"]
+        if is_parsed(host) and host is not None and host not in names:
+            checker.problem(
+                checker.source(gateway, "monitoring_host"), "monitoring_host",
+                f"{host!r} is not a host of this inventory ({', '.join(sorted(names))})",
+            )  # fmt: skip
+        if len(hosts) > 1 and host != gateways[0]["monitoring_host"]:
+            checker.problem(
+                checker.source(gateway, "monitoring_host"), "monitoring_host",
+                f"differs between hosts ({', '.join(sorted(map(str, hosts)))}): set it once",
+            )  # fmt: skip
+        windows = gateway["alert_for"] if is_parsed(gateway["alert_for"]) else {}
+        for name in sorted(set(windows) - {"*"} - set(alert_names())):
+            checker.problem(
+                checker.source(gateway, "alert_for"), "alert_for",
+                f"{name!r} is not an alert of templates/monitoring/smg-rules.yml.j2",
+            )  # fmt: skip
 
 
 def _check_unique(checker: Checker, gateways: list[Gateway], key: str) -> None:

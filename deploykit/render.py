@@ -38,7 +38,7 @@ def relay_config(
             "client_networks": [*clients, "127.0.0.0/8"],
             "tls_cert": HostPaths.CERT,
             "tls_key": HostPaths.KEY,
-            "metrics_listen": f"127.0.0.1:{gateway['relay_metrics_port']}",
+            **_metrics_listen(gateway),
         },
         "dns": {
             "nameservers": [_host_port(ip, 53) for ip in gateway["resolvers"]],
@@ -63,6 +63,15 @@ def relay_config(
         # Only the good gateways send here, over TLS verified against the internal CA.
         config["gateway"]["require_tls_from_clients"] = True
     return _merge(config, gateway["relay_settings"])
+
+
+def _metrics_listen(gateway: Gateway) -> dict[str, Any]:
+    """Loopback, unless the fleet has a monitoring host: then the fleet address, which the
+    firewall opens to the monitoring host only (roles/firewall.py)."""
+    port = gateway["relay_metrics_port"]
+    if gateway["monitoring_host"] is None:
+        return {"metrics_listen": f"127.0.0.1:{port}"}
+    return {"metrics_listen": _host_port(gateway.listen_address, port), "metrics_public": True}
 
 
 def _host_port(ip: str, port: int) -> str:

@@ -134,6 +134,32 @@ def _size(value: Any) -> Any:
     return value
 
 
+_PROM_DURATION = re.compile(r"(?:[0-9]+(?:ms|s|m|h|d|w|y))+")
+
+
+def prometheus_duration(value: Any) -> str:
+    """A Prometheus duration: ``30s``, ``5m``, ``1h30m``, ``30d``."""
+    if isinstance(value, str) and _PROM_DURATION.fullmatch(value):
+        return value
+    raise InvalidValue(f"expected a Prometheus duration such as '30s', '5m' or '30d': {value!r}")
+
+
+def alert_windows(value: Any) -> dict[str, str]:
+    """``{alert name or "*": duration}``: the ``for:`` windows of the shipped alert rules to
+    override (``"*"``: every rule); names are checked against the rules (deploykit.checks)."""
+    if not isinstance(value, dict):
+        raise InvalidValue(f"expected {{'SmgClamdUnavailable': '5m', '*': '1m'}}, got {value!r}")
+    out = {}
+    for name, window in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"\*|[A-Za-z][A-Za-z0-9_]*", name):
+            raise InvalidValue(f"{name!r}: expected an alert name or '*'")
+        try:
+            out[name] = prometheus_duration(window)
+        except InvalidValue as exc:
+            raise InvalidValue(f"{name}: {exc}") from None
+    return out
+
+
 REQUIRED: Any = object()
 
 
@@ -202,6 +228,11 @@ KEYS: dict[str, Key] = {
     "relay_settings": Key(_table, {}),
     # per-destination shaping: [[delivery.destinations]] (the relay checks each entry)
     "relay_destinations": Key(_entries, []),
+    # monitoring (roles/monitoring.py, docs/monitoring.md)
+    "monitoring_host": Key(_optional(_not_placeholder), None),
+    "monitoring_retention": Key(lambda v: prometheus_duration(v), "30d"),
+    "scrape_interval": Key(lambda v: prometheus_duration(v), "30s"),
+    "alert_for": Key(lambda v: alert_windows(v), {}),
 }
 
 DKIM_ENTRY_KEYS = {"domain", "selector", "algorithm"}

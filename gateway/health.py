@@ -8,7 +8,7 @@
                                                (negative: expired; -1e9: unreadable)
     smg_dkim_key_usable{domain,selector}       1 if the key file loads, else 0 (good gateway)
     smg_scanner_up{scanner}                    1 if clamd answers PING / rspamd /ping
-    smg_bad_gateway_up{gateway}                1 if the bad gateway greets with 220 (good gw)
+    smg_bad_gateway_up{bad_gateway}            1 if the bad gateway greets with 220 (good gw)
     smg_health_probe_timestamp_seconds         when the probes last ran
 
 Probes (scanners, the bad gateway, files, the spool's group query) run together at most every
@@ -215,7 +215,7 @@ async def bad_gateway_gauges(config: Config) -> Series:
     gateways = list(config.routing.bad_gateways)
     results = await asyncio.gather(*(_bounded(smtp_greets(h, p)) for h, p in gateways))
     return {
-        (("gateway", f"{host}:{port}"),): float(up)
+        (("bad_gateway", f"{host}:{port}"),): float(up)
         for (host, port), up in zip(gateways, results, strict=True)
     }
 

@@ -8,6 +8,8 @@ Counters the relay keeps (names are stable, dashboards depend on them):
 - ``smg_messages_received_total``: messages acknowledged with 250 (queued);
 - ``smg_messages_rejected_total{stage, reason}``: refused in the SMTP session, by the rule or
   the protocol limit that refused (``relay_control``, ``sender_domain``, ``size``, ...);
+- ``smg_messages_tempfailed_total{stage, reason}``: the part of those refused with a 4xx
+  (``virus``/``spam``: the scanner did not answer);
 - ``smg_recipients_delivered_total``, ``smg_recipients_deferred_total``,
   ``smg_recipients_bounced_total``: delivery outcomes per recipient (counted by delivery);
 - ``smg_messages_expired_total``: messages that reached ``delivery.max_lifetime``;
@@ -35,6 +37,10 @@ log = logging.getLogger("smg.metrics")
 COUNTERS: dict[str, tuple[str, str]] = {
     "received": ("smg_messages_received_total", "Messages accepted with 250 and queued."),
     "rejected": ("smg_messages_rejected_total", "SMTP transactions refused, by stage and reason."),
+    "tempfailed": (
+        "smg_messages_tempfailed_total",
+        "SMTP transactions refused with 4xx (try later), by stage and rule.",
+    ),
     "delivered": ("smg_recipients_delivered_total", "Recipients delivered to the far end."),
     "deferred": ("smg_recipients_deferred_total", "Recipients deferred after a failed attempt."),
     "bounced": ("smg_recipients_bounced_total", "Recipients bounced (NDR sent or due)."),

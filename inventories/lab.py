@@ -80,6 +80,9 @@ lab = (
             {"domain": "customer-b.example", "selector": "lab", "algorithm": "ed25519"},
         ],
         "operations_mailbox": "fmb-change@partner-plain.example",
+        # Quick alerts for the acceptance tests (tests/acceptance/test_monitoring.py).
+        "scrape_interval": "5s",
+        "alert_for": {"*": "15s"},
         "dnsbl_zones": [
             {"zone": _STATE["dns"]["dnsbl_zone"], "name": "lab DNSBL", "major": True},
         ],

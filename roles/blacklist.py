@@ -11,6 +11,7 @@ from pyinfra.operations import systemd
 from deploykit.host import Gateway
 from deploykit.paths import HostPaths
 from roles import ops
+from roles.monitoring import TEXTFILE_DIR
 from roles.render import render
 
 SERVICE = "smg-blacklist.service"
@@ -31,6 +32,9 @@ def units(gateway: Gateway) -> dict[str, str]:
         "on_calendar": f"{gateway['blacklist_schedule']} {gateway['blacklist_timezone']}",
         # The service description says 5am: no random delay.
         "randomized_delay": "0",
+        # With monitoring: blacklist.prom for node exporter's textfile collector.
+        "textfile": f"{TEXTFILE_DIR}/blacklist.prom" if gateway["monitoring_host"] else None,
+        "textfile_dir": TEXTFILE_DIR,
     }
     return {
         SERVICE: render(f"blacklist/{SERVICE}.j2", **values),

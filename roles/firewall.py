@@ -19,6 +19,7 @@ from pyinfra.operations import systemd
 from deploykit.fleet import Fleet
 from deploykit.host import Gateway
 from roles import ops
+from roles.monitoring import ALERTMANAGER_PORT, NODE_PORT, PROMETHEUS_PORT
 from roles.render import render
 
 PACKAGES = ["nftables"]
@@ -95,8 +96,25 @@ def egress_allowed(fleet: Fleet, gateway: Gateway) -> list[str]:
     return list(dict.fromkeys(fleet_hosts + lab + _endpoint_addresses(gateway)))
 
 
+def monitoring_sources(fleet: Fleet, gateway: Gateway) -> list[str]:
+    """Who may scrape the relay's metrics and node exporter: the monitoring host only."""
+    name = gateway["monitoring_host"]
+    if name is None:
+        return []
+    monitor = fleet.get(name)
+    return list(dict.fromkeys([monitor.listen_address, monitor.source_address]))
+
+
+def monitoring_ports(gateway: Gateway) -> tuple[str, str]:
+    """(scraped ports, web ports of Prometheus and Alertmanager on the monitoring host)."""
+    scraped = f"{gateway['relay_metrics_port']}, {NODE_PORT}"
+    return scraped, f"{PROMETHEUS_PORT}, {ALERTMANAGER_PORT}"
+
+
 def nftables_conf(fleet: Fleet, gateway: Gateway) -> str:
     label, smtp = smtp_sources(fleet, gateway)
+    scraped, web = monitoring_ports(gateway)
+    is_monitor = gateway["monitoring_host"] == gateway.name
     return render(
         "firewall/nftables.conf.j2",
         host_name=gateway.name,
@@ -107,6 +125,10 @@ def nftables_conf(fleet: Fleet, gateway: Gateway) -> str:
         egress_ports=", ".join(str(port) for port in EGRESS_PORTS),
         egress_allowed=by_family(egress_allowed(fleet, gateway)),
         internal_networks=by_family(list(INTERNAL_NETWORKS)),
+        metrics_networks=by_family(monitoring_sources(fleet, gateway)),
+        metrics_ports=scraped,
+        web_networks=by_family(list(gateway["ssh_networks"])) if is_monitor else [],
+        web_ports=web,
     )
 
 

@@ -184,6 +184,8 @@ class PolicyHandler:
             else Reply(451, "4.7.1", "Temporary policy failure, try again later")
         )
         self.metrics.inc("rejected", stage=str(stage), reason=decision.decided_by or "policy")
+        if decision.action == Action.TEMPFAIL:  # 4xx: a scanner down shows here (alert rules)
+            self.metrics.inc("tempfailed", stage=str(stage), reason=decision.decided_by or "policy")
         where = {"rcpt": f"<{ctx.rcpt_tos[-1]}>"} if stage == Stage.RCPT else {}
         event(log, "reject", "NOQUEUE", stage=str(stage), client=ctx.client_ip,
               sender=f"<{ctx.mail_from}>", **where, reason=decision.decided_by,

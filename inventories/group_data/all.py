@@ -70,3 +70,10 @@ relay_destinations = [
     {"domains": ["t-online.de"], "concurrency": 10, "rate": "20/s"},
     {"domains": ["gmx.de", "gmx.net", "web.de"], "concurrency": 20},
 ]
+
+# Monitoring (docs/monitoring.md): Prometheus and Alertmanager on the monitor gateway, node
+# exporter everywhere; alerts mail operations_mailbox through the monitoring host's relay.
+monitoring_host = "otc-de-mta01"
+monitoring_retention = "30d"
+scrape_interval = "30s"
+alert_for = {}  # the shipped for: windows

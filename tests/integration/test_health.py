@@ -69,8 +69,8 @@ async def test_health_gauges(tmp_path: Path, clamd_private, rspamd, test_ca) -> 
         values = await probe_all(config, services, {})
         assert values["smg_scanner_up"] == {(("scanner", "clamd"),): 1, (("scanner", "rspamd"),): 1}
         assert values["smg_bad_gateway_up"] == {
-            (("gateway", f"127.0.0.1:{bad_port}"),): 1,
-            (("gateway", f"127.0.0.1:{dead_port}"),): 0,
+            (("bad_gateway", f"127.0.0.1:{bad_port}"),): 1,
+            (("bad_gateway", f"127.0.0.1:{dead_port}"),): 0,
         }
         assert values["smg_dkim_key_usable"] == {
             (("domain", "customer-a.example"), ("selector", "s1")): 1,
