@@ -26,6 +26,7 @@ from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
@@ -70,6 +71,9 @@ class DnsResult:
     rcode: str = "NOERROR"
     detail: str = ""
     incomplete: bool = False
+    # DNSSEC: the resolver set AD (validated).  Queries ask with DO and AD; only the relay's
+    # own validating resolver (roles/resolver, on loopback) is to be trusted with it.
+    secure: bool = False
 
     @property
     def ok(self) -> bool:
@@ -104,6 +108,7 @@ class MailHosts:
     ttl: int = 0
     rcode: str = "NOERROR"
     detail: str = ""
+    secure: bool = False  # the MX RRset (or its absence) is DNSSEC-secure: DANE may apply
 
     @property
     def names(self) -> list[str]:
@@ -166,6 +171,8 @@ class Resolver:
         resolver.lifetime = section.timeout
         resolver.timeout = section.timeout
         resolver.retry_servfail = False  # SERVFAIL is an answer: tempfail now, retry later
+        resolver.use_edns(0, dns.flags.DO, 1232)  # DNSSEC: say whether answers validated (AD)
+        resolver.flags = dns.flags.RD | dns.flags.AD
         resolver.cache = None  # our own cache knows negative TTLs and the bound
         return resolver
 
@@ -199,7 +206,8 @@ class Resolver:
         """MX hosts in preference order (ties shuffled), the implicit MX, or a null MX."""
         domain = domain.rstrip(".").lower()
         result = await self.query(domain, "MX")
-        common = {"ttl": result.ttl, "rcode": result.rcode, "detail": result.detail}
+        common = {"ttl": result.ttl, "rcode": result.rcode, "detail": result.detail,
+                  "secure": result.secure}  # fmt: skip
         if result.status == NODATA:
             return MailHosts(domain, OK, [MailHost(0, domain)], implicit=True, **common)
         if result.status != OK:
@@ -226,7 +234,9 @@ class Resolver:
         name = host.rstrip(".").lower()
         if ok_parts:
             ttl = min(part.ttl for part in ok_parts)
-            return DnsResult(name, "A+AAAA", OK, records, ttl, "NOERROR", incomplete=bool(failed))
+            secure = all(part.secure for part in ok_parts)
+            return DnsResult(name, "A+AAAA", OK, records, ttl, "NOERROR",
+                             incomplete=bool(failed), secure=secure)  # fmt: skip
         if failed:
             first = failed[0]
             return DnsResult(name, "A+AAAA", TEMPFAIL, [], 0, first.rcode, first.detail)
@@ -271,11 +281,13 @@ class Resolver:
             return DnsResult(name, rdtype, TEMPFAIL, rcode="TIMEOUT", detail=_short(exc))
         except (dns.exception.DNSException, OSError) as exc:
             return DnsResult(name, rdtype, TEMPFAIL, rcode="ERROR", detail=_short(exc))
+        secure = bool(answer.response.flags & dns.flags.AD)
         if answer.rrset is None:
             ttl = self._negative_ttl(answer.response)
-            return DnsResult(name, rdtype, NODATA, ttl=ttl, rcode="NOERROR")
+            return DnsResult(name, rdtype, NODATA, ttl=ttl, rcode="NOERROR", secure=secure)
         records = list(answer.rrset)
-        return DnsResult(name, rdtype, OK, records, int(answer.rrset.ttl), "NOERROR")
+        ttl = int(answer.rrset.ttl)
+        return DnsResult(name, rdtype, OK, records, ttl, "NOERROR", secure=secure)
 
     def _negative_ttl(self, response: dns.message.Message | None) -> int:
         """RFC 2308: the lesser of the SOA record's TTL and its MINIMUM field, capped."""

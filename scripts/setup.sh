@@ -21,6 +21,7 @@ PACKAGES=(
     clamav clamav-daemon clamav-freshclam clamav-milter
     rspamd
     knot knot-dnsutils
+    unbound dns-root-data
     opendkim opendkim-tools libmail-dkim-perl
     debootstrap systemd-container apt-cacher-ng zstd nftables iproute2
     python3-venv openssl ca-certificates

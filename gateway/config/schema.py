@@ -203,7 +203,7 @@ class DkimSection:
 class TlsRule:
     sender: str = ""
     recipient: str = ""
-    level: str = _parsed(choice("encrypt", "verify"), "encrypt")
+    level: str = _parsed(choice("encrypt", "verify", "dane"), "encrypt")
     on_failure: str = _parsed(choice("hold", "reject"), "hold")
 
 
@@ -216,6 +216,7 @@ class TlsPolicySection:
         duration("1d", zero=True), "15m"
     )  # intake's 5.7.10 after a TLS failure
     # In-session check for reject rules (issue 14): remembered answers, else a live probe.
+    dane: bool = True  # opportunistic DANE (RFC 7672) where secure TLSA records exist
     session_probe: bool = True
     session_probe_timeout: float = _parsed(duration("60s", low="1s"), "10s")
     session_probe_memory: float = _parsed(duration("1d", zero=True), "10m")

@@ -22,8 +22,10 @@ from gateway.delivery.outcome import BOUNCED, RcptOutcome, Rcpts, code_status, r
 from gateway.dsn import status_from_reply
 from gateway.log import event
 from gateway.queue.model import QueuedMessage
+from gateway.tls.dane import match_chain
+from gateway.tls.levels import DANE
 from gateway.tls.policy import TlsRequirement
-from gateway.tls.verify import NO_TLS, TlsOutcome, describe_tls
+from gateway.tls.verify import NO_TLS, TlsOutcome, describe_tls, peer_chain_der
 
 log = logging.getLogger("smg.delivery")
 
@@ -263,6 +265,8 @@ class Dialer:
             return connection, NO_TLS
         try:
             await connection.starttls(self._context(requirement), target.host)
+            if requirement.level == DANE:  # before a single command goes over the session
+                _authenticate_dane(connection, target, requirement)
             await connection.ehlo(self.config.gateway.hostname)
         except (HostFailed, Disconnected, ssl.SSLError, OSError, TimeoutError) as exc:
             connection.close()
@@ -287,6 +291,17 @@ class Dialer:
             connection.close()
             raise HostFailed(str(exc) or type(exc).__name__) from exc
         return connection
+
+
+def _authenticate_dane(
+    connection: SmtpConnection, target: Target, requirement: TlsRequirement
+) -> None:
+    """RFC 7672 3: the peer's chain must match a usable TLSA record of this MX host."""
+    ssl_object = connection.ssl_object
+    chain = peer_chain_der(ssl_object) if ssl_object is not None else []
+    problem = match_chain(requirement.tlsa, chain, target.host)
+    if problem is not None:
+        raise HostFailed(f"DANE authentication failed: {problem}", tls=True)
 
 
 # --- one transaction --------------------------------------------------------------------------

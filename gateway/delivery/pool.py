@@ -21,7 +21,7 @@ from gateway.delivery.client import (
 )
 from gateway.delivery.outcome import DEFERRED, RcptOutcome, Rcpts
 from gateway.queue.model import QueuedMessage
-from gateway.tls.levels import VERIFY
+from gateway.tls.levels import DANE, VERIFY
 from gateway.tls.policy import TlsRequirement
 from gateway.tls.verify import TlsOutcome
 
@@ -179,7 +179,9 @@ def _deferred(session: Session, rcpts: Rcpts, reply: str) -> list[RcptOutcome]:
 
 
 def _session_key(dialer: Dialer, target: Target, requirement: TlsRequirement) -> SessionKey:
-    name = target.host if requirement.level == VERIFY else ""
+    name = target.host if requirement.level in (VERIFY, DANE) else ""
+    if requirement.tlsa:  # a session authenticated against other records is not reused
+        name += " " + ",".join(sorted(r.text() for r in requirement.tlsa))
     return (
         target.ip,
         target.port,

@@ -22,8 +22,11 @@ from dataclasses import dataclass
 
 from gateway.config import Config
 from gateway.delivery.client import Dialer, HostFailed, Target
+from gateway.delivery.dane import dane_applies, host_requirement
 from gateway.delivery.screen import Screen, address_literal
 from gateway.dns import Resolver
+from gateway.tls.dane import DaneResolver
+from gateway.tls.levels import DANE
 from gateway.tls.policy import TlsRequirement
 
 
@@ -39,9 +42,16 @@ class ProbeResult:
 class SessionProber:
     """Probes for the intake, with the delivery configuration's dialer and address rules."""
 
-    def __init__(self, config: Config, resolver: Resolver, max_parallel: int = 32) -> None:
+    def __init__(
+        self,
+        config: Config,
+        resolver: Resolver,
+        dane: DaneResolver | None = None,
+        max_parallel: int = 32,
+    ) -> None:
         self.config = config
         self.resolver = resolver
+        self.dane = dane
         self.dialer = Dialer(config)
         self.screen = Screen(resolver, config.gateway.listen)
         self._parallel = asyncio.Semaphore(max_parallel)  # per process, whatever the flood
@@ -67,9 +77,18 @@ class SessionProber:
         tls_errors: list[str] = []
         other_errors: list[str] = []
         tried = 0
+        dane = await dane_applies(self.dane, domain, requirement)
+        if requirement.level == DANE and not dane:
+            return ProbeResult(False, False, f"the MX records of {domain} are not DNSSEC-secure")
         for name in hosts.names:
             if address_literal(name) or not requirement.mx_allowed(name):
                 continue
+            host_req = requirement
+            if dane and self.dane is not None:
+                host_req, problem, tls = await host_requirement(self.dane, name, requirement)
+                if problem:
+                    (tls_errors if tls else other_errors).append(problem)
+                    continue
             found = await self.resolver.addresses(name)
             if not found.ok:
                 other_errors.append(f"address lookup for {name} failed: {found.status}")
@@ -80,13 +99,13 @@ class SessionProber:
                     continue
                 tried += 1
                 try:
-                    connection, _ = await self.dialer.open(target, requirement)
+                    connection, _ = await self.dialer.open(target, host_req)
                 except HostFailed as exc:
                     (tls_errors if exc.tls else other_errors).append(f"{target.relay}: {exc.reply}")
                     continue
                 with contextlib.suppress(Exception):
                     await connection.quit()
-                return ProbeResult(True, False, f"{requirement.level} TLS works", target.relay)
+                return ProbeResult(True, False, f"{host_req.level} TLS works", target.relay)
         if tls_errors:
             return ProbeResult(False, False, "; ".join(tls_errors[-3:]))
         if not tried and not other_errors:

@@ -28,6 +28,7 @@ from typing import Generic, TypeVar
 
 from gateway.config import Config
 from gateway.delivery.client import Dialer, HostFailed, Target
+from gateway.delivery.dane import dane_applies, host_requirement
 from gateway.delivery.outcome import BOUNCED, DEFERRED, HELD, RcptOutcome, Rcpts, everyone
 from gateway.delivery.pool import ConnectionPool
 from gateway.delivery.screen import (
@@ -42,7 +43,7 @@ from gateway.dns import MailHosts, Resolver
 from gateway.log import event
 from gateway.queue.model import QueuedMessage
 from gateway.tls.failures import TlsFailureCache
-from gateway.tls.levels import VERIFY
+from gateway.tls.levels import DANE, VERIFY
 from gateway.tls.policy import TlsPolicy, TlsRequirement
 from gateway.tls.verify import TlsOutcome
 
@@ -123,11 +124,16 @@ class Router:
         if not names:
             reason = f"no MX host of {domain} is allowed by {requirement.source}"
             return self._tls_failed(domain, rcpts, requirement, reason)
+        dane_resolver = self.tls_policy.dane if self.tls_policy is not None else None
+        dane = await dane_applies(dane_resolver, domain, requirement)
+        if requirement.level == DANE and not dane:
+            reason = f"the MX records of {domain} are not DNSSEC-secure: no DANE"
+            return self._tls_failed(domain, rcpts, requirement, reason)
         port = self._config().delivery.port
         refused = [literal_refusal(name, domain) for name in names if address_literal(name)]
         hosts_to_try = [(name, port) for name in names if not address_literal(name)]
         return await self._try_hosts(
-            message, domain, rcpts, payload, requirement, hosts_to_try, refused
+            message, domain, rcpts, payload, requirement, hosts_to_try, refused, dane=dane
         )
 
     async def deliver_bad_gateway(
@@ -184,6 +190,7 @@ class Router:
         hosts: list[tuple[str, int]],
         refused: list[Refusal] | None = None,
         gateway_route: bool = False,
+        dane: bool = False,
     ) -> list[RcptOutcome]:
         """Try the hosts' addresses in order.  ``refused`` (hosts already ruled out) is given
         for the direct route only: there a domain whose every address is refused bounces; the
@@ -195,6 +202,13 @@ class Router:
         last_relay = ""
         screen = self.screen()
         for host, port in hosts:
+            host_req = requirement
+            if dane and self.tls_policy is not None and self.tls_policy.dane is not None:
+                found = await host_requirement(self.tls_policy.dane, host, requirement)
+                host_req, problem, tls = found
+                if problem:
+                    (tls_errors if tls else errors).append(problem)
+                    continue
             targets, problem = await self._targets(host, port, literal_ok=not direct)
             if problem:
                 errors.append(problem)
@@ -210,7 +224,7 @@ class Router:
                 last_relay = target.relay
                 try:
                     outcomes = await self.pool.deliver(
-                        self.dialer, target, requirement, message, rcpts, payload
+                        self.dialer, target, host_req, message, rcpts, payload
                     )
                 except HostFailed as exc:
                     (tls_errors if exc.tls else errors).append(f"{target.relay}: {exc.reply}")
@@ -237,9 +251,11 @@ class Router:
         self, domain: str, rcpts: Rcpts, requirement: TlsRequirement, detail: str
     ) -> list[RcptOutcome]:
         reason = f"no TLS connection could be established ({requirement.describe()}): {detail}"
-        if self._failures is not None and domain != BAD_GATEWAY:
+        if self._failures is not None and domain != BAD_GATEWAY and requirement.requires_tls:
             self._failures.record_failure(domain, detail, requirement.level)  # intake's 5.7.10
             self._remember(domain, requirement, False, detail)
+        if requirement.on_failure is None:  # opportunistic DANE failed: retried as usual
+            return everyone(rcpts, DEFERRED, reason, "4.7.5")
         status = BOUNCED if requirement.on_failure == "reject" else HELD
         enhanced = "5.7.10" if status == BOUNCED else "4.7.10"
         return everyone(rcpts, status, reason, enhanced)

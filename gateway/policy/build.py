@@ -39,7 +39,7 @@ def build_chain(config: Config, services: Services, *, relay_control: bool = Tru
         rules.append(TlsKnownFailureRule(services.tls_policy))
         if config.tls_policy.session_probe and services.resolver is not None:
             # a reject rule: is the destination reachable with its TLS?  (cache, else a probe)
-            prober = SessionProber(config, services.resolver)
+            prober = SessionProber(config, services.resolver, services.tls_policy.dane)
             rules.append(TlsReachabilityRule(services.tls_policy, prober))
     # DATA stage: virus first (nothing infected goes further), the verdict header (trusted
     # only from good gateways, always removed), spam (good gateways: the bad one trusts the

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.domains import normalize_domain
-from gateway.tls.levels import STRICTNESS, VERIFY
+from gateway.tls.levels import DANE, STRICTNESS, VERIFY, covers
 from gateway.tls.mta_sts import StateFile
 
 
@@ -59,7 +59,7 @@ class TlsFailureCache:
 
         def change(table: dict[str, Any]) -> None:
             entry = table.get(key, {})
-            for failed_level in [lv for lv in entry if STRICTNESS[lv] <= STRICTNESS[level]]:
+            for failed_level in [lv for lv in entry if covers(lv, level)]:
                 del entry[failed_level]
             if not entry:
                 table.pop(key, None)
@@ -78,7 +78,7 @@ class TlsFailureCache:
         relevant = [
             (when, reason)
             for failed_level, (when, reason) in entry.items()
-            if STRICTNESS[failed_level] <= STRICTNESS[level] and now - when <= self.ttl
+            if covers(failed_level, level) and now - when <= self.ttl
         ]
         return max(relevant)[1] if relevant else None
 
@@ -108,7 +108,7 @@ class TlsFailureCache:
                 failures[domain] = {
                     level: (float(when), str(reason))
                     for level, (when, reason) in entry.items()
-                    if level in STRICTNESS
+                    if level in STRICTNESS or level == DANE
                 }
             except (TypeError, ValueError, AttributeError):
                 continue  # a damaged entry is skipped, not fatal

@@ -11,6 +11,19 @@ memory (``tls-failures.json``), so they stay plain strings.
 from __future__ import annotations
 
 OPPORTUNISTIC, ENCRYPT, VERIFY = "opportunistic", "encrypt", "verify"
+# DANE (RFC 7672): TLS authenticated by the MX host's TLSA records.  Not on the scale below:
+# a DANE failure (a key the TLSA records do not name) says nothing about PKIX ``verify``.
+DANE = "dane"
 
 # A failure at one level implies a failure at every stricter one (no STARTTLS: no verify either).
 STRICTNESS = {OPPORTUNISTIC: 0, ENCRYPT: 1, VERIFY: 2}
+REQUIRES_TLS = (ENCRYPT, VERIFY, DANE)
+
+
+def covers(failed: str, wanted: str) -> bool:
+    """Does a TLS failure at level ``failed`` mean a failure at ``wanted`` too?"""
+    if failed == wanted:
+        return True
+    if failed not in STRICTNESS or wanted not in STRICTNESS:
+        return False
+    return STRICTNESS[failed] <= STRICTNESS[wanted]

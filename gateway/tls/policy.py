@@ -20,8 +20,9 @@ from gateway.config import Config
 from gateway.dns import Resolver
 from gateway.domains import normalize_domain
 from gateway.queue.spool import resolve_path
+from gateway.tls.dane import DaneResolver, Tlsa
 from gateway.tls.failures import TlsFailureCache
-from gateway.tls.levels import ENCRYPT, OPPORTUNISTIC, VERIFY
+from gateway.tls.levels import DANE, OPPORTUNISTIC, REQUIRES_TLS, VERIFY
 from gateway.tls.mta_sts import MtaSts, MtaStsPolicy, StateFile, mx_matches
 from gateway.tls.reachability import STATE_FILE as REACHABILITY_STATE
 from gateway.tls.reachability import ReachabilityCache
@@ -50,11 +51,13 @@ class TlsRequirement:
     mx_patterns: tuple[str, ...] = ()
     ca_bundle: Path | None = None
     testing: bool = False
+    # level dane: the MX host's usable TLSA records (gateway.tls.dane); set per host
+    tlsa: tuple[Tlsa, ...] = ()
 
     @property
     def requires_tls(self) -> bool:
-        """True when cleartext is forbidden (encrypt or verify)."""
-        return self.level in (ENCRYPT, VERIFY)
+        """True when cleartext is forbidden (encrypt, verify or dane)."""
+        return self.level in REQUIRES_TLS
 
     def mx_listed(self, host: str) -> bool:
         """Does an MTA-STS pattern name this MX (True when there are no patterns)?"""
@@ -91,6 +94,8 @@ class TlsRequirement:
             text += f", mx {' '.join(self.mx_patterns)}"
         if self.testing:
             text += " (MTA-STS testing: not enforced)"
+        if self.tlsa:
+            text += f", {len(self.tlsa)} TLSA record(s)"
         return f"{text} ({self.source})"
 
 
@@ -131,6 +136,10 @@ class TlsPolicy:
         ttl = config.tls_policy.failure_memory
         state = StateFile(state_dir / FAILURES_STATE) if state_dir else None
         self.failures = failures or TlsFailureCache(ttl, state=state)
+        # DANE lookups (DO bit, AD trusted): for rules of level dane, and by default where
+        # secure TLSA records exist (tls_policy.dane)
+        uses_dane = config.tls_policy.dane or any(r.level == DANE for r in self.rules)
+        self.dane = DaneResolver(resolver) if uses_dane and resolver is not None else None
         # what deliveries and in-session probes learnt (the intake's tls_reachability rule)
         self.reachability = ReachabilityCache(state_dir / REACHABILITY_STATE if state_dir else None)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import _ssl
 import datetime as dt
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.tls.levels import VERIFY
+from gateway.tls.levels import DANE, VERIFY
 from gateway.tls.policy import TlsRequirement
 
 
@@ -54,6 +55,8 @@ def describe_tls(
     cipher = (ssl_object.cipher() or ("?",))[0]
     if requirement.level == VERIFY:
         return TlsOutcome(version, cipher, "verified")
+    if requirement.level == DANE:  # matched a TLSA record in the handshake's aftermath
+        return TlsOutcome(version, cipher, "dane")
     problem = verify_chain(peer_chain_der(ssl_object), host, requirement.ca_bundle)
     if problem is None:
         return TlsOutcome(version, cipher, "trusted")
@@ -67,7 +70,8 @@ def peer_chain_der(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
     if get_chain is not None:
         try:
             chain = get_chain() or []
-            ders = [cert.public_bytes(ssl.ENCODING_DER) for cert in chain]
+            # ssl.ENCODING_DER is public from Python 3.13 on; _ssl has it since 3.10
+            ders = [cert.public_bytes(_ssl.ENCODING_DER) for cert in chain]
             if ders:
                 return ders
         except (AttributeError, ValueError, ssl.SSLError):

@@ -52,6 +52,7 @@ class KnotDNS(Daemon):
         self._zones: dict[str, str] = {}  # fqdn -> zone text as written
         self._serial = int(time.time())
         self._dead: list[DeadNameserver] = []
+        self._signed: set[str] = set()  # zones knot signs itself (DNSSEC, default policy)
         for zone_dir in ("run", "db", "zones"):
             (self.dir / zone_dir).mkdir(exist_ok=True)
         if catch_all_root:
@@ -89,6 +90,25 @@ class KnotDNS(Daemon):
             lambda: self.served_serial(fqdn) == serial, timeout, what=f"{fqdn} serial {serial}"
         )
         return serial
+
+    def sign_zone(self, zone: str) -> None:
+        """Have knot sign ``zone`` automatically (``dnssec-signing: on``, its default policy:
+        ECDSA P-256, keys made in its KASP database); call before ``set_zone``/``start``."""
+        self._signed.add(_fqdn(zone))
+        if self.running:
+            self._reload_config()
+
+    def trust_anchor(self, zone: str, timeout: float = 10.0) -> str:
+        """The KSK of a signed ``zone`` as a DNSKEY record, for a resolver's trust anchor."""
+
+        def ksk() -> str | None:
+            for rrset in self.query(_fqdn(zone), "DNSKEY").answer:
+                for key in rrset:
+                    if rrset.rdtype == dns.rdatatype.DNSKEY and key.flags == 257:
+                        return f"{_fqdn(zone)} DNSKEY {key.to_text()}"
+            return None
+
+        return wait_for(ksk, timeout, what=f"the KSK of {zone}")
 
     def servfail_zone(self, zone: str, timeout: float = 10.0) -> None:
         """Make `zone` answer SERVFAIL: a configured zone whose file is broken and whose
@@ -193,8 +213,11 @@ class KnotDNS(Daemon):
 
     def _write_config(self) -> None:
         zones = "".join(
-            f'  - domain: "{fqdn}"\n    file: "{self._zone_file(fqdn)}"\n' for fqdn in self._zones
-        )
+            f'  - domain: "{fqdn}"\n    file: "{self._zone_file(fqdn)}"\n'
+            + ("    dnssec-signing: on\n    journal-content: changes\n"
+               if fqdn in self._signed else "")
+            for fqdn in self._zones
+        )  # fmt: skip
         self.config_path.write_text(
             f"""# written by tests/harness/knot.py
 server:
