@@ -10,13 +10,18 @@ python -m deploykit dns-check INVENTORY      # look the fleet's records up; prin
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from deploykit import dnscheck
 from deploykit.dkim_keys import dns_records, make_dkim_keys
+from deploykit.fleet import Fleet
 from deploykit.host import Gateway
 from deploykit.inventory import load_inventory, print_warnings
 from deploykit.problems import InventoryError
+from deploykit.trace import trace as fleet_trace
+from gateway.cli.trace import add_criteria, criteria_of, time_spec
+from gateway.trace import render
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
         "--nameserver", action="append", metavar="IP[:PORT]",
         help="ask this server (default: the inventory's resolvers, else the system's)",
     )  # fmt: skip
+    trace = sub.add_parser("trace", help="follow a message across the fleet (over SSH)")
+    trace.add_argument("inventory")
+    add_criteria(trace)
+    trace.add_argument("--json", action="store_true", help="the path as JSON")
     return parser
 
 
@@ -62,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         findings = dnscheck.check(fleet, dnscheck.lookup_for(fleet, args.nameserver))
         print(dnscheck.report(findings), end="")
         return 0 if all(f.ok for f in findings) else 3
+    elif args.command == "trace":
+        return _trace(fleet, args)
     elif args.command == "dns-records":
         for text in dns_records(fleet).values():
             print(text, end="")
@@ -70,6 +81,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{gateway.name:16} {gateway.role:4} {_addresses(gateway):40} {gateway.fqdn}")
         print(f"{fleet.inventory_file}: valid ({len(fleet.gateways)} hosts)")
     return 0
+
+
+def _trace(fleet: Fleet, args: argparse.Namespace) -> int:
+    criteria = criteria_of(args)
+    if criteria.empty():
+        print("trace: give --message-id, --queue-id, --sender or --recipient", file=sys.stderr)
+        return 2
+    try:
+        since, until = time_spec(args.since), time_spec(args.until)
+    except ValueError as exc:
+        print(f"trace: {exc}", file=sys.stderr)
+        return 2
+    result = fleet_trace(fleet, criteria, since, until)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=True))
+    else:
+        print(render(result), end="")
+        for error in result["errors"]:
+            print(f"warning: could not ask {error}", file=sys.stderr)
+    return 1 if result["errors"] and not result["messages"] else 0
 
 
 def _addresses(gateway: Gateway) -> str:

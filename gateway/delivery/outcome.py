@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +147,15 @@ def make_ndr(
 
 # --- the log and the metrics ----------------------------------------------------------------
 
+_QUEUED_AS = re.compile(r"queued as ([A-Za-z0-9._-]{1,64})")
+
+
+def queued_as(reply: str) -> str | None:
+    """The next hop's queue id from a 250 reply: ``250 2.0.0 Ok: queued as 1KABC`` (smg,
+    Postfix), ``250 OK id=1abc-...`` (Exim)."""
+    match = _QUEUED_AS.search(reply) or re.search(r"\bid=([A-Za-z0-9._-]{1,64})", reply)
+    return match[1] if match else None
+
 
 def log_attempt(
     message: QueuedMessage,
@@ -178,6 +188,9 @@ def log_attempt(
         )
         if message.route == Route.BAD_GATEWAY:
             fields["route"] = Route.BAD_GATEWAY
+        next_id = queued_as(reply) if status == DeliveryStatus.SENT else None
+        if next_id:  # the next hop's queue id: smg trace follows the message with it
+            fields["queued_as"] = next_id
         level = logging.WARNING if status in (BOUNCED, HELD) else logging.INFO
         event(log, "delivery", message.id, level=level, **fields)
     if metrics is not None:

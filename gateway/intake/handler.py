@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import logging
+import re
 from collections.abc import Iterable
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
@@ -149,10 +150,13 @@ class PolicyHandler:
         except Exception as exc:
             return self._queue_failure(ctx, exc)
         self.metrics.inc("received")
+        # smg trace reads message_id, to, verdicts and action (docs/monitoring.md).
         event(log, "received", queued.queue_id, client=ctx.client_ip, helo=ctx.helo,
               sender=f"<{ctx.mail_from}>", nrcpt=len(ctx.rcpt_tos), size=queued.size,
               action=str(decision.action), decided_by=decision.decided_by,
-              tls=ctx.tls)  # fmt: skip
+              tls=ctx.tls, message_id=message_id(ctx.data or b""),
+              to=",".join(f"<{r}>" for r in ctx.rcpt_tos),
+              verdicts=verdicts(decision))  # fmt: skip
         return f"250 2.0.0 Ok: queued as {queued.queue_id}"
 
     def _queue_failure(self, ctx: MessageContext, exc: Exception) -> str:
@@ -196,6 +200,23 @@ class PolicyHandler:
             except Exception:
                 log.exception("after_reject failed for %s", ctx.client_ip)
         return str(reply)
+
+
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[^>\r\n]{1,250}>)")
+_HEADER_SCAN = 65536  # Message-ID is looked for in the header block's first 64 KiB only
+
+
+def message_id(data: bytes) -> str:
+    """The message's Message-ID (``<...>``) for the log, or ``-``."""
+    head = data[:_HEADER_SCAN]
+    end = head.find(b"\r\n\r\n")
+    match = _MESSAGE_ID.search(head if end < 0 else head[:end])
+    return match[1].decode("utf-8", "replace") if match else "-"
+
+
+def verdicts(decision: Decision) -> str:
+    """What each rule found, ``rule=summary;...`` (the trace shows it as the verdicts)."""
+    return ";".join(f"{r.rule}={r.summary}" for r in decision.results if r.summary)
 
 
 def _context(envelope: Transaction) -> MessageContext:
