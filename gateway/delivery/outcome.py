@@ -191,9 +191,13 @@ def log_attempt(
         next_id = queued_as(reply) if status == DeliveryStatus.SENT else None
         if next_id:  # the next hop's queue id: smg trace follows the message with it
             fields["queued_as"] = next_id
+        if message.tenant:
+            fields["tenant"] = message.tenant
         level = logging.WARNING if status in (BOUNCED, HELD) else logging.INFO
         event(log, "delivery", message.id, level=level, **fields)
     if metrics is not None:
         with contextlib.suppress(Exception):  # counting must never fail a recorded attempt
             for o in outcomes:
                 metrics.delivery_outcome(o.status)
+                if message.tenant and o.status in (DeliveryStatus.DEFERRED, BOUNCED):
+                    metrics.inc(f"smg_tenant_recipients_{o.status}_total", tenant=message.tenant)

@@ -363,7 +363,8 @@ class Delivery:
         outcome = await self._record(result)
         log_attempt(message, outcomes, time.monotonic() - started, self.clock, self.metrics)
         if outcome.ndr_id:
-            event(log, "ndr", message.id, ndr=outcome.ndr_id, to=f"<{message.sender}>")
+            event(log, "ndr", message.id, ndr=outcome.ndr_id, to=f"<{message.sender}>",
+                  **({"tenant": message.tenant} if message.tenant else {}))  # fmt: skip
 
     async def attempt(self, message: QueuedMessage) -> list[RcptOutcome]:
         """Try every pending recipient once; returns one outcome per recipient."""

@@ -6,8 +6,12 @@ and so on) and pushes the reply string the hook returns.  The hooks run the chai
 log and count refusals, and on a message the chain let through hand it to the cleanup step
 (``gateway.policy.cleanup``), which queues it.
 
-Relay control is checked once, when a client connects (:meth:`PolicyHandler.check_client`):
-the relay's chain is built without the ``relay_control`` rule.
+Relay control is checked once, when a client connects (:meth:`PolicyHandler.identify`): the
+relay's chain is built without the ``relay_control`` rule.  With ``[[tenants]]`` the client is
+the customer whose network holds its address (longest prefix), or a client of
+``gateway.auth_networks`` (or loopback in ``client_networks``) that must log in as a customer's
+user before MAIL (``530 5.7.0``); anyone else gets ``554 5.7.1``.  The customer's name goes on
+every log line and into the queue (``tenant``).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from collections.abc import Iterable
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
+from gateway.dns import unmapped
 from gateway.log import event
 from gateway.metrics import Metrics
 from gateway.policy.chain import Action, Chain, Decision, MessageContext, Reply, Stage
 from gateway.policy.cleanup import Cleanup
 from gateway.policy.rules.relay_control import client_allowed, relay_denied
 from gateway.queue.errors import SpoolFull, SpoolUnavailable
+from gateway.tenants import Tenant, TenantTable
 
 log = logging.getLogger("smg.intake")
 
@@ -53,11 +59,14 @@ class PolicyHandler:
         cleanup: Cleanup,
         client_networks: Iterable[Network],
         metrics: Metrics,
+        tenants: TenantTable | None = None,
     ) -> None:
         self.chain = chain
         self.cleanup = cleanup
         self.client_networks = list(client_networks)
         self.metrics = metrics
+        self.tenants = tenants if tenants is not None else TenantTable(())
+        self.offers_auth = any(t.users for t in self.tenants.tenants.values())
 
     # --- aiosmtpd's own hooks -----------------------------------------------------------
 
@@ -74,16 +83,33 @@ class PolicyHandler:
         self, server: SMTP, session: Session, envelope: Envelope, name: str, lines: list[str]
     ) -> list[str]:
         session.host_name = name
-        keep = [line for line in lines[:-1] if not line.startswith("250-AUTH")]
+        keep = [line for line in lines[:-1]
+                if self.offers_auth or not line.startswith("250-AUTH")]  # fmt: skip
         return [*keep, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
 
     # --- connect ------------------------------------------------------------------------
+
+    def identify(self, client_ip: str) -> tuple[str | None, Tenant | None]:
+        """``(refusal, tenant)`` for a client that connects: who it is, or the ``554``."""
+        if not self.tenants:
+            return self.check_client(client_ip), None
+        tenant = self.tenants.by_address(client_ip)
+        if tenant is not None:
+            return None, tenant
+        if self.tenants.may_authenticate(client_ip) or (
+            _is_loopback(client_ip) and client_allowed(client_ip, self.client_networks)
+        ):
+            return None, None  # must AUTH before MAIL
+        return self._refuse_client(client_ip), None
 
     def check_client(self, client_ip: str) -> str | None:
         """Relay control: a client outside ``gateway.client_networks`` gets ``554 5.7.1``
         instead of the greeting, so a stranger never gets as far as MAIL FROM."""
         if client_allowed(client_ip, self.client_networks):
             return None
+        return self._refuse_client(client_ip)
+
+    def _refuse_client(self, client_ip: str) -> str:
         self.metrics.inc("connections_refused", reason="relay_control")
         event(log, "reject", "NOQUEUE", stage="connect", client=client_ip,
               reason="relay_control", reply="554 5.7.1 Relay access denied")  # fmt: skip
@@ -99,12 +125,19 @@ class PolicyHandler:
         address: str,
         options: MailOptions,
     ) -> str:
+        tenant: Tenant | None = getattr(server, "tenant", None)
+        if self.tenants and tenant is None:
+            event(log, "reject", "NOQUEUE", stage="mail", client=_client_ip(session),
+                  sender=f"<{address}>", reason="auth_required")  # fmt: skip
+            self.metrics.inc("rejected", stage="mail", reason="auth_required")
+            return "530 5.7.0 Authentication required: log in as your customer's user"
         ctx = MessageContext(
             client_ip=_client_ip(session),
             helo=session.host_name or "",
             mail_from=address,
             tls=session.ssl is not None,
             rcpt_tos=envelope.rcpt_tos,  # one list: what the envelope accepted, the chain sees
+            tenant=tenant.name if tenant is not None else None,
         )
         if options.get("SMTPUTF8"):
             ctx.facts["smtputf8"] = True
@@ -156,14 +189,15 @@ class PolicyHandler:
               action=str(decision.action), decided_by=decision.decided_by,
               tls=ctx.tls, message_id=message_id(ctx.data or b""),
               to=",".join(f"<{r}>" for r in ctx.rcpt_tos),
-              verdicts=verdicts(decision))  # fmt: skip
+              verdicts=verdicts(decision), **_tenant_field(ctx))  # fmt: skip
         return f"250 2.0.0 Ok: queued as {queued.queue_id}"
 
     def _queue_failure(self, ctx: MessageContext, exc: Exception) -> str:
         self.metrics.inc("rejected", stage="data", reason="spool")
         if isinstance(exc, SpoolUnavailable):
             event(log, "tempfail", "NOQUEUE", level=logging.ERROR, client=ctx.client_ip,
-                  sender=f"<{ctx.mail_from}>", reason="spool", error=str(exc))  # fmt: skip
+                  sender=f"<{ctx.mail_from}>", reason="spool", error=str(exc),
+                  **_tenant_field(ctx))  # fmt: skip
             if isinstance(exc, SpoolFull):
                 return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Queue temporarily unavailable, try again later"
@@ -193,7 +227,7 @@ class PolicyHandler:
         where = {"rcpt": f"<{ctx.rcpt_tos[-1]}>"} if stage == Stage.RCPT else {}
         event(log, "reject", "NOQUEUE", stage=str(stage), client=ctx.client_ip,
               sender=f"<{ctx.mail_from}>", **where, reason=decision.decided_by,
-              reply=str(reply))  # fmt: skip
+              reply=str(reply), **_tenant_field(ctx))  # fmt: skip
         if stage == Stage.DATA:
             try:
                 await self.cleanup.after_reject(ctx, decision)
@@ -217,6 +251,18 @@ def message_id(data: bytes) -> str:
 def verdicts(decision: Decision) -> str:
     """What each rule found, ``rule=summary;...`` (the trace shows it as the verdicts)."""
     return ";".join(f"{r.rule}={r.summary}" for r in decision.results if r.summary)
+
+
+def _tenant_field(ctx: MessageContext) -> dict[str, str]:
+    """``tenant=<name>`` on a message's log lines (nothing for an untenanted client)."""
+    return {"tenant": ctx.tenant} if ctx.tenant else {}
+
+
+def _is_loopback(client_ip: str) -> bool:
+    try:
+        return unmapped(ipaddress.ip_address(client_ip.split("%", 1)[0])).is_loopback
+    except ValueError:
+        return False
 
 
 def _context(envelope: Transaction) -> MessageContext:

@@ -18,6 +18,7 @@ from gateway.metrics import Metrics
 from gateway.policy.chain import Chain, Reply
 from gateway.policy.cleanup import Cleanup
 from gateway.services import Services
+from gateway.tenants import TenantTable
 
 log = logging.getLogger("smg.intake")
 
@@ -30,6 +31,7 @@ class Runtime:
     chain: Chain
     cleanup: Cleanup
     tls_context: ssl.SSLContext | None = None
+    tenants: TenantTable | None = None  # None: built from config.tenants
 
 
 def make_tls_context(config: Config) -> ssl.SSLContext | None:
@@ -66,8 +68,9 @@ class Intake:
         self.runtime = runtime
         self.data_budget.resize(runtime.config.gateway.data_memory)
         self.handler = PolicyHandler(
-            runtime.chain, runtime.cleanup, runtime.config.gateway.client_networks, self.metrics
-        )
+            runtime.chain, runtime.cleanup, runtime.config.gateway.client_networks, self.metrics,
+            runtime.tenants or TenantTable.from_config(runtime.config),
+        )  # fmt: skip
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -101,7 +104,7 @@ class Intake:
             return str(
                 Reply(421, "4.3.2", f"{config.hostname} Service shutting down, try again later")
             )
-        refusal = session.handler.check_client(client_ip)
+        refusal, session.tenant = session.handler.identify(client_ip)
         if refusal is not None:
             return refusal
         if len(self.sessions) >= config.max_connections:

@@ -30,8 +30,9 @@ where it says "close"):
   that drops NULs would see different data); the message is not queued;
 - a reply that echoes client text has its control characters and undecodable bytes escaped
   (``printable``), so it stays one line and can always be sent;
-- PIPELINING and ENHANCEDSTATUSCODES are advertised; AUTH is not offered (relay control is by
-  network); STARTTLS (TLS 1.2 or newer) when ``gateway.tls_cert``/``tls_key`` are set.
+- PIPELINING and ENHANCEDSTATUSCODES are advertised; STARTTLS (TLS 1.2 or newer) when
+  ``gateway.tls_cert``/``tls_key`` are set; AUTH PLAIN/LOGIN only after STARTTLS and only
+  when a tenant has users (``gateway.intake.auth``), else relay control is by network.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ from aiosmtpd.smtp import SMTP, Envelope, syntax
 from gateway.addresses import AddressError, split_path
 from gateway.budget import DataBudget, Reservation
 from gateway.config import Config
+from gateway.intake.auth import AuthCommands
 from gateway.intake.data import DataPieces
 from gateway.intake.handler import MailOptions, PolicyHandler, Transaction
 from gateway.log import event, printable
 from gateway.metrics import Metrics
+from gateway.tenants import Tenant
 
 log = logging.getLogger("smg.intake")
 
@@ -104,7 +107,7 @@ def _with_status(reply: str) -> str:
     return f"{code} {status} {reply[4:]}" if status else reply
 
 
-class GatewaySMTP(SMTP):
+class GatewaySMTP(AuthCommands, SMTP):
     """One SMTP session.  MAIL, RCPT and DATA are ours; aiosmtpd does the rest."""
 
     envelope: Transaction
@@ -122,6 +125,7 @@ class GatewaySMTP(SMTP):
         self.handler = handler
         self.busy = False
         self.client_ip = ""
+        self.tenant: Tenant | None = None  # set at connect (network) or by AUTH
         self._admitted = False
         self._refused = False
         # The reader's buffer limit while reading commands: a client cannot make a session
@@ -154,7 +158,8 @@ class GatewaySMTP(SMTP):
                 transport.close()
                 return
             self._admitted = True
-            event(log, "connect", client=self.client_ip)
+            named = {"tenant": self.tenant.name} if self.tenant else {}
+            event(log, "connect", client=self.client_ip, **named)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -218,9 +223,6 @@ class GatewaySMTP(SMTP):
               reason="bad_helo", helo=hostname)  # fmt: skip
         await self.push("501 5.5.2 HELO/EHLO name must be valid UTF-8 without control characters")
         return True
-
-    async def smtp_AUTH(self, arg: str) -> None:
-        await self.push("502 5.5.1 AUTH is not offered here: relay access is by client address")
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:

@@ -60,6 +60,7 @@ class MessageContext:
     data: bytes = b""
     tls: bool = False
     queue_id: str = ""
+    tenant: str | None = None  # the customer sending (issue 11); None: untenanted
     # Facts rules leave for later rules (e.g. "spam" -> SpamVerdict, "virus" -> name).
     facts: dict[str, Any] = field(default_factory=dict)
     # Headers to prepend and header names to remove before the message is queued.

@@ -71,6 +71,7 @@ class Cleanup:
             client_ip=ctx.client_ip,
             helo=ctx.helo,
             facts=ctx.facts,
+            tenant=ctx.tenant,
         )
         ctx.queue_id = queue_id
         return Queued(queue_id, len(prepared))
@@ -93,7 +94,8 @@ class Cleanup:
         if self.role == "good" and decision.action == Action.REROUTE:
             verdict = ctx.facts.get("spam")
             if verdict:
-                new_fields.append((self.verdict_header, format_verdict(verdict, self.hostname)))
+                value = format_verdict(verdict, self.hostname, ctx.tenant)
+                new_fields.append((self.verdict_header, value))
         if new_fields:
             new_head = headers.prepend(new_head, new_fields, headers.line_end(data))
         signatures = b""

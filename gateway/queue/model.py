@@ -36,6 +36,7 @@ class HoldReason(StrEnum):
     TLS = "tls"  # TLS could not be had: retried every tls_policy.hold_retry
     OPERATOR = "operator"  # smg queue hold: never due until released
     POLICY = "policy"  # a policy rule held it at intake
+    SUSPENDED = "suspended"  # spam of a suspended customer: never due until released
 
 
 class RecipientStatus(StrEnum):
@@ -93,6 +94,7 @@ class QueuedMessage:
     helo: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
     stored_size: int = 0  # the size column (listings load no data)
+    tenant: str | None = None  # the customer that sent it (None: untenanted or older spool)
 
     @property
     def size_on_disk(self) -> int:
@@ -123,6 +125,7 @@ class NewMessage:
     client_ip: str | None = None
     helo: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)

@@ -215,6 +215,7 @@ class Spool:
         facts: dict[str, Any] | None = None,
         kind: MessageKind = MessageKind.MAIL,
         hold_reason: HoldReason | None = None,
+        tenant: str | None = None,
     ) -> str:
         """Store one message durably and return its queue id (raises SpoolUnavailable)."""
         if state == MessageState.HELD and hold_reason is None:
@@ -229,8 +230,8 @@ class Spool:
             hold_reason,
             client_ip,
             helo,
-            dict(facts or {}),
-        )
+            dict(facts or {}), tenant,
+        )  # fmt: skip
         now = time.time()
 
         def notify(queue_id: str) -> None:
@@ -251,6 +252,7 @@ class Spool:
                 client_ip=client_ip,
                 helo=helo,
                 facts=new.facts,
+                tenant=tenant,
             )
             for callback in self._listeners:
                 callback(message)

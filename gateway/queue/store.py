@@ -33,7 +33,7 @@ from gateway.queue.model import (
 from gateway.queue.owners import new_queue_id, process_owner
 
 DB_NAME = "queue.sqlite"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT = 5.0  # seconds a writer waits for another process's lock (smg queue)
 
 # For the SQL text below: the stored values.
@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS messages (
     helo         TEXT,
     facts        TEXT NOT NULL DEFAULT '{{}}',
     owner        TEXT,
-    destination  TEXT NOT NULL DEFAULT ''
+    destination  TEXT NOT NULL DEFAULT '',
+    tenant       TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
 CREATE INDEX IF NOT EXISTS messages_owner ON messages (state, owner);
@@ -171,6 +172,8 @@ def _migrate(conn: sqlite3.Connection, version: int) -> None:
             "UPDATE messages SET destination = COALESCE((SELECT smg_destination(address)"
             " FROM recipients WHERE message_id = messages.id ORDER BY position LIMIT 1), '')"
         )
+    if version < 4:  # version 4: the tenant column (the customer that sent it; issue 11)
+        conn.execute("ALTER TABLE messages ADD COLUMN tenant TEXT")
 
 
 def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> str:
@@ -186,8 +189,8 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> str
         try:
             conn.execute(
                 "INSERT INTO messages (id, sender, data, size, route, state, hold_reason, kind,"
-                " created_at, next_attempt, client_ip, helo, facts, owner, destination)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, next_attempt, client_ip, helo, facts, owner, destination, tenant)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     queue_id,
                     msg.sender,
@@ -204,6 +207,7 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> str
                     facts,
                     process_owner() if msg.state == MessageState.ACTIVE else None,
                     destination_of(msg.recipients[0]),
+                    msg.tenant,
                 ),
             )
             break
@@ -220,7 +224,7 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> str
 
 _MESSAGE_COLUMNS = (
     "id, sender, route, state, hold_reason, kind, created_at, next_attempt, attempts,"
-    " last_attempt, client_ip, helo, facts, size"
+    " last_attempt, client_ip, helo, facts, size, tenant"
 )
 
 
@@ -254,6 +258,7 @@ def _row_to_message(
         helo,
         facts,
         size,
+        tenant,
     ) = row
     try:
         facts_dict = json.loads(facts) if facts else {}
@@ -276,6 +281,7 @@ def _row_to_message(
         helo=helo,
         facts=facts_dict,
         stored_size=size,
+        tenant=tenant,
     )
 
 

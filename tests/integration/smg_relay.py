@@ -18,14 +18,26 @@ from tests.harness.util import free_port, log_tail, tcp_connectable, terminate_p
 SMG = [sys.executable, "-m", "gateway.cli"]
 
 
-def to_toml(config: dict[str, dict[str, Any]]) -> str:
-    """Sections of scalars and lists (enough for the relay's config in tests)."""
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def to_toml(config: dict[str, Any]) -> str:
+    """Sections of scalars, lists and inline tables; a section given as a list of tables
+    (``tenants``) becomes ``[[tenants]]`` tables."""
     lines = []
     for section, values in config.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value)}")
-        lines.append("")
+        tables = values if isinstance(values, list) else [values]
+        header = f"[[{section}]]" if isinstance(values, list) else f"[{section}]"
+        for table in tables:
+            lines.append(header)
+            for key, value in table.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
     return "\n".join(lines)
 
 

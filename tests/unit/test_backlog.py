@@ -227,3 +227,37 @@ async def test_the_background_check_finds_damage(tmp_path: Path, monkeypatch) ->
             await spool.check()
     finally:
         await spool.close()
+
+
+# The spool schema as version 3 wrote it (before the tenant column), frozen like SCHEMA_V2.
+SCHEMA_V3 = SCHEMA_V2.replace(
+    "facts TEXT NOT NULL DEFAULT '{}', owner TEXT\n",
+    "facts TEXT NOT NULL DEFAULT '{}', owner TEXT, destination TEXT NOT NULL DEFAULT ''\n",
+).replace("PRAGMA user_version = 2;", "PRAGMA user_version = 3;")
+
+
+@pytest.mark.parametrize("schema", [SCHEMA_V2, SCHEMA_V3])
+async def test_older_spools_get_the_tenant_column(tmp_path: Path, schema: str) -> None:
+    db = tmp_path / "queue.sqlite"
+    conn = sqlite3.connect(db)
+    conn.executescript(schema)
+    conn.execute(
+        "INSERT INTO messages (id, sender, data, size, route, state, created_at, next_attempt)"
+        " VALUES ('OLD', 'a@x.org', x'00', 1, 'direct', 'deferred', 0, 0)"
+    )
+    conn.execute("INSERT INTO recipients (message_id, position, address) VALUES ('OLD', 0, 'b@y')")
+    conn.commit()
+    conn.close()
+    spool = await Spool.open(db)
+    try:
+        old = await spool.load("OLD")
+        assert old is not None and old.tenant is None and old.destination == "y"
+        new_id = await spool.enqueue("a@a.example", ["b@y"], b"x", tenant="customer-a")
+        new = await spool.load(new_id)
+        assert new is not None and new.tenant == "customer-a"
+    finally:
+        await spool.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION == 4
+    assert conn.execute("SELECT tenant FROM messages WHERE id = 'OLD'").fetchone()[0] is None
+    conn.close()

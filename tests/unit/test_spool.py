@@ -266,7 +266,8 @@ async def test_a_version_1_spool_is_upgraded(tmp_path: Path) -> None:
     db = tmp_path / "queue.sqlite"
     conn = sqlite3.connect(db)
     conn.executescript(
-        store._SCHEMA.replace(",\n    destination  TEXT NOT NULL DEFAULT ''", "")
+        store._SCHEMA.replace(",\n    tenant       TEXT", "")
+        .replace(",\n    destination  TEXT NOT NULL DEFAULT ''", "")
         .replace(",\n    owner        TEXT", "")
         .replace("CREATE INDEX IF NOT EXISTS messages_owner ON messages (state, owner);", "")
         .replace(

@@ -8,7 +8,7 @@ spam to the bad gateway.  A message counts as spam when rspamd's action is one o
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from gateway.config import SpamSection
 from gateway.policy.chain import Action, MessageContext, Reply, RuleResult, Stage
@@ -29,6 +29,7 @@ class SpamVerdict(TypedDict):
     action: str  # rspamd's action: "no action", "add header", "reject", ...
     symbols: dict[str, float]  # rule name -> score, highest first
     source: str  # "rspamd", or "verdict header from <ip>" on the bad gateway
+    tenant: NotRequired[str]  # the bad gateway: the customer the good gateway named
 
 
 def classify(reply: dict[str, Any], section: SpamSection) -> SpamVerdict:

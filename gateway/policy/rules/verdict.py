@@ -4,13 +4,15 @@ A good gateway that reroutes spam adds one header (``routing.verdict_header``, d
 ``X-SMG-Verdict``) with its verdict, e.g.::
 
     X-SMG-Verdict: spam; score=15.2; required=15; action=reject; by=mta01.example.net;
-        symbols=GTUBE:15, MISSING_DATE:1, ...
+        tenant=customer-a; symbols=GTUBE:15, MISSING_DATE:1, ...
 
 On the bad gateway this rule trusts that header only when the SMTP peer is one of
 ``routing.good_gateways``; then the verdict goes into ``ctx.facts["spam"]`` (so an NDR written
 there can say why the mail was classified as spam) and the bad gateway does not ask rspamd
-again.  On every gateway, and whoever sent it, the header is marked for removal: a copy from an
-untrusted peer must never influence anything, and the trusted copy must not leave the fleet.
+again; ``tenant=`` (the customer that sent it, issue 11; absent for untenanted mail) becomes
+the message's tenant there (queue, logs, metrics).  On every gateway, and whoever sent it,
+the header is marked for removal: a copy from an untrusted peer must never influence
+anything, and the trusted copy must not leave the fleet.
 """
 
 from __future__ import annotations
@@ -27,20 +29,23 @@ from gateway.policy.rules.spam import SpamVerdict, describe
 _ACTION = re.compile(r"^[a-z][a-z ]{0,30}$")
 _SYMBOL = re.compile(r"^([A-Za-z0-9_.\-]{1,64}):(-?\d+(?:\.\d+)?)$")
 _HOST = re.compile(r"^[A-Za-z0-9.\-]{1,253}$")
+_TENANT = re.compile(r"^[a-z0-9-]{1,64}$")
 
 
-def format_verdict(verdict: SpamVerdict, by: str) -> str:
+def format_verdict(verdict: SpamVerdict, by: str, tenant: str | None = None) -> str:
     """The header value for ``verdict``; the inverse of :func:`parse_verdict`."""
     kind = "spam" if verdict["is_spam"] else "ham"
     symbols = ", ".join(f"{name}:{score:g}" for name, score in verdict["symbols"].items())
+    customer = f"tenant={tenant}; " if tenant else ""
     return (
         f"{kind}; score={verdict['score']:g}; required={verdict['required']:g}; "
-        f"action={verdict['action']}; by={by}; symbols={symbols}"
+        f"action={verdict['action']}; by={by}; {customer}symbols={symbols}"
     )
 
 
 def parse_verdict(value: str) -> tuple[SpamVerdict, str] | None:
-    """(verdict, the gateway that wrote it) from a header value, or None if malformed."""
+    """(verdict, the gateway that wrote it) from a header value, or None if malformed.
+    A ``tenant`` tag is in ``verdict["tenant"]`` (see :func:`verdict_tenant`)."""
     kind, *pairs = [part.strip() for part in value.split(";")]
     if kind not in ("spam", "ham"):
         return None
@@ -50,7 +55,10 @@ def parse_verdict(value: str) -> tuple[SpamVerdict, str] | None:
         if not sep or key.strip() in tags:
             return None
         tags[key.strip()] = val.strip()
+    tenant = tags.pop("tenant", None)
     if set(tags) != {"score", "required", "action", "by", "symbols"}:
+        return None
+    if tenant is not None and not _TENANT.match(tenant):
         return None
     try:
         score, required = float(tags["score"]), float(tags["required"])
@@ -72,6 +80,8 @@ def parse_verdict(value: str) -> tuple[SpamVerdict, str] | None:
         symbols=symbols,
         source="",
     )
+    if tenant:
+        verdict["tenant"] = tenant
     return verdict, tags["by"]
 
 
@@ -118,6 +128,7 @@ class VerdictRule:
         verdict, by = parsed
         verdict["source"] = f"verdict header from {by} ({ctx.client_ip})"
         ctx.facts["spam"] = verdict
+        ctx.tenant = verdict.get("tenant") or ctx.tenant
         return RuleResult(
             self.name,
             f"trusted verdict from good gateway {by} ({ctx.client_ip}): {describe(verdict)}",
