@@ -148,3 +148,25 @@ def test_bad_monitoring_keys_are_refused(tmp_path: Path) -> None:
     one(problems, r"monitoring_host.*'otc-de-mta09' is not a host of this inventory")
     one(problems, r"alert_for.*'SmgNoSuchAlert' is not an alert")
     one(problems, r"scrape_interval.*expected a Prometheus duration")
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """Every query of the Grafana dashboard parses (as recording rules, by promtool); the lab
+    test (tests/acceptance/test_monitoring.py) checks that they return series."""
+    import json
+
+    dashboard = json.loads((REPO / "dashboards" / "smg-fleet.json").read_text())
+    exprs = [
+        t["expr"].replace("$gateway", ".*").replace("$tenant", ".*")
+        for p in dashboard["panels"]
+        for t in p.get("targets", [])
+    ]
+    assert len(exprs) >= 25
+    assert {v["name"] for v in dashboard["templating"]["list"]} == {"gateway", "tenant"}
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query{n}", "expr": e} for n, e in enumerate(exprs)
+    ]}]}  # fmt: skip
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(json.dumps(rules))  # JSON is YAML
+    result = _run(_tool("promtool"), "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
