@@ -7,7 +7,7 @@ its slot ``None``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.config import Config
 from gateway.dkim import DkimSigner
@@ -29,6 +29,8 @@ class Services:
     tls_policy: TlsPolicy | None = None
     dkim: DkimSigner | None = None
     metrics: Metrics | None = None
+    # Each customer's own signer (its [[tenants]] dkim keys): its mail is signed with these only.
+    tenant_dkim: dict[str, DkimSigner] | None = None
 
 
 def build_services(
@@ -62,7 +64,17 @@ def build_services(
         tls_policy=tls_policy,
         dkim=DkimSigner.from_config(config.dkim) if role == "good" else None,
         metrics=metrics,
+        tenant_dkim=_tenant_signers(config) if role == "good" else None,
     )
+
+
+def _tenant_signers(config: Config) -> dict[str, DkimSigner]:
+    """One signer per customer with keys (the fleet's signed header list)."""
+    return {
+        tenant.name: DkimSigner.from_config(replace(config.dkim, keys=list(tenant.dkim)))
+        for tenant in config.tenants
+        if tenant.dkim
+    }
 
 
 def _clamd(config: Config, previous: Services | None) -> ClamdClient:

@@ -24,6 +24,7 @@ from gateway.policy.build import build_chain
 from gateway.policy.chain import Action, Chain, Decision, MessageContext, RuleResult, Stage
 from gateway.policy.cleanup import Cleanup
 from gateway.services import Services, build_services
+from gateway.tenants import TenantTable
 
 _REFUSING = {Action.REJECT, Action.TEMPFAIL}
 _OUTCOMES = {
@@ -85,6 +86,7 @@ class Explanation:
     dkim: list[str] = field(default_factory=list)
     tls: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    tenant: str = ""  # the customer of client_ip ([[tenants]] networks), "" for none
 
     @property
     def accepted(self) -> bool:
@@ -127,7 +129,10 @@ async def explain(config: Config, args: argparse.Namespace, data: bytes) -> Expl
     cleanup = Cleanup(services)
     result = Explanation(config.gateway.hostname, config.gateway.role, args.mail_from,
                          args.client_ip)  # fmt: skip
-    ctx = MessageContext(client_ip=args.client_ip, helo=args.helo, mail_from=args.mail_from)
+    found = TenantTable.from_config(config).by_address(args.client_ip)
+    result.tenant = found.name if found else ""
+    ctx = MessageContext(client_ip=args.client_ip, helo=args.helo, mail_from=args.mail_from,
+                         tenant=found.name if found else None)  # fmt: skip
     try:
         await _run(chain, ctx, args.rcpt_tos, data, result)
         if result.accepted:
@@ -209,6 +214,7 @@ def render(x: Explanation) -> str:
     lines = [
         f"gateway:  {x.gateway} (role {x.role})",
         f"envelope: <{x.mail_from}> from client {x.client_ip}",
+        *([f"tenant:   {x.tenant}"] if x.tenant else []),
         "",
     ]
     width = max([len(s.rule) for s in x.steps] + [4])
@@ -236,6 +242,7 @@ def _as_dict(x: Explanation) -> dict[str, Any]:
         "role": x.role,
         "mail_from": x.mail_from,
         "client_ip": x.client_ip,
+        "tenant": x.tenant or None,
         "steps": [vars(s) for s in x.steps],
         "outcome": x.outcome,
         "accepted": x.accepted,

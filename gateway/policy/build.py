@@ -10,6 +10,7 @@ from gateway.policy.chain import Chain, Rule
 from gateway.policy.rules.recipient import RecipientRule
 from gateway.policy.rules.relay_control import RelayControlRule
 from gateway.policy.rules.route import RouteRule
+from gateway.policy.rules.sender_binding import FromBindingRule, SenderBindingRule
 from gateway.policy.rules.sender_domain import SenderDomainRule
 from gateway.policy.rules.spam import SpamRule
 from gateway.policy.rules.tls_known_failure import TlsKnownFailureRule
@@ -17,6 +18,7 @@ from gateway.policy.rules.tls_reachability import TlsReachabilityRule
 from gateway.policy.rules.verdict import VerdictRule
 from gateway.policy.rules.virus import VirusRule
 from gateway.services import Services
+from gateway.tenants import TenantTable
 
 _Client = TypeVar("_Client")
 
@@ -32,6 +34,9 @@ def build_chain(config: Config, services: Services, *, relay_control: bool = Tru
     # MAIL stage: relay control first (a stranger learns nothing about DNS), then the sender.
     if relay_control:
         rules.append(RelayControlRule(config.gateway.client_networks))
+    tenants = TenantTable.from_config(config) if config.tenants else None
+    if tenants:  # the customer's own domains only (issue 11), before any DNS lookup
+        rules.append(SenderBindingRule(tenants))
     rules.append(SenderDomainRule(services.resolver))
     # RCPT stage: syntax, relay tricks and the recipient limit before any other RCPT rule.
     rules.append(RecipientRule(config.gateway.max_recipients))
@@ -44,6 +49,8 @@ def build_chain(config: Config, services: Services, *, relay_control: bool = Tru
     # DATA stage: virus first (nothing infected goes further), the verdict header (trusted
     # only from good gateways, always removed), spam (good gateways: the bad one trusts the
     # verdict), then route, which always decides.
+    if tenants:  # From: in the customer's own domains, before any scanner
+        rules.append(FromBindingRule(tenants))
     if config.virus.enabled:
         rules.append(VirusRule(_client(services.clamd, "virus")))
     rules.append(VerdictRule(config.routing, config.gateway.role))

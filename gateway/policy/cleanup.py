@@ -27,6 +27,7 @@ import logging
 from typing import NamedTuple
 
 from gateway import dsn
+from gateway.dkim import DkimSigner
 from gateway.dns import Resolver
 from gateway.policy import headers, notice
 from gateway.policy.chain import Action, Decision, MessageContext
@@ -57,6 +58,15 @@ class Cleanup:
         self.verdict_header = config.routing.verdict_header
         self.client_networks = config.gateway.client_networks
         self.signer = services.dkim if self.role == "good" else None
+        self.tenant_signers = services.tenant_dkim or {}
+        self.tenanted = bool(config.tenants)
+
+    def _signer(self, ctx: MessageContext) -> DkimSigner | None:
+        """A customer's mail is signed with its own keys only: never with another customer's
+        or the fleet's ``[dkim]`` keys (issue 11)."""
+        if self.tenanted and ctx.tenant:
+            return self.tenant_signers.get(ctx.tenant)
+        return self.signer
 
     async def enqueue(self, ctx: MessageContext, decision: Decision) -> Queued:
         """Prepare and queue an accepted, rerouted or held message; sets ``ctx.queue_id``.
@@ -99,17 +109,19 @@ class Cleanup:
         if new_fields:
             new_head = headers.prepend(new_head, new_fields, headers.line_end(data))
         signatures = b""
-        if self.signer is not None and decision.action in _QUEUED:
-            signatures = self.signer.header_signatures(new_head, data, cut)
+        signer = self._signer(ctx) if self.role == "good" else None
+        if signer is not None and decision.action in _QUEUED:
+            signatures = signer.header_signatures(new_head, data, cut)
         if new_head is head and not signatures:
             return data  # nothing changed: no copy at all
         return b"".join((signatures, new_head, memoryview(data)[cut:]))
 
     def signing_keys(self, ctx: MessageContext) -> list[str]:
         """Which keys would sign this message here (for ``smg explain``)."""
-        if self.signer is None:
+        signer = self._signer(ctx) if self.role == "good" else None
+        if signer is None:
             return []
-        return [key.describe() for key in self.signer.keys_for(ctx.data)]
+        return [key.describe() for key in signer.keys_for(ctx.data)]
 
     async def after_reject(self, ctx: MessageContext, decision: Decision) -> None:
         """Side effects of a rejection: the information NDR for a virus.  Never raises: the

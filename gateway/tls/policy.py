@@ -127,7 +127,9 @@ class TlsPolicy:
         if shared_state and state_dir is None:
             state_dir = resolve_path(config.gateway.spool).parent
         self.config = config
-        self.rules = compile_rules(config.tls_policy.rules)
+        # The customers' rules (each only for senders it owns: config checks) join the fleet's.
+        tenant_rules = [rule for tenant in config.tenants for rule in tenant.tls_rules]
+        self.rules = compile_rules([*config.tls_policy.rules, *tenant_rules])
         self.ca_bundle = config.tls_policy.ca_bundle
         if mta_sts is None and config.mta_sts.enabled and resolver is not None:
             state = StateFile(state_dir / MTA_STS_STATE) if state_dir else None

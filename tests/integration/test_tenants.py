@@ -142,3 +142,21 @@ def test_auth_only_after_starttls_then_the_users_tenant(relay: SmgRelay) -> None
         assert send(smtp, f"relay@{C}", "by-auth-c") == "250"
     assert queued_tenant(relay, "by-auth-c") == "customer-c"
     assert f"auth client=127.0.0.6 user=relay@{C} tenant=customer-c" in relay.log()
+
+
+def test_sender_binding_envelope_and_from_header(relay: SmgRelay) -> None:
+    with client(relay, "127.0.0.1") as smtp:
+        reply = send(smtp, f"ceo@{B}", "a-as-b-envelope")
+        assert reply == f"550 5.7.1 Sender domain {B} is not registered for customer customer-a"
+        smtp.rset()
+        reply = send(smtp, f"alice@{A}", "a-as-b-header", from_header=f"CEO <ceo@{B}>")
+        assert reply == f"550 5.7.1 Sender domain {B} is not registered for customer customer-a"
+        smtp.rset()
+        code, text = smtp.docmd("MAIL FROM:<nodomain>")
+        assert code == 553 and b"5.1.7" in text, text
+        smtp.rset()
+        code, _ = smtp.docmd("MAIL FROM:<>")  # the customer's own NDRs
+        assert code == 250
+    assert queued_tenant(relay, "a-as-b-envelope") is None
+    assert queued_tenant(relay, "a-as-b-header") is None
+    assert "reason=from_binding" in relay.log() and "reason=sender_binding" in relay.log()
