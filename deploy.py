@@ -61,4 +61,4 @@ if good:
     reload_relay_on += dkim.apply(gateway)
 relay.apply(fleet, gateway, reload_relay_on)
 monitoring.apply(fleet, gateway)  # before the blacklist unit: it writes into node exporter's dir
-blacklist.apply(gateway)
+blacklist.apply(gateway, fleet)

@@ -105,6 +105,12 @@ def _bool(value: Any) -> bool:
     raise InvalidValue(f"expected True or False, got {value!r}")
 
 
+def _seconds(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 3600:
+        return value
+    raise InvalidValue(f"expected seconds (0-3600), got {value!r}")
+
+
 def _port(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
         return value
@@ -222,6 +228,8 @@ KEYS: dict[str, Key] = {
     "blacklist_monitor_hosts": Key(_names, []),
     "blacklist_schedule": Key(_calendar, "*-*-* 05:00:00"),
     "blacklist_timezone": Key(_timezone, "Europe/Berlin"),
+    # The head start of each monitor host over the next one (leader with fallback).
+    "blacklist_fallback_delay": Key(_seconds, 900),
     # the relay
     "relay_max_message_size": Key(_size, "25MiB"),
     "relay_metrics_port": Key(_port, 9525),

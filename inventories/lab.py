@@ -28,6 +28,8 @@ def _host(name: str) -> tuple[str, dict]:
         {
             "fqdn": entry["fqdn"],
             "public_address": entry["address"],
+            # Behind the lab's 1:1 NAT (lab/net.py): the relay listens and sends here.
+            "listen_address": entry.get("private_address"),
             "tls_cert_file": entry["cert"],
             "tls_key_file": entry["key"],
             "ssh_hostname": entry["address"],
@@ -83,6 +85,10 @@ lab = (
         # Quick alerts for the acceptance tests (tests/acceptance/test_monitoring.py).
         "scrape_interval": "5s",
         "alert_for": {"*": "15s"},
+        # Two monitor hosts, leader with fallback (docs/blacklist.md); the lab's head start is
+        # short so the acceptance suite can wait it out.
+        "blacklist_monitor_hosts": ["otc-de-mta01", "otc-de-mta02"],
+        "blacklist_fallback_delay": 10,
         "dnsbl_zones": [
             {"zone": _STATE["dns"]["dnsbl_zone"], "name": "lab DNSBL", "major": True},
         ],

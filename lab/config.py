@@ -52,6 +52,10 @@ BRIDGE = "smglab0"
 BRIDGE_ADDR = "198.51.100.1"
 NFT_TABLE = "smglab"
 NETNS_PREFIX = "smglab-"
+# The lab's "private" cloud network for hosts behind NAT (inside TEST-NET-2 as well): a NATed
+# host has an address here behind its own NAT router namespace (PRIVATE_ROUTER inside it).
+PRIVATE_NETWORK = "198.51.100.128/25"
+PRIVATE_ROUTER = "198.51.100.129"
 NSPAWN_RUNTIME_DIR = Path("/run/systemd/nspawn")
 
 DOMAIN = "lab.example"
@@ -70,6 +74,9 @@ class Host:
     address: str
     kind: str  # "gateway" (systemd-nspawn), "far_end" (netns + Postfix), "customer" (netns)
     role: str  # gateways: "good" / "bad"; far ends: "tls" / "plain"; "customer"
+    # Behind 1:1 NAT (as in the cloud): the host has this address in PRIVATE_NETWORK, its
+    # `address` is the public one, owned by a NAT router namespace (lab/net.py).
+    private: str | None = None
 
     @property
     def netns(self) -> str:
@@ -93,6 +100,8 @@ GATEWAYS = (
     Host("otc-de-mta01", "198.51.100.10", "gateway", "good"),
     Host("otc-de-mta02", "198.51.100.11", "gateway", "good"),
     Host("otc-de-mta03", "198.51.100.12", "gateway", "bad"),
+    # The second bad gateway, behind 1:1 NAT (issue 13).
+    Host("otc-de-mta04", "198.51.100.13", "gateway", "bad", private="198.51.100.134"),
 )
 FAR_ENDS = (
     Host("mx-tls", "198.51.100.20", "far_end", "tls"),

@@ -12,6 +12,8 @@ from lab.config import (
     NETWORK,
     NFT_TABLE,
     PREFIX_LEN,
+    PRIVATE_NETWORK,
+    PRIVATE_ROUTER,
     Host,
 )
 from lab.proc import run
@@ -57,18 +59,22 @@ def _ensure_no_way_out() -> None:
 
 
 def add_host(host: Host, *, resolv_conf: str | None = None) -> None:
-    """Namespace + veth pair (host side on the bridge, eth0 inside) + address + default route."""
+    """Namespace + veth pair (host side on the bridge, eth0 inside) + address + default route;
+    a host with a private address gets its NAT router instead (:func:`_add_nat_host`)."""
     ns = host.netns
     if not netns_exists(ns):
         run(["ip", "netns", "add", ns])
-    if not link_exists(host.veth):
+    if host.private:
+        _add_nat_host(host)
+    elif not link_exists(host.veth):
         run(["ip", "link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-    run(["ip", "link", "set", host.veth, "master", BRIDGE, "up"])
-    inside = ["ip", "-n", ns]
-    run([*inside, "addr", "replace", f"{host.address}/{PREFIX_LEN}", "dev", "eth0"])
-    run([*inside, "link", "set", "eth0", "up"])
-    run([*inside, "link", "set", "lo", "up"])
-    run([*inside, "route", "replace", "default", "via", BRIDGE_ADDR])
+    if not host.private:
+        run(["ip", "link", "set", host.veth, "master", BRIDGE, "up"])
+        inside = ["ip", "-n", ns]
+        run([*inside, "addr", "replace", f"{host.address}/{PREFIX_LEN}", "dev", "eth0"])
+        run([*inside, "link", "set", "eth0", "up"])
+        run([*inside, "link", "set", "lo", "up"])
+        run([*inside, "route", "replace", "default", "via", BRIDGE_ADDR])
     if resolv_conf is not None:
         # Processes run with `ip netns exec` see this file as their /etc/resolv.conf.
         etc = NETNS_ETC / ns
@@ -76,7 +82,85 @@ def add_host(host: Host, *, resolv_conf: str | None = None) -> None:
         (etc / "resolv.conf").write_text(resolv_conf)
 
 
+# -- 1:1 NAT, as a cloud's elastic IP ------------------------------------------------------------
+
+
+def nat_router_netns(host: Host) -> str:
+    return f"{NETNS_PREFIX}nat{host.address.rsplit('.', 1)[1]}"
+
+
+def _add_nat_host(host: Host) -> None:
+    """The host's namespace gets ``host.private`` (PRIVATE_NETWORK) and a default route to its
+    own NAT router namespace, which owns the public ``host.address`` on the bridge: traffic to
+    the public address is DNATed to the private one; traffic from the private one to the world
+    is SNATed to the public one, to the fleet's own hosts it keeps the private source (the fleet
+    talks over the private network: docs/deploy.md).  Forwarding is switched on inside the
+    router namespace only, never on the machine."""
+    assert host.private is not None
+    router, inner = nat_router_netns(host), f"smglab-p{host.address.rsplit('.', 1)[1]}"
+    if not netns_exists(router):
+        run(["ip", "netns", "add", router])
+    if not link_exists(host.veth) and not _link_in(router, "eth0"):
+        run(["ip", "link", "add", host.veth, "type", "veth", "peer", "name", "eth0",
+             "netns", router])  # fmt: skip
+    run(["ip", "link", "set", host.veth, "master", BRIDGE, "up"])
+    if not _link_in(router, inner):
+        run(["ip", "link", "add", inner, "netns", router, "type", "veth", "peer", "name", "eth0",
+             "netns", host.netns])  # fmt: skip
+    r = ["ip", "-n", router]
+    run([*r, "addr", "replace", f"{host.address}/{PREFIX_LEN}", "dev", "eth0"])
+    prefix = PRIVATE_NETWORK.split("/")[1]
+    run([*r, "addr", "replace", f"{PRIVATE_ROUTER}/{prefix}", "dev", inner])
+    for link in ("lo", "eth0", inner):
+        run([*r, "link", "set", link, "up"])
+    run([*r, "route", "replace", "default", "via", BRIDGE_ADDR])
+    run(["ip", "netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+    run(["ip", "netns", "exec", router, "nft", "-f", "-"], input_text=_nat_rules(host))
+    inside = ["ip", "-n", host.netns]
+    run([*inside, "addr", "replace", f"{host.private}/{prefix}", "dev", "eth0"])
+    run([*inside, "link", "set", "eth0", "up"])
+    run([*inside, "link", "set", "lo", "up"])
+    run([*inside, "route", "replace", "default", "via", PRIVATE_ROUTER])
+
+
+def _nat_rules(host: Host) -> str:
+    from lab.config import GATEWAYS  # the fleet: reached without NAT, as in one cloud network
+
+    fleet = ", ".join(g.address for g in GATEWAYS if g.address != host.address)
+    return (
+        "table ip smglab_nat\n"
+        "delete table ip smglab_nat\n"
+        "table ip smglab_nat {\n"
+        "  chain prerouting {\n"
+        "    type nat hook prerouting priority dstnat; policy accept;\n"
+        f"    ip daddr {host.address} dnat to {host.private}\n"
+        "  }\n"
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        f"    ip saddr {host.private} ip daddr != {{ {fleet} }} snat to {host.address}\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+def _link_in(netns: str, link: str) -> bool:
+    if not netns_exists(netns):
+        return False
+    return run(["ip", "-n", netns, "link", "show", link], check=False).returncode == 0
+
+
+def add_private_routes(gateways: tuple[Host, ...]) -> None:
+    """Every gateway reaches a NATed gateway's private address through its NAT router (the
+    cloud network's routing); far ends and the customer do not: they are the world."""
+    for nat in (g for g in gateways if g.private):
+        for other in (g for g in gateways if g is not nat and not g.private):
+            run(["ip", "-n", other.netns, "route", "replace", f"{nat.private}/32", "via",
+                 nat.address])  # fmt: skip
+
+
 def remove_host(host: Host) -> None:
+    if host.private and netns_exists(nat_router_netns(host)):
+        run(["ip", "netns", "del", nat_router_netns(host)], check=False)
     if link_exists(host.veth):
         run(["ip", "link", "del", host.veth], check=False)
     if netns_exists(host.netns):

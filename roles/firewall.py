@@ -54,9 +54,18 @@ def by_family(networks: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def smtp_sources(fleet: Fleet, gateway: Gateway) -> tuple[str, list[str]]:
+    # The fallback blacklist monitors ask a monitor ranked before them whether its relay
+    # answers (docs/blacklist.md); the relay itself refuses them as clients.
+    peers = [
+        g.source_address
+        for g in fleet
+        if gateway.runs_blacklist_monitor and g.runs_blacklist_monitor and g is not gateway
+    ]
     if gateway.role == "good":
-        return "the customer networks", list(gateway["customer_networks"])
-    return "the good gateways", [g.source_address for g in fleet.good]
+        networks = list(dict.fromkeys([*gateway["customer_networks"], *peers]))
+        return "the customer networks" + (" and the other monitors" if peers else ""), networks
+    sources = list(dict.fromkeys([*(g.source_address for g in fleet.good), *peers]))
+    return "the good gateways" + (" and the other monitors" if peers else ""), sources
 
 
 def _internal(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:

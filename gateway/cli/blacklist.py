@@ -11,15 +11,17 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
 from gateway.blacklist import textfile
 from gateway.blacklist.check import UNKNOWN_EXIT, CheckError, run_check, utc_now
+from gateway.blacklist.fallback import LeaderNotifies, first_up
 from gateway.blacklist.report import check_json, check_text, delivery_warnings, status_text
 from gateway.blacklist.state import StateError, Store, iso, status_snapshot
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, load_config, parse_host_port
 
 
 class _NagiosParser(argparse.ArgumentParser):
@@ -54,6 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--textfile", type=Path, help="also write the state for node exporter to this .prom file"
     )
+    check.add_argument(
+        "--defer-to", action="append", default=[], metavar="HOST:PORT",
+        help="fallback monitor: notify only if none of these (the hosts ranked before this "
+        "one, their relays) answers; else record without sending (docs/blacklist.md)",
+    )  # fmt: skip
+    check.add_argument(
+        "--defer-wait", type=float, default=0.0, metavar="SECONDS",
+        help="with --defer-to: wait this long first (the leader's head start, at most 3600)",
+    )  # fmt: skip
     check.set_defaults(handler=_check)
     status = commands.add_parser(
         "status", help="open listings and removal requests, undelivered notices, history"
@@ -74,10 +85,25 @@ def _textfile(args: argparse.Namespace, results: list, code: int) -> None:
         print(f"cannot write {args.textfile}: {exc}", file=sys.stderr)
 
 
+def _fallback_notifier(args: argparse.Namespace, config: Any) -> LeaderNotifies | None:
+    """As a fallback monitor: wait the leader's head start, then ask whether it is up."""
+    if not args.defer_to:
+        return None
+    leaders = [parse_host_port(value, default_port=25) for value in args.defer_to]
+    time.sleep(min(max(args.defer_wait, 0.0), 3600.0))
+    leader = asyncio.run(first_up(leaders))
+    if leader is None:
+        print(f"fallback monitor: {', '.join(args.defer_to)} down: notifying", file=sys.stderr)
+        return None
+    print(f"fallback monitor: {leader} is up and notifies: recording only", file=sys.stderr)
+    return LeaderNotifies(leader, config.blacklist.ticket_id_field)
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
-        report = asyncio.run(run_check(config))
+        notifier = _fallback_notifier(args, config)
+        report = asyncio.run(run_check(config, notifier=notifier))
     except (ConfigError, CheckError, StateError) as exc:
         print(f"BLACKLIST UNKNOWN - {exc}", file=sys.stdout)
         _textfile(args, [], UNKNOWN_EXIT)

@@ -63,6 +63,8 @@ class Gateway:
     def __init__(self, name: str, facts: dict[str, Any], host: Any) -> None:
         self.name, self.address, self.role = name, facts["address"], facts["role"]
         self.fqdn = facts["fqdn"]
+        # Behind the lab's NAT the relay listens on the private address (docs/deploy.md).
+        self.listen_address = facts.get("private_address") or self.address
         self.host = host
 
     def __repr__(self) -> str:
@@ -127,7 +129,7 @@ class Gateway:
         gateway, which takes no SMTP from the customer host). ``active`` is not enough:
         systemd calls smg active when it starts, seconds before it listens."""
         out = self.run(f"ss -Hltn 'sport = :{port}'").stdout
-        return f"{self.address}:{port}" in out
+        return f"{self.listen_address}:{port}" in out
 
     def smtp_ready(self, netns: str) -> bool:
         return banner_from(netns, self.address, timeout=3).startswith("220")
@@ -166,9 +168,19 @@ class Fleet:
         return [g for g in self.gateways.values() if g.role == "good"]
 
     @property
+    def bads(self) -> list[Gateway]:
+        """Every bad gateway (the lab has two: otc-de-mta03, and otc-de-mta04 behind NAT)."""
+        return [g for g in self.gateways.values() if g.role == "bad"]
+
+    @property
     def bad(self) -> Gateway:
-        (bad,) = [g for g in self.gateways.values() if g.role == "bad"]
-        return bad
+        """The first bad gateway, otc-de-mta03 (the one of the service description)."""
+        return self.bads[0]
+
+    @property
+    def bad_ips(self) -> set[str]:
+        """The bad gateways' public addresses: what the far ends see of spam."""
+        return {g.address for g in self.bads}
 
     @property
     def good_ips(self) -> set[str]:
@@ -295,6 +307,28 @@ def restart_gateway_host(name: str, timeout: float = 120) -> float:
         lab_hosts.boot(host)
         lab_hosts.wait_ready(host, timeout=timeout)
     return time.monotonic() - started
+
+
+@contextmanager
+def gateway_host_down(name: str, timeout: float = 120) -> Iterator[None]:
+    """The gateway host ``name`` powered off (``systemctl poweroff`` inside it) for the
+    ``with`` block, then booted again on the same root (overlay, address, host keys stay), as
+    :func:`restart_gateway_host` does; the lab's lock is held meanwhile."""
+    from lab import hosts as lab_hosts
+    from lab.config import host_by_name
+    from lab.proc import daemon_pid
+
+    host = host_by_name(name)
+    daemon = lab_hosts.daemon_name(host)
+    with lab_locked():
+        assert daemon_pid(daemon) is not None, f"{name} is not running"
+        lab_hosts.in_host(host, ["systemctl", "poweroff"], timeout=30)
+        wait_for(f"{name} to go down", lambda: daemon_pid(daemon) is None, timeout, 0.2)
+        try:
+            yield
+        finally:
+            lab_hosts.boot(host)
+            lab_hosts.wait_ready(host, timeout=timeout)
 
 
 # --- figures measured by the tests (printed at the end of the run, see conftest) --------------

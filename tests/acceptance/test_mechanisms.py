@@ -98,14 +98,14 @@ def test_ham_leaves_from_the_good_gateway_that_took_it(fleet: Fleet, name: str, 
 def test_spam_leaves_from_the_bad_gateway_without_the_verdict_header(
     fleet: Fleet, name: str, tmp_path: Path
 ) -> None:
-    gateway, bad = fleet.gateways[name], fleet.bad
+    gateway = fleet.gateways[name]
     tag = mail.new_tag("spam")
     sender, rcpt = f"alice@{CUSTOMER_A}", f"{tag}@{PLAIN_DOMAIN}"
     sent = fleet.send(gateway, "spam", tag, sender, rcpt)
     assert sent.accepted, sent.transcript
     copy = only_copy(fleet, tag)
-    assert copy.client_address == bad.address, "spam leaves only from otc-de-mta03's IP"
-    assert postfix_saw("mx-plain", bad.address)
+    assert copy.client_address in fleet.bad_ips, "spam leaves only from a bad gateway's IP"
+    assert postfix_saw("mx-plain", copy.client_address)
     assert not copy.has_verdict_header, "the internal verdict header never leaves the fleet"
     assert mail.GTUBE in copy.read().decode(errors="replace")
     # Signed on the good gateway before the reroute; the bad gateway keeps it intact.
@@ -120,7 +120,7 @@ def test_ndr_from_the_bad_gateway_tells_the_customer_why_it_was_spam(fleet: Flee
     sent = fleet.send(fleet.gateways["otc-de-mta01"], "spam", tag, sender, rcpt)
     assert sent.accepted, sent.transcript
     ndr = ndr_for(fleet, sender)
-    assert ndr.client_address == fleet.bad.address, "the NDR comes from the bad gateway"
+    assert ndr.client_address in fleet.bad_ips, "the NDR comes from a bad gateway"
     text = ndr.read().decode(errors="replace")
     assert "classified as spam" in text and "GTUBE" in text, text[:3000]
     assert "550 5.1.1" in text and rcpt in text
@@ -290,9 +290,10 @@ OPERATIONS_MAILBOX = "fmb-change@partner-plain.example"  # the lab inventory's m
 
 
 def monitor_host(fleet: Fleet) -> Gateway:
+    """The leader: the first of the monitor hosts (the others are its fallbacks)."""
     hosts = [g for g in fleet.gateways.values() if g.is_active("smg-blacklist.timer")]
-    assert len(hosts) == 1, f"expected one host with the blacklist timer, got {hosts}"
-    return hosts[0]
+    assert hosts, "no host with the blacklist timer"
+    return sorted(hosts, key=lambda g: g.name)[0]
 
 
 def blacklist_listings(gateway: Gateway, ip: str) -> tuple[list[dict], list[dict]]:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from lab import dns
+from lab.config import PRIVATE_ROUTER
 
 pytestmark = pytest.mark.lab
 
@@ -25,10 +26,14 @@ def test_gateway_has_its_name_and_address(gateway: Any, lab_state: dict[str, Any
     expected = lab_state["hosts"][gateway.lab_name]
     assert gateway.check_output("hostname") == gateway.lab_name
     addresses = gateway.check_output("ip -4 -o addr show dev eth0")
+    default = gateway.check_output("ip -4 route show default")
+    if expected.get("private_address"):  # behind the lab's 1:1 NAT: only the private address
+        assert f" {expected['private_address']}/25 " in addresses
+        assert expected["address"] not in addresses
+        assert default.startswith(f"default via {PRIVATE_ROUTER} ")
+        return
     assert f" {expected['address']}/24 " in addresses
-    assert gateway.check_output("ip -4 route show default").startswith(
-        f"default via {lab_state['bridge']['address']} "
-    )
+    assert default.startswith(f"default via {lab_state['bridge']['address']} ")
 
 
 def test_gateway_resolves_lab_names(gateway: Any, lab_state: dict[str, Any]) -> None:

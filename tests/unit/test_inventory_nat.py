@@ -102,3 +102,31 @@ def test_private_addresses_are_checked(tmp_path: Path, ca: TestCA) -> None:
     problems = site.problems()
     assert "198.51.100.131 is also otc-de-mta01's listen_address" in one(problems, "is also")
     one(problems, "otc-de-mta01: source_address")
+
+
+def test_the_lab_inventory_takes_the_nat_host_from_the_lab_state(
+    tmp_path: Path, ca: TestCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lab/run/state.json names otc-de-mta04's private address: lab.py makes it the
+    listen_address; the good gateways send spam to both bad gateways, mta04 privately."""
+    import json
+
+    from deploykit.inventory import load_inventory
+    from tests.unit.test_inventory import KIT, fake_lab_state
+
+    path = fake_lab_state(tmp_path, ca)
+    state = json.loads(path.read_text())
+    leaf = ca.valid("otc-de-mta04.lab.example", "198.51.100.13", "198.51.100.134")
+    state["hosts"]["otc-de-mta04"] = {
+        "address": "198.51.100.13", "private_address": "198.51.100.134",
+        "fqdn": "otc-de-mta04.lab.example", "role": "bad",
+        "cert": str(leaf.cert_path), "key": str(leaf.key_path),
+    }  # fmt: skip
+    path.write_text(json.dumps(state))
+    monkeypatch.setenv("SMG_LAB_STATE", str(path))
+    fleet = load_inventory(KIT / "inventories" / "lab.py", check_keys=False)
+    good = config(fleet, "otc-de-mta01")
+    assert good.routing.bad_gateways == [("198.51.100.12", 25), ("198.51.100.134", 25)]
+    assert config(fleet, "otc-de-mta04").gateway.source_address == "198.51.100.134"
+    assert "198.51.100.13" in good.blacklist.addresses
+    assert "198.51.100.134" not in good.blacklist.addresses
