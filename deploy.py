@@ -22,7 +22,18 @@ from deploykit.fleet import Fleet
 from deploykit.host import Gateway, gateway_from_host_data
 from deploykit.problems import InventoryError, Problem
 from deploykit.schema import KEYS
-from roles import base, blacklist, clamav, dkim, firewall, monitoring, relay, rspamd, tls
+from roles import (
+    base,
+    blacklist,
+    clamav,
+    dkim,
+    firewall,
+    monitoring,
+    relay,
+    resolver,
+    rspamd,
+    tls,
+)
 
 
 def _refuse_overrides() -> None:
@@ -52,8 +63,10 @@ good = gateway.role == "good"
 
 packages = firewall.PACKAGES + (clamav.PACKAGES + rspamd.PACKAGES if good else [])
 packages += monitoring.packages(gateway)
+packages += resolver.packages(gateway)
 base.apply(gateway, packages)
 firewall.apply(fleet, gateway)
+resolver.apply(gateway)  # before the services that ask it
 reload_relay_on = tls.apply(gateway)
 if good:
     clamav.apply(gateway)

@@ -13,6 +13,12 @@ from deploykit.paths import RSPAMD_PORT, SMTP_PORT, HostPaths
 from deploykit.schema import dkim_entry
 
 
+def nameservers(gateway: Gateway) -> list[str]:
+    """What the host's services ask: its own validating unbound (``local_resolver``; DANE
+    trusts AD only from there), else the inventory's resolvers (empty: /etc/resolv.conf)."""
+    return ["127.0.0.1"] if gateway["local_resolver"] else list(gateway["resolvers"])
+
+
 def relay_config(
     fleet_gateways: list[Gateway], gateway: Gateway, held_dkim: Collection[tuple[str, str]] = ()
 ) -> dict[str, Any]:
@@ -41,7 +47,7 @@ def relay_config(
             **_metrics_listen(gateway),
         },
         "dns": {
-            "nameservers": [_host_port(ip, 53) for ip in gateway["resolvers"]],
+            "nameservers": [_host_port(ip, 53) for ip in nameservers(gateway)],
             "extra_public_networks": gateway["extra_public_networks"],
         },
         "virus": {"enabled": is_good, "clamd": f"unix:{HostPaths.CLAMD_SOCKET}"},

@@ -56,6 +56,17 @@ def _item(parse: Callable[[Any], Any], item: Any, index: int) -> Any:
         raise InvalidValue(f"[{index}]: {exc}") from None
 
 
+def _trust_anchors(value: Any) -> list[str]:
+    """DNSKEY or DS record lines (``zone. DNSKEY 257 3 13 ...``) for unbound's trust-anchor."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidValue(f"expected a list of DNSKEY/DS record lines, got {value!r}")
+    for index, line in enumerate(value):
+        fields = line.split()
+        if len(fields) < 5 or fields[1].upper() not in ("DNSKEY", "DS") or '"' in line:
+            raise InvalidValue(f"[{index}]: not a 'zone. DNSKEY ...' or 'zone. DS ...' line")
+    return list(value)
+
+
 def _ips(value: Any) -> list[str]:
     if not isinstance(value, list):
         raise InvalidValue(f"expected a list of IP addresses, got {value!r}")
@@ -201,6 +212,10 @@ KEYS: dict[str, Key] = {
     "apt_proxy": Key(_optional(_url), None),
     "timezone": Key(_timezone, "Europe/Berlin"),
     "resolvers": Key(_ips, []),
+    # a validating unbound on each host (roles/resolver.py): DNSSEC for DANE (docs/tls.md)
+    "local_resolver": Key(_bool, False),
+    "resolver_stub": Key(_bool, False),  # the resolvers are authoritative servers (the lab)
+    "dnssec_trust_anchors": Key(_trust_anchors, []),
     # networks
     "customer_networks": Key(_networks, []),
     "ssh_networks": Key(_networks),  # no default: SSH open to the world is never assumed

@@ -50,6 +50,11 @@ lab = (
     {
         "apt_proxy": _STATE["apt_proxy"],
         "resolvers": [_STATE["dns"]["address"]],
+        # Each gateway validates DNSSEC itself (DANE): unbound asks the lab DNS (authoritative,
+        # so as a stub) and trusts the keys of the lab's signed zones (lab/zones.py).
+        "local_resolver": True,
+        "resolver_stub": True,
+        "dnssec_trust_anchors": _STATE["dns"].get("trust_anchors", []),
         # TEST-NET-2 is documentation space: in the lab it counts as public.
         "extra_public_networks": [_STATE["network"]],
         "customer_networks": [_STATE["customer"]["address"] + "/32"],
@@ -70,6 +75,19 @@ lab = (
             {
                 "sender": "customer-b.example",
                 "recipient": "partner-plain.example",
+                "level": "encrypt",
+                "on_failure": "reject",
+            },
+            # issue 14: rejected in the session when it cannot go; DANE required
+            {
+                "sender": "customer-b.example",
+                "recipient": "partner-tls.example",
+                "level": "dane",
+                "on_failure": "reject",
+            },
+            {
+                "sender": "customer-b.example",
+                "recipient": "partner-slow.example",
                 "level": "encrypt",
                 "on_failure": "reject",
             },

@@ -35,7 +35,7 @@ import dns.zone
 from devkit import knot_zone
 from lab.config import DNS_ADDR, DNS_PORT, DNSBL_ZONE, DOMAIN, RUN_DIR
 from lab.proc import LabError, daemon_pid, run, start_daemon, stop_daemon, wait_until
-from lab.zones import DEFAULT_TTL, default_zones
+from lab.zones import DEFAULT_TTL, SIGNED_ZONES, default_zones
 
 DNS_DIR = RUN_DIR / "dns"
 ZONE_DIR = DNS_DIR / "zones"
@@ -66,7 +66,7 @@ def start(*, timeout: float = 20) -> None:
     def ready() -> bool:
         if daemon_pid(DAEMON) is None:
             raise LabError("knotd exited; see lab/run/logs/knotd.log")
-        return CONTROL_SOCKET.exists() and all(served_serial(z) == _file_serial(z) for z in zones())
+        return CONTROL_SOCKET.exists() and all(_serves(z, _file_serial(z)) for z in zones())
 
     wait_until("knotd to serve the lab zones", ready, timeout=timeout, interval=0.1)
 
@@ -112,7 +112,7 @@ def set_zone(zone: str, text: str, *, timeout: float = 10) -> int:
                 _reload_config()
             wait_until(
                 f"knotd to serve {fqdn} serial {serial}",
-                lambda: served_serial(fqdn) == serial,
+                lambda: _serves(fqdn, serial),
                 timeout=timeout,
             )
         except LabError as exc:
@@ -188,7 +188,38 @@ def served_serial(zone: str) -> int | None:
     return None
 
 
+def signed(zone: str) -> bool:
+    return _fqdn(zone) in {_fqdn(z) for z in SIGNED_ZONES}
+
+
+def trust_anchors(timeout: float = 20) -> list[str]:
+    """The KSK of every signed lab zone as a DNSKEY line (knot makes the keys at its first
+    start; the gateways' unbound gets them as trust anchors through the inventory)."""
+    anchors = []
+    for zone in SIGNED_ZONES:
+        fqdn = _fqdn(zone)
+
+        def ksk(fqdn: str = fqdn) -> str | None:
+            for rrset in query(fqdn, "DNSKEY").answer:
+                for key in rrset:
+                    if rrset.rdtype == dns.rdatatype.DNSKEY and key.flags == 257:
+                        return f"{fqdn} DNSKEY {key.to_text()}"
+            return None
+
+        wait_until(f"the KSK of {fqdn}", lambda ksk=ksk: ksk() is not None, timeout=timeout)
+        anchors.append(ksk() or "")
+    return anchors
+
+
 # -- internals ------------------------------------------------------------------------------------
+
+
+def _serves(zone: str, serial: int | None) -> bool:
+    """knotd serves ``zone`` at ``serial``; a signed zone at it or later (signing bumps it)."""
+    served = served_serial(zone)
+    if served is None or serial is None:
+        return False
+    return served >= serial if signed(zone) else served == serial
 
 
 @contextmanager
@@ -240,7 +271,8 @@ def _parsed(zone: str) -> dns.zone.Zone:
 
 def _next_serial(fqdn: str) -> int:
     """Strictly increasing, and never behind the clock (so a re-created zone still moves up)."""
-    return max(int(time.time()), (_file_serial(fqdn) or 0) + 1)
+    served = served_serial(fqdn) if signed(fqdn) and daemon_pid(DAEMON) else None
+    return max(int(time.time()), (_file_serial(fqdn) or 0) + 1, (served or 0) + 1)
 
 
 def _write_zone(zone: str, text: str) -> int:
@@ -290,7 +322,12 @@ def _dnsbl_owner(address: str, zone: str) -> str:
 
 
 def _write_config() -> None:
-    entries = "".join(f'  - domain: "{z}"\n    file: "{_zone_file(z)}"\n' for z in zones())
+    # Signed zones: knot signs them itself (its default policy, keys in its KASP database).
+    signing = "    dnssec-signing: on\n    journal-content: changes\n"
+    entries = "".join(
+        f'  - domain: "{z}"\n    file: "{_zone_file(z)}"\n' + (signing if signed(z) else "")
+        for z in zones()
+    )
     CONFIG.write_text(
         f"""# Written by lab/dns.py: the lab's authoritative DNS (knotd run by hand).
 server:

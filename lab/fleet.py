@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from lab import cacher, dns, farend, hosts, image, net, pki, sshkeys, state
+from lab import cacher, dns, farend, hosts, image, net, pki, sshkeys, state, zones
 from lab.config import (
     ALL_HOSTS,
     APT_PROXY_URL,
@@ -141,6 +141,9 @@ def _up(*, rebuild_image: bool) -> dict[str, Any]:
     with ThreadPoolExecutor(max_workers=len(FAR_ENDS)) as pool:
         for done in [pool.submit(farend.prepare, host) for host in FAR_ENDS]:
             done.result(timeout=120)
+    # DANE: partner-tls's TLSA record names mx-tls's key, which exists from here on.
+    dns.set_zone("partner-tls.example", zones.partner_zone("partner-tls.example",
+                 zones.tlsa_for((pki.PKI_DIR / "certs" / "mx-tls.crt").read_bytes())))  # fmt: skip
     for host in FAR_ENDS:
         farend.start(host)
     net.add_host(CUSTOMER, resolv_conf=hosts.resolv_conf())
@@ -192,6 +195,11 @@ def describe(timings: dict[str, float]) -> dict[str, Any]:
             "no_records_domain": NO_RECORDS_DOMAIN,
             "null_mx_domain": NULL_MX_DOMAIN,
             "nxdomain_example": NXDOMAIN_EXAMPLE,
+            "signed_zones": list(zones.SIGNED_ZONES),
+            "trust_anchors": dns.trust_anchors(),
+            "dane_bad_domain": zones.DANE_BAD_DOMAIN,
+            "slow_domain": zones.SLOW_DOMAIN,
+            "tlsrpt_mailbox": zones.TLSRPT_MAILBOX,
         },
         "apt_proxy": APT_PROXY_URL,
         "pki": {

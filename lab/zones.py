@@ -32,6 +32,18 @@ NO_RECORDS_DOMAIN = "no-records.example"  # exists (SOA/NS) but has no MX, A or 
 NULL_MX_DOMAIN = "null-mx.example"  # RFC 7505 "MX 0 ." : accepts no mail
 NXDOMAIN_EXAMPLE = "does-not-exist.example"  # in no zone: the root zone answers NXDOMAIN
 
+# DNSSEC and DANE (issue 14): knot signs these zones; the gateways' unbound trusts their keys.
+# partner-tls publishes a TLSA record for mx-tls's key (once mx-tls has its certificate:
+# tlsa_zone), partner-dane-bad points at mx-tls too but with a TLSA record for another key,
+# partner-plain is signed without TLSA.  partner-slow's MX is an address where nothing answers
+# (the in-session probe times out).  partner-tls asks for TLS reports (RFC 8460).
+DANE_BAD_DOMAIN = "partner-dane-bad.example"
+SLOW_DOMAIN = "partner-slow.example"
+SLOW_ADDRESS = "198.51.100.59"  # no host: connections to it time out
+SIGNED_ZONES = ("partner-tls.example", "partner-plain.example", DANE_BAD_DOMAIN)
+WRONG_TLSA = "3 1 1 " + "0" * 63 + "1"  # names no key
+TLSRPT_MAILBOX = "tlsrpt@partner-tls.example"
+
 
 # The kit's lab DKIM keys' records (python -m deploykit dkim-keys inventories/lab.py): served
 # in the customer zones, so the far ends can verify what the gateways sign.
@@ -73,9 +85,28 @@ def reverse_zone() -> str:
     return "".join(f"{a.rsplit('.', 1)[1]} PTR {name}\n" for a, name in ptr.items())
 
 
-def partner_zone(domain: str) -> str:
+def partner_zone(domain: str, tlsa: str | None = None) -> str:
     mx = PARTNER_DOMAINS[domain]
-    return f"@ MX 10 mx.{domain}.\nmx A {mx.address}\n"
+    text = f"@ MX 10 mx.{domain}.\nmx A {mx.address}\n"
+    if tlsa:
+        text += f"_25._tcp.mx TLSA {tlsa}\n"
+    if domain == "partner-tls.example":
+        text += f'_smtp._tls TXT "v=TLSRPTv1; rua=mailto:{TLSRPT_MAILBOX}"\n'
+    return text
+
+
+def tlsa_for(cert_pem: bytes) -> str:
+    """A DANE-EE record (3 1 1: SHA-256 of the key) for a PEM certificate."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(cert_pem).public_key()
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return f"3 1 1 {hashlib.sha256(spki).hexdigest()}"
 
 
 def spf_all_gateways() -> str:
@@ -97,6 +128,10 @@ def default_zones() -> dict[str, str]:
         DNSBL_ZONE: '2.0.0.127 A 127.0.0.2\n2.0.0.127 TXT "test entry"\n',
     }
     zones.update({d: partner_zone(d) for d in PARTNER_DOMAINS})
+    zones[DANE_BAD_DOMAIN] = (
+        f"@ MX 10 mx.{DANE_BAD_DOMAIN}.\nmx A {MX_TLS.address}\n_25._tcp.mx TLSA {WRONG_TLSA}\n"
+    )
+    zones[SLOW_DOMAIN] = f"@ MX 10 mx.{SLOW_DOMAIN}.\nmx A {SLOW_ADDRESS}\n"
     for domain in CUSTOMER_DOMAINS:
         zones[domain] += dkim_records(domain)
     return zones

@@ -9,6 +9,7 @@ from pyinfra.operations import systemd
 
 from deploykit.host import Gateway
 from deploykit.paths import RSPAMD_PORT
+from deploykit.render import nameservers
 from roles import ops
 from roles.render import render
 
@@ -20,7 +21,7 @@ def config_files(gateway: Gateway) -> dict[str, str]:
     """Path under /etc/rspamd -> content.  override.d replaces Debian's bind_socket (local.d
     would add to it)."""
     off = render("rspamd/worker-off.inc.j2")
-    resolvers = [f"{ip}:53" for ip in gateway["resolvers"]]
+    resolvers = [f"{ip}:53" for ip in nameservers(gateway)]
     return {
         "override.d/worker-normal.inc": render(
             "rspamd/worker-normal.inc.j2", port=RSPAMD_PORT, count=1

@@ -321,3 +321,34 @@ def test_relay_answers_with_its_name_and_refuses_strangers(gw: Any) -> None:
     host, gateway = gw
     assert smtp_banner(host, "127.0.0.1").startswith(f"220 {gateway.fqdn}")
     assert smtp_banner(host, gateway.listen_address).startswith("554 5.7.1")
+
+
+# --- the local validating resolver (issue 14: DANE) -----------------------------------------
+
+_AD_QUERY = """
+import sys, dns.flags, dns.message, dns.query
+q = dns.message.make_query(sys.argv[1], sys.argv[2], want_dnssec=True)
+q.flags |= dns.flags.AD
+r = dns.query.udp(q, "127.0.0.1", timeout=5)
+print(dns.rcode.to_text(r.rcode()), "AD" if r.flags & dns.flags.AD else "-", len(r.answer))
+"""
+
+
+def test_local_resolver_validates_on_loopback_only(gw: Any) -> None:
+    host, gateway = gw
+    if not gateway["local_resolver"]:
+        pytest.skip("local_resolver is off in this inventory")
+    assert host.service("unbound.service").is_enabled
+    assert host.service("unbound.service").is_running
+    sockets = listeners(host)
+    assert ("127.0.0.1", 53, "unbound") in sockets
+    assert not [s for s in sockets if s[2] == "unbound" and not s[0].startswith("127.")]
+    python = f"{HostPaths.VENV}/bin/python3"
+
+    def ask(name: str, rdtype: str) -> str:
+        return host.check_output(f"{python} -c '{_AD_QUERY}' {name} {rdtype}")
+
+    if IS_LAB:  # the lab's signed zones validate; the others are insecure, not bogus
+        assert ask("partner-tls.example", "MX").startswith("NOERROR AD")
+        assert ask("_25._tcp.mx.partner-tls.example", "TLSA").startswith("NOERROR AD")
+        assert ask("customer-a.example", "MX").startswith("NOERROR -")

@@ -598,7 +598,9 @@ def test_the_lab_inventory_is_the_same_fleet_with_lab_overrides(
     assert mta01["ssh_networks"] == ["198.51.100.1/32"]  # the control machine only
     assert mta01["operations_mailbox"] == "fmb-change@partner-plain.example"
     config = parse_config(tomllib.loads(fleet.relay_toml("otc-de-mta01")))
-    assert config.dns.nameservers == [("198.51.100.1", 53)]
+    # each gateway's own validating unbound (DANE), which asks the lab DNS
+    assert config.dns.nameservers == [("127.0.0.1", 53)]
+    assert mta01["local_resolver"] and mta01["resolvers"] == ["198.51.100.1"]
     assert [z.zone for z in config.blacklist.zones] == ["dnsbl.lab.example"]
 
 

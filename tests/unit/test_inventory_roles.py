@@ -213,3 +213,24 @@ def test_a_config_change_is_a_reload_unless_the_relay_reads_the_key_only_at_star
     assert relay.restart_needed(current, other_port)  # metrics_listen: only at start
     assert not relay.restart_needed(None, current)  # first install: the start reads it
     assert relay.restart_needed("not toml [", current)
+
+
+# --- resolver (issue 14: DANE needs a validating resolver of the host's own) -----------------
+
+
+def test_resolver_config_lab_and_production(tmp_path) -> None:
+    from roles import resolver
+
+    base = {"resolvers": ["198.51.100.1"], "local_resolver": True, "extra_public_networks": []}
+    lab = {**base, "resolver_stub": True,
+           "dnssec_trust_anchors": ["partner-tls.example. DNSKEY 257 3 13 AbC="]}  # fmt: skip
+    text = resolver.config_text(lab)  # type: ignore[arg-type]
+    assert 'trust-anchor: "partner-tls.example. DNSKEY 257 3 13 AbC="' in text
+    assert "auto-trust-anchor-file" not in text  # the lab's root is not signed
+    assert "stub-zone:" in text and "stub-addr: 198.51.100.1" in text
+    assert "interface: 127.0.0.1" in text and "0.0.0.0" not in text
+    production = resolver.config_text({**base, "resolver_stub": False,  # type: ignore[arg-type]
+                                       "dnssec_trust_anchors": []})  # fmt: skip
+    assert 'auto-trust-anchor-file: "/var/lib/unbound/root.key"' in production
+    assert "forward-zone:" in production and "forward-addr: 198.51.100.1" in production
+    assert resolver.packages({"local_resolver": False}) == []  # type: ignore[arg-type]

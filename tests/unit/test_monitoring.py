@@ -85,7 +85,7 @@ def test_prometheus_config_passes_promtool(fleet: Fleet, tmp_path: Path) -> None
     text = monitoring.prometheus_yml(fleet, monitor)
     for gateway in fleet:
         assert f"gateway: {gateway.name}, role: {gateway.role}" in text
-    assert text.count(":9525\"]") == len(fleet.gateways) and ":9100\"]" in text
+    assert text.count(':9525"]') == len(fleet.gateways) and ':9100"]' in text
     rules = tmp_path / "smg-rules.yml"
     rules.write_text(monitoring.rules(monitor))
     config = tmp_path / "prometheus.yml"
