@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -53,6 +54,12 @@ DKIM_HEADERS = ["from", "to", "subject", "date", "message-id", "mime-version", "
 
 def cpu_of(pids: list[int]) -> float:
     return sum(tree(pid)[0] for pid in pids)
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's exited children (the load client runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --- the pieces -----------------------------------------------------------------------------
@@ -179,8 +186,10 @@ def measure(name: str, endpoint: str, sink: Sink, mta_pids: list[int], scanner_p
     wait_for(lambda: sink.read()[0] >= warm["sent"], 120, interval=0.2, what="warm-up at sink")
     base_count = sink.read()[0]
     mta_before, scan_before = cpu_of(mta_pids), [cpu_of([pid]) for pid in scanner_pids]
+    sink_before, load_before = cpu_of([sink.proc.pid]), children_cpu()
     started = time.time()
     result = run_load(endpoint, args.messages, args.connections, args.size, seed + 1)
+    load_cpu = children_cpu() - load_before
     expected = base_count + result["sent"]
     wait_for(lambda: sink.read()[0] >= expected, 600, interval=0.1, what=f"{name} at the sink")
     count, signed, _, last = sink.read()
@@ -189,7 +198,16 @@ def measure(name: str, endpoint: str, sink: Sink, mta_pids: list[int], scanner_p
         cpu_of([pid]) - b for pid, b in zip(scanner_pids, scan_before, strict=True)
     )
     seconds = last - started
+    sink_cpu = cpu_of([sink.proc.pid]) - sink_before
     return {
+        # cores each party used over the run (the machine has os.cpu_count() of them)
+        "cores": {
+            "mta": mta_cpu / seconds,
+            "clamd": clamd_cpu / seconds,
+            "rspamd": rspamd_cpu / seconds,
+            "load": load_cpu / seconds,
+            "sink": sink_cpu / seconds,
+        },
         "stack": name,
         "messages": result["sent"],
         "failed": result["failed"],
@@ -205,7 +223,7 @@ def measure(name: str, endpoint: str, sink: Sink, mta_pids: list[int], scanner_p
     }
 
 
-def run_smg(base: Path, knot, clamd, rspamd, key, args, seed) -> dict[str, Any]:
+def run_smg(base: Path, knot, clamd, rspamd, key, args, seed, workers=None) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="smg-", dir=base))
     sink = Sink(workdir)
     config = smg_config(
@@ -216,12 +234,13 @@ def run_smg(base: Path, knot, clamd, rspamd, key, args, seed) -> dict[str, Any]:
         key,
         sink,
         set(args.smg_without),
-        args.smg_workers,
+        workers or args.smg_workers,
     )
     relay = SmgServe(workdir, config)
+    name = f"smg w{workers}" if workers else "smg"
     try:
         scanners = [clamd.proc.pid, rspamd.proc.pid]  # type: ignore[union-attr]
-        return measure("smg", relay.endpoint, sink, [relay.proc.pid], scanners, args, seed)
+        return measure(name, relay.endpoint, sink, [relay.proc.pid], scanners, args, seed)
     finally:
         relay.stop()
         sink.stop()
@@ -259,6 +278,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--only", choices=["smg", "postfix"])
     parser.add_argument("--smg-workers", type=int, default=1, help="gateway.workers for smg")
+    parser.add_argument("--workers", help="smg with each of these gateway.workers in every "
+                        "round, e.g. 1,2 (instead of --smg-workers)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="spools and queues: a real disk (fsync is measured)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -299,13 +320,17 @@ def main() -> int:
         clamd.start()
         rspamd.start()
         key, _ = write_new_key(base / "keys", SENDER_DOMAIN, "bench", "rsa")
-        stacks = ["smg", "postfix"] if args.only is None else [args.only]
+        smgs = [f"smg{w}" for w in args.workers.split(",")] if args.workers else ["smg"]
+        stacks = [*smgs, "postfix"]
+        if args.only is not None:
+            stacks = [s for s in stacks if s.startswith(args.only)]
         for round_no in range(args.rounds):
             order = stacks if round_no % 2 == 0 else stacks[::-1]
             for stack in order:
                 seed = 10 * round_no + 1
-                if stack == "smg":
-                    result = run_smg(base, knot, clamd, rspamd, key, args, seed)
+                if stack.startswith("smg"):
+                    workers = int(stack[3:]) if stack[3:] else None
+                    result = run_smg(base, knot, clamd, rspamd, key, args, seed, workers)
                 else:
                     result = run_postfix(base, clamd, rspamd, milter_socket, key, args, seed)
                 result["round"] = round_no + 1
@@ -328,7 +353,8 @@ def _line(r: dict[str, Any]) -> str:
         f"({r['accept_msg_per_s']:7.1f} accepted/s), 250 p50 {r['p50_ms']:6.1f} ms "
         f"p99 {r['p99_ms']:6.1f} ms, CPU/msg: MTA {r['mta_cpu_ms']:5.2f} ms, clamd "
         f"{r['clamd_cpu_ms']:5.2f} ms, rspamd {r['rspamd_cpu_ms']:5.2f} ms; failed "
-        f"{r['failed']}, all signed {r['all_signed']}"
+        f"{r['failed']}, all signed {r['all_signed']}; cores used: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in r["cores"].items())
     )
 
 
@@ -345,6 +371,19 @@ def _summary(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines.append(f"  {stack:<8} {median:7.1f} msg/s")
     if "smg" in medians and "postfix" in medians:
         lines.append(f"  ratio smg/postfix: {medians['smg'] / medians['postfix']:.2f}x")
+    smgs = sorted(s for s in medians if s.startswith("smg w"))
+    for stack in smgs:
+        runs = [r for r in results if r["stack"] == stack]
+        cores = {k: statistics.median(r["cores"][k] for r in runs) for k in runs[0]["cores"]}
+        vs = f", {medians[stack] / medians['postfix']:.2f}x postfix" if "postfix" in medians else ""
+        lines.append(
+            f"  {stack}: {medians[stack]:.0f} msg/s{vs}; cores: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in cores.items())
+            + f"; {medians[stack] / max(cores['mta'], 1e-3):.0f} msg/s per relay core"
+        )
+    if len(smgs) > 1:
+        lines.append(f"  workers {smgs[-1][5:]}/{smgs[0][5:]}: "
+                     f"{medians[smgs[-1]] / medians[smgs[0]]:.2f}x")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ sink.  Prints msg/s end to end and their ratio, p50/p99 of the 250 reply, CPU pe
 peak RSS of each MTA.
 
     python -m bench.relay [--messages 2000] [--connections 16] [--size 5000] [--rounds 2]
+                          [--workers 1,2]
 
 Needs root (Postfix's queue directories belong to the postfix user), knotd (the sender check
 and the MX of the far domain) and Postfix 3.7; nothing else runs on the machine's daemons.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -99,6 +101,10 @@ class Sink:
     def endpoint(self) -> str:
         return f"{SINK_IP}:{self.port}"
 
+    @property
+    def cpu(self) -> float:
+        return tree(self.proc.pid)[0]
+
     def read(self) -> tuple[int, float, float]:
         parts = self.state.read_text().split()
         return (int(parts[0]), float(parts[1]), float(parts[2])) if len(parts) == 3 else (0, 0, 0)
@@ -177,6 +183,16 @@ class Result:
     peak_rss_mb: float
     peak_pss_mb: float
     failures: list[str]
+    seconds: float = 0.0  # first message sent to the last at the sink
+    cpu_mta_s: float = 0.0  # CPU seconds of each party over the run (cores = s / seconds)
+    cpu_load_s: float = 0.0
+    cpu_sink_s: float = 0.0
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's exited children (the load client runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_load(endpoint: str, count: int, args: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -192,10 +208,11 @@ def measure(name: str, endpoint: str, sink: Sink, root_pid: int, args, seed: int
     warm = run_load(endpoint, args.warmup, args, seed)
     wait_for(lambda: sink.read()[0] >= warm["sent"], 120, interval=0.1, what="warm-up")
     base = sink.read()[0]
-    cpu_before = tree(root_pid)[0]
+    cpu_before, sink_before, load_before = tree(root_pid)[0], sink.cpu, children_cpu()
     sampler = RssSampler(root_pid)
     sampler.start()
     load = run_load(endpoint, args.messages, args, seed + 1)
+    load_cpu = children_cpu() - load_before
     expected = base + load["sent"]
     wait_for(lambda: sink.read()[0] >= expected, 600, interval=0.05, what=f"{name} at the sink")
     last = sink.read()[2]
@@ -214,15 +231,26 @@ def measure(name: str, endpoint: str, sink: Sink, root_pid: int, args, seed: int
         peak_rss_mb=peak_rss / 2**20,
         peak_pss_mb=peak_pss / 2**20,
         failures=load["failures"],
+        seconds=last - load["started"],
+        cpu_mta_s=cpu,
+        cpu_load_s=load_cpu,
+        cpu_sink_s=sink.cpu - sink_before,
     )
 
 
-def run_smg(base: Path, knot: KnotDNS, args: argparse.Namespace, seed: int) -> Result:
+def run_smg(
+    base: Path, knot: KnotDNS, args: argparse.Namespace, seed: int, workers: int | None = None
+) -> Result:
     workdir = Path(tempfile.mkdtemp(prefix="smg-", dir=base))
     sink = Sink(workdir)
-    relay = SmgServe(workdir, sink, knot, json.loads(args.smg_config))
+    extra = json.loads(args.smg_config)
+    name = "smg serve"
+    if workers is not None:
+        extra.setdefault("gateway", {})["workers"] = workers
+        name = f"smg w{workers}"
+    relay = SmgServe(workdir, sink, knot, extra)
     try:
-        return measure("smg serve", relay.endpoint, sink, relay.proc.pid, args, seed)
+        return measure(name, relay.endpoint, sink, relay.proc.pid, args, seed)
     finally:
         relay.stop()
         sink.stop()
@@ -249,13 +277,16 @@ def table(results: list[Result]) -> str:
     head = (
         f"{'stack':<10} {'msgs':>6} {'fail':>4} {'msg/s e2e':>10} {'accept/s':>9} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'CPU ms/msg':>10} {'peak RSS MB':>11} {'peak PSS MB':>11}"
+        f" {'cores MTA/load/sink':>20}"
     )
     rows = [head, "-" * len(head)]
     for r in results:
+        wall = max(r.seconds, 1e-3)
+        cores = f"{r.cpu_mta_s / wall:.2f}/{r.cpu_load_s / wall:.2f}/{r.cpu_sink_s / wall:.2f}"
         rows.append(
             f"{r.stack:<10} {r.messages:>6} {r.failed:>4} {r.msg_per_s:>10.0f} "
             f"{r.accept_msg_per_s:>9.0f} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {r.cpu_ms:>10.2f} "
-            f"{r.peak_rss_mb:>11.1f} {r.peak_pss_mb:>11.1f}"
+            f"{r.peak_rss_mb:>11.1f} {r.peak_pss_mb:>11.1f} {cores:>20}"
         )
     return "\n".join(rows)
 
@@ -268,8 +299,29 @@ def _median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+def workers_summary(results: list[Result], workers: list[int]) -> str:
+    """Medians per worker count, their ratios to each other and to Postfix, and what the relay
+    alone would scale to: its rate per core it used (the load and the sink share the cores)."""
+    medians = {w: _median([r.msg_per_s for r in results if r.stack == f"smg w{w}"])
+               for w in workers}  # fmt: skip
+    postfix = _median([r.msg_per_s for r in results if r.stack == "postfix"])
+    lines = []
+    for w, rate in medians.items():
+        runs = [r for r in results if r.stack == f"smg w{w}"]
+        cores = _median([r.cpu_mta_s / max(r.seconds, 1e-3) for r in runs])
+        others = _median([(r.cpu_load_s + r.cpu_sink_s) / max(r.seconds, 1e-3) for r in runs])
+        vs = f", {rate / postfix:.2f}x postfix" if postfix else ""
+        per_core = rate / max(cores, 1e-3)
+        lines.append(f"smg w{w}: {rate:.0f} msg/s{vs}; relay used {cores:.2f} cores, load+sink "
+                     f"{others:.2f}; {per_core:.0f} msg/s per relay core")  # fmt: skip
+    if len(workers) > 1 and medians[workers[0]]:
+        top, first = workers[-1], workers[0]
+        lines.append(f"workers {top}/{first}: {medians[top] / medians[first]:.2f}x")
+    return "\n".join(lines)
+
+
 def summary(results: list[Result], rounds: list[tuple[Result, Result]]) -> str:
-    smg = _median([r.msg_per_s for r in results if r.stack == "smg serve"])
+    smg = _median([a.msg_per_s for a, _ in rounds])
     postfix = _median([r.msg_per_s for r in results if r.stack == "postfix"])
     if not smg or not postfix:
         return ""
@@ -300,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smg-config", default="{}", help='extra smg config as JSON, e.g. '
                         '\'{"delivery": {"concurrency": 32}}\'')  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument("--workers", help="smg with each of these gateway.workers in every "
+                        "round, e.g. 1,2 (default: once, as --smg-config says)")  # fmt: skip
     parser.add_argument(
         "--nice", type=int, default=-10,
         help="niceness of the bench and everything it starts, both stacks alike (default -10: "
@@ -319,22 +373,25 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load()
     try:
         knot.start()
+        workers = [int(w) for w in args.workers.split(",")] if args.workers else [None]
+        smgs = [f"smg{w}" if w else "smg" for w in workers]
         for round_no in range(args.rounds):
-            order = ["smg", "postfix"] if round_no % 2 == 0 else ["postfix", "smg"]
+            order = [*smgs, "postfix"] if round_no % 2 == 0 else ["postfix", *smgs[::-1]]
             this_round: dict[str, Result] = {}
             for stack in order:
-                if args.only and stack != args.only:
+                if args.only and not stack.startswith(args.only):
                     continue
                 seed = 100 + round_no
+                count = int(stack[3:]) if stack.startswith("smg") and stack[3:] else None
                 result = (
-                    run_smg(base, knot, args, seed)
-                    if stack == "smg"
+                    run_smg(base, knot, args, seed, count)
+                    if stack.startswith("smg")
                     else run_postfix(base, args, seed)
                 )
                 results.append(result)
-                this_round[stack] = result
+                this_round["smg" if stack == smgs[0] else stack] = result
                 print(f"round {round_no + 1}: {table([result]).splitlines()[-1]}", flush=True)
-            if len(this_round) == 2:
+            if "smg" in this_round and "postfix" in this_round:
                 rounds.append((this_round["smg"], this_round["postfix"]))
     finally:
         knot.close()
@@ -349,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     line = summary(results, rounds)
     if line:
         print(line)
+    if args.workers:
+        print(workers_summary(results, [int(w) for w in args.workers.split(",")]))
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     return 0
