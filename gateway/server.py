@@ -41,12 +41,15 @@ from gateway.config import (
 from gateway.delivery.scheduler import Delivery
 from gateway.health import Health
 from gateway.intake import Intake, Runtime, make_tls_context
+from gateway.intake.tenant_limits import TenantGuard
 from gateway.log import event, setup_logging
 from gateway.metrics import Metrics
 from gateway.policy.build import build_chain
 from gateway.policy.cleanup import Cleanup
 from gateway.queue.spool import Spool, SpoolDamaged, SpoolUnavailable
 from gateway.services import Services, build_services
+from gateway.tenants.state import TenantState
+from gateway.tenants.suspension import Suspension
 from gateway.workers import worker_index
 
 log = logging.getLogger("smg.server")
@@ -107,6 +110,7 @@ class Relay:
         )  # fmt: skip
         await self.delivery.start()
         self.intake = Intake(self.services, runtime, budget)
+        self._tenant_guard(config, spool)
         try:
             await self.intake.start()
             if config.gateway.metrics_listen is not None and worker_index() == 0:
@@ -151,6 +155,31 @@ class Relay:
         self.metrics.gauge_source("smg_connections_active", "SMTP sessions open now.", connections)
         # Queue ages, scanners, the bad gateway, certificate and DKIM keys (gateway/health.py).
         Health(lambda: (self.config, self.services)).register(self.metrics)
+
+    def _tenant_guard(self, config: Config, spool: Spool) -> None:
+        """Limits and suspension of the customers, shared by the workers in
+        ``<spool>/tenants.sqlite`` (issue 11); their gauges."""
+        if not config.tenants or self.intake is None:
+            return
+        state = TenantState.in_spool(spool.path.parent)
+        state.drop_dead_sessions()
+        mailbox = config.gateway.operations_mailbox
+        suspension = Suspension(spool, config.gateway.hostname, mailbox)
+        self.intake.set_guard(TenantGuard(state, self.metrics, suspension))
+        names = [t.name for t in config.tenants]
+
+        async def suspended() -> dict[tuple[tuple[str, str], ...], float]:
+            status = state.all_status()
+            return {(("tenant", n),): float(n in status and status[n].suspended) for n in names}
+
+        async def sessions() -> dict[tuple[tuple[str, str], ...], float]:
+            counts = state.sessions()
+            return {(("tenant", n),): float(counts.get(n, 0)) for n in names}
+
+        self.metrics.gauge_source("smg_tenant_suspended", "1: the customer is suspended.",
+                                  suspended)  # fmt: skip
+        self.metrics.gauge_source("smg_tenant_sessions", "SMTP sessions of the customer now.",
+                                  sessions)  # fmt: skip
 
     # --- signals ------------------------------------------------------------------------
 

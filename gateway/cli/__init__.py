@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from gateway.cli import blacklist, config, dkim, explain, queue, sender, serve, tls, trace
+from gateway.cli import blacklist, config, dkim, explain, queue, sender, serve, tenant, tls, trace
 
 # In the order ``smg --help`` lists them.
 COMMAND_GROUPS = [
@@ -21,6 +21,7 @@ COMMAND_GROUPS = [
     dkim,  # dkim keygen|dns-record
     tls,  # tls probe
     blacklist,  # blacklist check|status
+    tenant,  # tenant list|show|suspend|resume|hash-password
     trace,  # trace (message tracking)
 ]
 

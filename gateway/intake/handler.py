@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from gateway.dns import unmapped
+from gateway.intake.tenant_limits import TenantGuard
 from gateway.log import event
 from gateway.metrics import Metrics
 from gateway.policy.chain import Action, Chain, Decision, MessageContext, Reply, Stage
@@ -67,6 +68,7 @@ class PolicyHandler:
         self.metrics = metrics
         self.tenants = tenants if tenants is not None else TenantTable(())
         self.offers_auth = any(t.users for t in self.tenants.tenants.values())
+        self.guard: TenantGuard | None = None  # limits and suspension (the Intake sets it)
 
     # --- aiosmtpd's own hooks -----------------------------------------------------------
 
@@ -139,6 +141,10 @@ class PolicyHandler:
             rcpt_tos=envelope.rcpt_tos,  # one list: what the envelope accepted, the chain sees
             tenant=tenant.name if tenant is not None else None,
         )
+        if tenant is not None and self.guard is not None:
+            refusal = self.guard.at_mail(tenant, ctx.client_ip, int(options.get("SIZE", 0)))
+            if refusal is not None:
+                return refusal
         if options.get("SMTPUTF8"):
             ctx.facts["smtputf8"] = True
         if options.get("BODY"):
@@ -161,6 +167,11 @@ class PolicyHandler:
         options: list[str],
     ) -> str:
         ctx = _context(envelope)
+        tenant = self._tenant(ctx)
+        if tenant is not None and self.guard is not None:
+            refusal = self.guard.at_rcpt(tenant, ctx.client_ip, len(ctx.rcpt_tos))
+            if refusal is not None:
+                return refusal
         ctx.rcpt_tos.append(address)  # the RCPT stage looks at the last recipient
         decision = await self._run_stage(Stage.RCPT, ctx)
         if isinstance(decision, str):
@@ -175,9 +186,17 @@ class PolicyHandler:
         # One copy of the message: the pieces joined behind the trace header, then let go.
         ctx.data = b"".join([_received_header(server.hostname, session, ctx), *envelope.pieces])
         envelope.pieces.clear()
+        tenant = self._tenant(ctx)
+        guard = self.guard if tenant is not None else None
+        if guard is not None and len(ctx.data) > tenant.limits.max_message_size:  # type: ignore[union-attr]
+            return guard.size_reply(tenant)  # type: ignore[arg-type]
         decision = await self._run_stage(Stage.DATA, ctx)
         if isinstance(decision, str):
             return decision
+        # Counted and judged before queueing: spam of a customer suspended by now (this very
+        # message, another worker, an operator) is queued held, never deferred.
+        if guard is not None and await guard.before_queue(tenant, ctx, decision):  # type: ignore[arg-type]
+            ctx.facts["suspended"] = True
         try:
             queued = await self.cleanup.enqueue(ctx, decision)
         except Exception as exc:
@@ -204,6 +223,9 @@ class PolicyHandler:
         log.exception("queueing a message from %s failed", ctx.client_ip)
         return "451 4.3.0 Local error while queueing, try again later"
 
+    def _tenant(self, ctx: MessageContext) -> Tenant | None:
+        return self.tenants.get(ctx.tenant) if ctx.tenant else None
+
     # --- the policy chain ---------------------------------------------------------------
 
     async def _run_stage(self, stage: Stage, ctx: MessageContext) -> Decision | str:
@@ -228,6 +250,12 @@ class PolicyHandler:
         event(log, "reject", "NOQUEUE", stage=str(stage), client=ctx.client_ip,
               sender=f"<{ctx.mail_from}>", **where, reason=decision.decided_by,
               reply=str(reply), **_tenant_field(ctx))  # fmt: skip
+        tenant = self._tenant(ctx)
+        if tenant is not None and self.guard is not None and stage != Stage.RCPT:
+            try:  # a rejected message counts in the customer's window
+                await self.guard.after_reject(tenant, ctx, decision.decided_by or "policy")
+            except Exception:
+                log.exception("tenant accounting failed for %s", ctx.client_ip)
         if stage == Stage.DATA:
             try:
                 await self.cleanup.after_reject(ctx, decision)

@@ -13,6 +13,7 @@ from gateway.budget import DataBudget
 from gateway.config import Config
 from gateway.intake.handler import PolicyHandler
 from gateway.intake.protocol import GatewaySMTP
+from gateway.intake.tenant_limits import TenantGuard
 from gateway.log import event
 from gateway.metrics import Metrics
 from gateway.policy.chain import Chain, Reply
@@ -56,6 +57,7 @@ class Intake:
         budget for message bytes, shared with delivery (a new one without)."""
         self.metrics: Metrics = services.metrics or Metrics()
         self.sessions: set[GatewaySMTP] = set()
+        self.guard: TenantGuard | None = None  # set by the relay when it has [[tenants]]
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping = False
         # One budget for the process's sessions, kept across reloads (a reload sets its size).
@@ -71,6 +73,10 @@ class Intake:
             runtime.chain, runtime.cleanup, runtime.config.gateway.client_networks, self.metrics,
             runtime.tenants or TenantTable.from_config(runtime.config),
         )  # fmt: skip
+        self.handler.guard = getattr(self, "guard", None)
+
+    def set_guard(self, guard: TenantGuard | None) -> None:
+        self.guard = self.handler.guard = guard
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -114,6 +120,11 @@ class Intake:
             return str(
                 Reply(421, "4.7.0", f"{config.hostname} Too many connections, try again later")
             )
+        if session.tenant is not None and self.guard is not None:
+            over = self.guard.at_connect(session.tenant, client_ip, config.hostname)
+            if over is not None:
+                return over
+            session.counted = session.tenant  # released when the session ends
         self.sessions.add(session)
         self._idle.clear()
         self.metrics.inc("connections")
@@ -121,6 +132,10 @@ class Intake:
 
     def session_ended(self, session: GatewaySMTP) -> None:
         self.sessions.discard(session)
+        counted = getattr(session, "counted", None)
+        if counted is not None and self.guard is not None:
+            session.counted = None
+            self.guard.session_ended(counted, session.client_ip)
         if not self.sessions:
             self._idle.set()
 

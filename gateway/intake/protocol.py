@@ -126,6 +126,7 @@ class GatewaySMTP(AuthCommands, SMTP):
         self.busy = False
         self.client_ip = ""
         self.tenant: Tenant | None = None  # set at connect (network) or by AUTH
+        self.counted: Tenant | None = None  # counted in the customer's sessions (listener)
         self._admitted = False
         self._refused = False
         # The reader's buffer limit while reading commands: a client cannot make a session

@@ -32,7 +32,7 @@ from gateway.dns import Resolver
 from gateway.policy import headers, notice
 from gateway.policy.chain import Action, Decision, MessageContext
 from gateway.policy.rules.verdict import format_verdict
-from gateway.queue.model import MessageKind, MessageState, Route
+from gateway.queue.model import HoldReason, MessageKind, MessageState, Route
 from gateway.queue.spool import Spool
 from gateway.services import Services
 
@@ -72,12 +72,15 @@ class Cleanup:
         """Prepare and queue an accepted, rerouted or held message; sets ``ctx.queue_id``.
         Spool errors propagate: the intake turns them into its 4xx reply."""
         prepared = await self.prepare(ctx, decision)
+        # Spam of a suspended customer: held, on its way to the bad gateway once released.
+        held = decision.action == Action.HOLD or bool(ctx.facts.get("suspended"))
         queue_id = await self._spool().enqueue(
             ctx.mail_from,
             ctx.rcpt_tos,
             prepared,
             route=_QUEUE_ROUTE.get(decision.action, Route.DIRECT),
-            state=MessageState.HELD if decision.action == Action.HOLD else MessageState.ACTIVE,
+            state=MessageState.HELD if held else MessageState.ACTIVE,
+            hold_reason=HoldReason.SUSPENDED if ctx.facts.get("suspended") else None,
             client_ip=ctx.client_ip,
             helo=ctx.helo,
             facts=ctx.facts,
