@@ -231,17 +231,55 @@ def _check_unique(checker: Checker, gateways: list[Gateway], key: str) -> None:
 
 
 def check_entries(checker: Checker, gateway: Gateway) -> None:
-    if gateway.role == "good" and gateway["customer_networks"] == []:
-        checker.problem(
-            checker.source(gateway, "customer_networks"),
-            "customer_networks",
-            f"empty: the good gateway {gateway.name} would take mail from nobody",
-        )
+    if gateway.role == "good":
+        _check_customers(checker, gateway)
     _check_ssh_networks(checker, gateway)
     _check_tls_rules(checker, gateway)
     _check_dnsbl_zones(checker, gateway)
     if gateway.role == "good":
         _check_dkim(checker, gateway)
+
+
+def _check_customers(checker: Checker, gateway: Gateway) -> None:
+    """Customers as ``tenants`` (issue 11) or the old ``customer_networks``, not both: a network
+    left in the old key would get 554 once the gateway knows tenants (docs/deploy.md)."""
+    tenants, networks = gateway["tenants"], gateway["customer_networks"]
+    if not is_parsed(tenants, networks):
+        return
+    if tenants and networks:
+        checker.problem(
+            checker.source(gateway, "customer_networks"), "customer_networks",
+            "set together with tenants: move each network into its customer's tenants entry "
+            "and remove customer_networks (docs/deploy.md, migration)",
+        )  # fmt: skip
+    elif not tenants and not networks and not gateway["auth_networks"]:
+        checker.problem(
+            checker.source(gateway, "tenants"), "tenants",
+            f"empty (and no customer_networks): the good gateway {gateway.name} would take "
+            "mail from nobody",
+        )  # fmt: skip
+    if gateway["auth_networks"] and not tenants:
+        checker.problem(
+            checker.source(gateway, "auth_networks"), "auth_networks",
+            "needs tenants: only a customer's AUTH user may log in",
+        )  # fmt: skip
+    if tenants and is_parsed(gateway["dkim_keys_dir"]) and checker.check_keys:
+        _check_tenant_keys(checker, gateway, tenants)
+
+
+def _check_tenant_keys(checker: Checker, gateway: Gateway, tenants: list[Any]) -> None:
+    source = checker.source(gateway, "tenants")
+    for t_index, tenant in enumerate(tenants):
+        for index, item in enumerate(tenant.get("dkim", [])):
+            entry = dkim_entry(item)
+            if isinstance(entry, str):
+                continue  # the schema refused it
+            domain, selector, algorithm = entry
+            label = f"tenants[{t_index}].dkim[{index}] ({domain}, customer {tenant['name']!r})"
+            keys_dir = Path(gateway["dkim_keys_dir"])
+            why = dkim_key_problem(keys_dir, domain, selector, algorithm, checker.raw.file)
+            if why:
+                checker.problem(source, label, why)
 
 
 def _check_ssh_networks(checker: Checker, gateway: Gateway) -> None:
@@ -383,6 +421,10 @@ _CONFIG_ORIGINS = (
     ("blacklist.schedule", "blacklist_schedule"),
     ("blacklist.timezone", "blacklist_timezone"),
     ("gateway.client_networks", "customer_networks"),
+    ("gateway.auth_networks", "auth_networks"),
+    ("gateway.operations_mailbox", "operations_mailbox"),
+    ("tenant_defaults", "tenant_defaults"),
+    ("tenants", "tenants"),
     ("gateway.max_message_size", "relay_max_message_size"),
     ("dns.nameservers", "resolvers"),
     ("dns.extra_public_networks", "extra_public_networks"),

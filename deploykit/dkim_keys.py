@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deploykit.fleet import Fleet
-from deploykit.schema import dkim_entry, dkim_key_path
+from deploykit.schema import dkim_entry, dkim_key_path, tenant_dkim
 from gateway.dkim import dns_record_value, load_private_key, zone_line
 
 
@@ -27,6 +27,9 @@ def dkim_wanted(fleet: Fleet) -> dict[tuple[str, str], tuple[str, Path]]:
             if not isinstance(entry, str):
                 domain, selector, algorithm = entry
                 wanted[(domain, selector)] = (algorithm, Path(gateway["dkim_keys_dir"]))
+        # each customer's own keys (tenants[].dkim), made the same way
+        for domain, selector, algorithm in tenant_dkim(gateway["tenants"]):
+            wanted[(domain, selector)] = (algorithm, Path(gateway["dkim_keys_dir"]))
     return wanted
 
 

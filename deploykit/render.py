@@ -10,7 +10,7 @@ import tomli_w
 
 from deploykit.host import Gateway
 from deploykit.paths import RSPAMD_PORT, SMTP_PORT, HostPaths
-from deploykit.schema import dkim_entry
+from deploykit.schema import LOCAL_TENANT, dkim_entry, tenant_networks
 
 
 def nameservers(gateway: Gateway) -> list[str]:
@@ -29,9 +29,7 @@ def relay_config(
     is_good = gateway.role == "good"
     # The fleet shares one private network (1:1 NAT: docs/deploy.md): a bad gateway sees the
     # good gateways' source addresses, and the good gateways reach it on its listen address.
-    clients = (
-        gateway["customer_networks"] if is_good else [_host_net(g.source_address) for g in good]
-    )
+    clients = customer_networks(gateway) if is_good else [_host_net(g.source_address) for g in good]
     config: dict[str, Any] = {
         "gateway": {
             "role": gateway.role,
@@ -60,15 +58,69 @@ def relay_config(
             "internal_ca": HostPaths.INTERNAL_CA,
         },
         "dkim": {"keys": _dkim_keys(gateway, held_dkim) if is_good else []},
-        "tls_policy": {"ca_bundle": _ca_bundle(gateway), "rules": _tls_rules(gateway)},
+        "tls_policy": {
+            "ca_bundle": _ca_bundle(gateway),
+            "rules": _tls_rules(gateway) + ([] if is_good else _tenant_tls_rules(good)),
+        },
         "mta_sts": {"ca_bundle": _ca_bundle(gateway)},
         "blacklist": _blacklist(fleet_gateways, gateway),
         "delivery": {"destinations": [dict(e) for e in gateway["relay_destinations"]]},
     }
+    if is_good and gateway["tenants"]:
+        _add_tenants(config, gateway, held_dkim)
     if not is_good:
         # Only the good gateways send here, over TLS verified against the internal CA.
         config["gateway"]["require_tls_from_clients"] = True
     return _merge(config, gateway["relay_settings"])
+
+
+def customer_networks(gateway: Gateway) -> list[str]:
+    """Who may relay through a good gateway: the tenants' networks, else the old
+    ``customer_networks`` (docs/deploy.md, migration)."""
+    return tenant_networks(gateway["tenants"]) or list(gateway["customer_networks"])
+
+
+def _add_tenants(
+    config: dict[str, Any], gateway: Gateway, held: Collection[tuple[str, str]]
+) -> None:
+    """[[tenants]], [tenant_defaults] and the gateway's tenant keys (docs/tenants.md)."""
+    section = config["gateway"]
+    section["auth_networks"] = list(gateway["auth_networks"])
+    if gateway["operations_mailbox"]:
+        section["operations_mailbox"] = gateway["operations_mailbox"]
+    config["tenant_defaults"] = dict(gateway["tenant_defaults"])
+    config["tenants"] = [_tenant(t, held) for t in gateway["tenants"]] + [_local_tenant(gateway)]
+
+
+def _tenant(tenant: Mapping[str, Any], held: Collection[tuple[str, str]]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: v for k, v in tenant.items() if k != "dkim"}
+    keys = []
+    for item in tenant.get("dkim", []):
+        entry = dkim_entry(item)
+        if not isinstance(entry, str) and entry[:2] not in held:
+            domain, selector, _ = entry
+            key = HostPaths.dkim_key(domain, selector)
+            keys.append({"domain": domain, "selector": selector, "key": key})
+    out["dkim"] = keys
+    return out
+
+
+def _local_tenant(gateway: Gateway) -> dict[str, Any]:
+    """Loopback as a customer of its own: the blacklist monitor's notices and Alertmanager
+    submit on 127.0.0.1 as <tool>@<fqdn> (with [[tenants]] a client without one gets 530)."""
+    return {"name": LOCAL_TENANT, "networks": ["127.0.0.1/32", "::1/128"],
+            "domains": [gateway.fqdn]}  # fmt: skip
+
+
+def _tenant_tls_rules(good: list[Gateway]) -> list[dict[str, Any]]:
+    """The bad gateway delivers: it enforces the good gateways' tenants' forced-TLS rules."""
+    rules: list[dict[str, Any]] = []
+    for gateway in good:
+        for tenant in gateway["tenants"] if isinstance(gateway["tenants"], list) else []:
+            for rule in tenant.get("tls_rules", []) if isinstance(tenant, dict) else []:
+                if isinstance(rule, dict) and dict(rule) not in rules:
+                    rules.append(dict(rule))
+    return rules
 
 
 def _metrics_listen(gateway: Gateway) -> dict[str, Any]:

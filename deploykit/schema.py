@@ -217,7 +217,14 @@ KEYS: dict[str, Key] = {
     "resolver_stub": Key(_bool, False),  # the resolvers are authoritative servers (the lab)
     "dnssec_trust_anchors": Key(_trust_anchors, []),
     # networks
+    # The old key: who may relay (no sender binding).  With ``tenants`` leave it empty: the
+    # customer networks are then the union of the tenants' networks (docs/deploy.md).
     "customer_networks": Key(_networks, []),
+    # customers (issue 11, docs/tenants.md): [[tenants]] and [tenant_defaults] of the good
+    # gateways; auth_networks may connect without a tenant network and must AUTH.
+    "tenants": Key(lambda v: tenants(v), []),
+    "tenant_defaults": Key(_table, {}),
+    "auth_networks": Key(_networks, []),
     "ssh_networks": Key(_networks),  # no default: SSH open to the world is never assumed
     "extra_public_networks": Key(_networks, []),
     # scanners
@@ -258,6 +265,10 @@ KEYS: dict[str, Key] = {
     "alert_for": Key(lambda v: alert_windows(v), {}),
 }
 
+TENANT_KEYS = {"name", "networks", "domains", "auth", "limits", "dkim", "tls_rules"}
+# The tenant deploykit adds on every good gateway: local tools (the blacklist monitor's
+# notices, Alertmanager) submit on 127.0.0.1 and would get 530 without one.
+LOCAL_TENANT = "smg-local"
 DKIM_ENTRY_KEYS = {"domain", "selector", "algorithm"}
 DKIM_ALGORITHMS = ("rsa", "ed25519")
 
@@ -304,3 +315,82 @@ def domain_pattern(value: Any) -> str:
     if isinstance(value, str) and value.startswith("."):
         return "." + parse_domain(value[1:])
     return parse_domain(value)
+
+
+# --- tenants ------------------------------------------------------------------------------------
+
+
+def tenants(value: Any) -> list[dict[str, Any]]:
+    """The ``tenants`` list: its shape and what only the inventory can see (placeholders, clear
+    text passwords).  What concerns the relay (overlapping networks, a domain of two customers,
+    a key or rule for a domain not owned) is its own check of the rendered config."""
+    if not isinstance(value, list):
+        raise InvalidValue(f"expected a list of customers ({{'name': ..., ...}}), got {value!r}")
+    for index, item in enumerate(value):
+        why = _tenant_problem(item)
+        if why:
+            name = item.get("name") if isinstance(item, dict) else None
+            who = f" (customer {name!r})" if isinstance(name, str) else ""
+            raise InvalidValue(f"[{index}]{who}: {why}")
+    return value
+
+
+def _tenant_problem(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return f"expected {{'name': ..., 'networks': [...], 'domains': [...]}}, got {item!r}"
+    unknown = sorted(set(item) - TENANT_KEYS)
+    if unknown:
+        return f"unknown key {unknown[0]!r} (known: {', '.join(sorted(TENANT_KEYS))})"
+    if item.get("name") == LOCAL_TENANT:
+        return f"the name {LOCAL_TENANT!r} is the deploy's own loopback tenant"
+    if _has_placeholder(item):
+        return "holds a placeholder: set the real values"
+    for key in ("networks", "domains", "auth", "dkim", "tls_rules"):
+        if not isinstance(item.get(key, []), list):
+            return f"{key}: expected a list, got {item[key]!r}"
+    if not isinstance(item.get("limits", {}), dict):
+        return f"limits: expected a dict, got {item['limits']!r}"
+    for i, user in enumerate(item.get("auth", [])):
+        if isinstance(user, dict) and ("password" in user or "password_hash" not in user):
+            return (
+                f"auth[{i}]: a clear text password is never written in the inventory: give "
+                "password_hash (make it with: smg tenant hash-password)"
+            )
+    for i, entry in enumerate(item.get("dkim", [])):
+        checked = dkim_entry(entry)
+        if isinstance(checked, str):
+            return f"dkim[{i}]: {checked}"
+    return None
+
+
+def _has_placeholder(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(PLACEHOLDER.search(value))
+    if isinstance(value, dict):
+        return any(_has_placeholder(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_placeholder(v) for v in value)
+    return False
+
+
+def tenant_dkim(gateway_tenants: Any) -> list[tuple[str, str, str]]:
+    """``(domain, selector, algorithm)`` of every tenant's DKIM entry that parses."""
+    out = []
+    for tenant in gateway_tenants if isinstance(gateway_tenants, list) else []:
+        for entry in tenant.get("dkim", []) if isinstance(tenant, dict) else []:
+            checked = dkim_entry(entry)
+            if not isinstance(checked, str):
+                out.append(checked)
+    return out
+
+
+def tenant_networks(gateway_tenants: Any) -> list[str]:
+    """The union of the tenants' networks, in order, each once."""
+    nets: list[str] = []
+    for tenant in gateway_tenants if isinstance(gateway_tenants, list) else []:
+        for net in tenant.get("networks", []) if isinstance(tenant, dict) else []:
+            try:
+                nets.append(str(parse_network(net)))
+            except ValueError:
+                continue  # the relay's check names it
+    return list(dict.fromkeys(nets))

@@ -13,7 +13,7 @@ from pyinfra.facts.files import FindFiles
 
 from deploykit.host import Gateway
 from deploykit.paths import HostPaths
-from deploykit.schema import dkim_entry, dkim_key_path
+from deploykit.schema import dkim_entry, dkim_key_path, tenant_dkim
 from roles import ops
 
 USER = HostPaths.USER
@@ -28,6 +28,8 @@ def wanted_keys(gateway: Gateway) -> dict[str, Path]:
         if isinstance(entry, str):  # validation refused it already
             continue
         domain, selector, _ = entry
+        wanted[HostPaths.dkim_key(domain, selector)] = dkim_key_path(keys_dir, domain, selector)
+    for domain, selector, _ in tenant_dkim(gateway["tenants"]):
         wanted[HostPaths.dkim_key(domain, selector)] = dkim_key_path(keys_dir, domain, selector)
     return wanted
 

@@ -18,6 +18,7 @@ from pyinfra.operations import systemd
 
 from deploykit.fleet import Fleet
 from deploykit.host import Gateway
+from deploykit.render import customer_networks
 from roles import ops
 from roles.monitoring import ALERTMANAGER_PORT, NODE_PORT, PROMETHEUS_PORT
 from roles.render import render
@@ -62,7 +63,9 @@ def smtp_sources(fleet: Fleet, gateway: Gateway) -> tuple[str, list[str]]:
         if gateway.runs_blacklist_monitor and g.runs_blacklist_monitor and g is not gateway
     ]
     if gateway.role == "good":
-        networks = list(dict.fromkeys([*gateway["customer_networks"], *peers]))
+        # the tenants' networks (or the old customer_networks) and the AUTH-only networks
+        mine = [*customer_networks(gateway), *gateway["auth_networks"]]
+        networks = list(dict.fromkeys([*mine, *peers]))
         return "the customer networks" + (" and the other monitors" if peers else ""), networks
     sources = list(dict.fromkeys([*(g.source_address for g in fleet.good), *peers]))
     return "the good gateways" + (" and the other monitors" if peers else ""), sources

@@ -1,7 +1,21 @@
 """Data for the good gateways: they take the customers' mail, sign it and send the ham."""
 
-# Who may relay through the good gateways: the Open Telekom Cloud customer networks.
-# Placeholder until the real ranges are given; the deploy refuses to run with it.
+# The customers (issue 11, docs/tenants.md): each one's networks, sender domains (".d": every
+# subdomain of d), AUTH users (password_hash only: smg tenant hash-password; never clear text),
+# limits (overrides of tenant_defaults), DKIM keys and forced-TLS rules for its own domains:
+# {"name": "customer-a", "networks": ["10.20.0.0/16"], "domains": ["customer-a.example"],
+#  "auth": [{"user": "relay@customer-a.example", "password_hash": "$scrypt$..."}],
+#  "limits": {"messages_per_hour": 1000},
+#  "dkim": [{"domain": "customer-a.example", "selector": "smg2026", "algorithm": "rsa"}],
+#  "tls_rules": [{"sender": "customer-a.example", "recipient": "partner.example",
+#                 "level": "verify", "on_failure": "hold"}]}
+# Keys per customer domain: python -m deploykit dkim-keys INVENTORY.
+tenants = []
+tenant_defaults = {}  # the relay's [tenant_defaults] (docs/configuration.md) as they are
+auth_networks = []  # may connect without a tenant network, must AUTH as a customer's user
+
+# The old key (before tenants): who may relay, without binding senders to customers.  Replaced
+# by tenants (docs/deploy.md, migration); a placeholder until the real ranges are given.
 customer_networks = ["REPLACE-ME/customer-networks"]
 
 # DKIM signing per sender domain (requested via Cloud Handling Support).  Each entry:
