@@ -379,3 +379,6 @@ def register(subparsers: Any) -> None:
     probe.add_argument("--timeout", type=float, default=10.0, help="seconds per MX address")
     probe.add_argument("--json", action="store_true", help="machine-readable output")
     probe.set_defaults(handler=run_probe)
+    from gateway.cli import tls_report
+
+    tls_report.register(tls_commands)

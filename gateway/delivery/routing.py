@@ -45,6 +45,7 @@ from gateway.queue.model import QueuedMessage
 from gateway.tls.failures import TlsFailureCache
 from gateway.tls.levels import DANE, VERIFY
 from gateway.tls.policy import TlsPolicy, TlsRequirement
+from gateway.tls.tlsrpt import result_type
 from gateway.tls.verify import TlsOutcome
 
 log = logging.getLogger("smg.delivery")
@@ -228,6 +229,8 @@ class Router:
                     )
                 except HostFailed as exc:
                     (tls_errors if exc.tls else errors).append(f"{target.relay}: {exc.reply}")
+                    if exc.tls:
+                        self._count_tls(domain, host_req, target, result_type(exc.reply))
                     if gateway_route:
                         self._gateway_failed(message.id, host, port, exc.reply)
                     continue
@@ -236,6 +239,8 @@ class Router:
                 if requirement.requires_tls and self._failures is not None:
                     self._failures.record_success(domain, requirement.level)
                     self._remember(domain, requirement, True, f"delivered via {target.relay}")
+                if outcomes and outcomes[0].tls.encrypted:
+                    self._count_tls(domain, host_req, target, "")
                 if requirement.testing and outcomes:
                     _report_mta_sts_testing(message, domain, target, requirement, outcomes[0].tls)
                 return outcomes
@@ -259,6 +264,15 @@ class Router:
         status = BOUNCED if requirement.on_failure == "reject" else HELD
         enhanced = "5.7.10" if status == BOUNCED else "4.7.10"
         return everyone(rcpts, status, reason, enhanced)
+
+    def _count_tls(self, domain: str, req: TlsRequirement, target: Target, result: str) -> None:
+        """One TLS session for the domain's TLS report (RFC 8460), success when ``result`` is
+        empty."""
+        if self.tls_policy is None or domain == BAD_GATEWAY:
+            return
+        policy = "tlsa" if req.level == DANE else "sts" if req.mx_patterns else "no-policy-found"
+        source = self._config().gateway.source_address or ""
+        self.tls_policy.tlsrpt.count(domain, policy, target.host, source, result)
 
     def _remember(self, domain: str, req: TlsRequirement, ok: bool, reason: str) -> None:
         """Tell the intake's in-session check (tls_reachability) what this delivery learnt."""

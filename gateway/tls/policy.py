@@ -27,6 +27,8 @@ from gateway.tls.mta_sts import MtaSts, MtaStsPolicy, StateFile, mx_matches
 from gateway.tls.reachability import STATE_FILE as REACHABILITY_STATE
 from gateway.tls.reachability import ReachabilityCache
 from gateway.tls.rules import CompiledRule, compile_rules
+from gateway.tls.tlsrpt import STATE_FILE as TLSRPT_STATE
+from gateway.tls.tlsrpt import TlsRptCounts
 
 FAILURES_STATE = "tls-failures.json"  # in the spool directory, shared by the workers
 MTA_STS_STATE = "mta-sts.json"
@@ -142,6 +144,8 @@ class TlsPolicy:
         # secure TLSA records exist (tls_policy.dane)
         uses_dane = config.tls_policy.dane or any(r.level == DANE for r in self.rules)
         self.dane = DaneResolver(resolver) if uses_dane and resolver is not None else None
+        # TLS sessions counted for TLS reports (RFC 8460: smg tls report)
+        self.tlsrpt = TlsRptCounts(state_dir / TLSRPT_STATE if state_dir else None)
         # what deliveries and in-session probes learnt (the intake's tls_reachability rule)
         self.reachability = ReachabilityCache(state_dir / REACHABILITY_STATE if state_dir else None)
 
@@ -153,6 +157,8 @@ class TlsPolicy:
         self.failures = previous.failures
         self.reachability.close()
         self.reachability = previous.reachability
+        self.tlsrpt.close()
+        self.tlsrpt = previous.tlsrpt
         if self.mta_sts is not None and previous.mta_sts is not None:
             self.mta_sts.adopt(previous.mta_sts)
 

@@ -178,3 +178,28 @@ def test_in_session_probe_sees_the_dane_failure(relay, far) -> None:
     result = swaks(relay.endpoint, to="ann@must.dane.test", mail_from=BANK)
     assert server_said(result.transcript, "550 5.7.10"), result.transcript
     assert "DANE required" in result.transcript
+
+
+def test_tls_report_counts_the_sessions_and_validates(relay, far) -> None:
+    """RFC 8460: what the tests above did, as the day's reports (``smg tls report``)."""
+    import datetime as dt
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    from tests.integration.tls_support import smg
+
+    schema = json.loads((Path(__file__).parents[1] / "data" / "tlsrpt-schema.json").read_text())
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    shown = smg("tls", "report", "--config", str(relay.config_path), "--since", today)
+    assert shown.returncode == 0, shown
+    reports = json.loads(shown.stdout)
+    for report in reports.values():
+        jsonschema.validate(report, schema)
+    (good,) = reports["good.dane.test"]["policies"]
+    assert good["policy"]["policy-type"] == "tlsa"
+    assert good["summary"]["total-successful-session-count"] >= 1
+    (bad,) = reports["bad.dane.test"]["policies"]
+    assert bad["summary"]["total-failure-session-count"] >= 1
+    assert bad["failure-details"][0]["result-type"] == "tlsa-invalid"
