@@ -51,6 +51,7 @@ from gateway.budget import DataBudget, Reservation
 from gateway.config import Config
 from gateway.intake.auth import AuthCommands
 from gateway.intake.data import DataPieces
+from gateway.intake.deadlines import SessionDeadlines
 from gateway.intake.handler import MailOptions, PolicyHandler, Transaction
 from gateway.log import event, printable
 from gateway.metrics import Metrics
@@ -107,7 +108,7 @@ def _with_status(reply: str) -> str:
     return f"{code} {status} {reply[4:]}" if status else reply
 
 
-class GatewaySMTP(AuthCommands, SMTP):
+class GatewaySMTP(AuthCommands, SessionDeadlines, SMTP):
     """One SMTP session.  MAIL, RCPT and DATA are ours; aiosmtpd does the rest."""
 
     envelope: Transaction
@@ -161,6 +162,7 @@ class GatewaySMTP(AuthCommands, SMTP):
             self._admitted = True
             named = {"tenant": self.tenant.name} if self.tenant else {}
             event(log, "connect", client=self.client_ip, **named)
+            self.start_deadlines()
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -168,6 +170,7 @@ class GatewaySMTP(AuthCommands, SMTP):
             return
         if self._admitted:
             self._admitted = False
+            self.stop_deadlines()
             self.intake.session_ended(self)
             event(log, "disconnect", client=self.client_ip)
         super().connection_lost(error)
@@ -179,9 +182,12 @@ class GatewaySMTP(AuthCommands, SMTP):
 
     def data_received(self, data: bytes) -> None:
         if not self._refused:
+            self.note_bytes()
             super().data_received(data)
 
     def _timeout_cb(self) -> None:
+        if self._line_started:  # a command line begun and not finished: command_deadline
+            return self._deadline("command", self.config.gateway.command_deadline)
         self.close_with(f"421 4.4.2 {self.hostname} Timeout, closing the connection")
 
     def close_with(self, reply: str) -> None:
@@ -328,6 +334,7 @@ class GatewaySMTP(AuthCommands, SMTP):
             del pieces
             reservation.release()  # the message is queued or refused: its bytes are gone
             self._set_post_data_state()
+            self.junk = 0 if reply.startswith("250") else self.junk  # mail flows: not junk
             await self.push(reply)
         finally:
             reservation.release()  # also on a disconnect, a timeout or a cancelled session
@@ -357,7 +364,7 @@ class GatewaySMTP(AuthCommands, SMTP):
             data.drop()
         try:
             while True:
-                piece, last = await self._next_piece(reader)
+                piece, last = await self.piece_in_time(self._next_piece(reader))
                 if data.keep and data.size + len(piece) > gateway.max_message_size:
                     data.drop()  # too large for sure: keep nothing, read on to the end
                     reservation.release()
