@@ -69,6 +69,8 @@ class DomainProbe:
     implicit_mx: bool = False
     hosts: list[HostProbe] = field(default_factory=list)
     error: str = ""
+    dane: dict[str, Any] = field(default_factory=dict)  # gateway.cli.tls_dane.dane_status
+    in_session: str = ""  # what RCPT would get under a reject rule
 
     @property
     def exit_code(self) -> int:
@@ -179,6 +181,7 @@ async def probe_host(
         ssl_object = await _starttls(smtp, looking, probe.host)
         probe.tls_version, probe.cipher = ssl_object.version(), ssl_object.cipher()[0]
         chain = peer_chain_der(ssl_object)
+        probe.chain_der = chain  # type: ignore[attr-defined]  # for DANE; not in the JSON
         if chain:
             probe.certificate = _describe_certificate(chain[0])
     finally:
@@ -239,6 +242,12 @@ async def probe_domain(
         result.hosts += await _probe_addresses(
             config, resolver, mail_host, requirement, port, timeout
         )
+    from gateway.cli import tls_dane
+
+    result.dane = await tls_dane.dane_status(resolver, domain, result.hosts)
+    result.in_session = await tls_dane.in_session_answer(
+        config, resolver, domain, sender_domain, timeout
+    )
     return result
 
 
@@ -304,6 +313,10 @@ def render_text(result: DomainProbe) -> str:
         lines.append(f"  error: {result.error}")
     for probe in result.hosts:
         lines += _render_host(probe)
+    if result.dane:
+        from gateway.cli import tls_dane
+
+        lines += tls_dane.render(result.dane, result.in_session)
     # The far end's banner, names and errors: escaped for the operator's terminal.
     return "\n".join(printable(line) for line in lines)
 

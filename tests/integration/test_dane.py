@@ -203,3 +203,20 @@ def test_tls_report_counts_the_sessions_and_validates(relay, far) -> None:
     (bad,) = reports["bad.dane.test"]["policies"]
     assert bad["summary"]["total-failure-session-count"] >= 1
     assert bad["failure-details"][0]["result-type"] == "tlsa-invalid"
+
+
+def test_probe_shows_dane_and_the_in_session_answer(relay, far) -> None:
+    from tests.integration.tls_support import smg
+
+    config = str(relay.config_path)
+    good = smg("tls", "probe", "good.dane.test", "--config", config)
+    assert "DNSSEC: MX records secure" in good.stdout, good
+    assert "DANE mx.good.dane.test 127.0.29.11: dane TLSA 3 1 1" in good.stdout
+    assert "-> matches" in good.stdout
+    bad = smg("tls", "probe", "reject.dane.test", "--config", config, "--from-domain",
+              "bank.dane.test")  # fmt: skip
+    assert "no TLSA record matches the certificate chain" in bad.stdout, bad
+    assert "in-session check: 550 5.7.10" in bad.stdout
+    plain = smg("tls", "probe", "nosig.test", "--config", config)
+    assert "DNSSEC: MX records not secure" in plain.stdout, plain
+    assert "in-session check: no in-session check" in plain.stdout
