@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import tree  # noqa: E402
 from bench.pipeline.stack import ClamavMilter, OpenDkimMilter, PostfixRelay  # noqa: E402
+from bench.tenants.config import tenants_toml  # noqa: E402
 from gateway.dkim import write_new_key  # noqa: E402
 from tests.harness import Clamd, free_port  # noqa: E402
 from tests.harness.knot import KnotDNS  # noqa: E402
@@ -127,7 +128,8 @@ class SmgServe:
 
 
 def smg_config(workdir: Path, knot: KnotDNS, clamd: Clamd, rspamd_url: str, key: Path,
-               sink: Sink, without: set[str] = frozenset(), workers: int = 1) -> str:  # fmt: skip
+               sink: Sink, without: set[str] = frozenset(), workers: int = 1,
+               tenants: int = 0) -> str:  # fmt: skip
     """The relay's config; ``without`` turns features off ("virus", "spam", "dkim") to
     measure what each one costs."""
     text = f"""
@@ -168,6 +170,17 @@ key = "{key}"
         text = text.replace("[spam]\n", "[spam]\nenabled = false\n")
     if "dkim" in without:
         text = text[: text.index("[[dkim.keys]]")]
+    if tenants:  # issue 11: N customers, the bench's clients (loopback) are the first one
+        first: dict[str, Any] = {
+            "networks": ["127.0.0.0/8"],
+            "domains": [SENDER_DOMAIN],
+            "limits": {"max_sessions": 10000, "max_sessions_per_ip": 10000,
+                       "messages_per_hour": 100_000_000, "recipients_per_hour": 100_000_000},
+        }  # fmt: skip
+        if "dkim" not in without:
+            text = text[: text.index("[[dkim.keys]]")]  # the customer's own key signs
+            first["dkim"] = [{"domain": SENDER_DOMAIN, "selector": "bench", "key": str(key)}]
+        text += tenants_toml(tenants, first)
     return text
 
 
@@ -235,6 +248,7 @@ def run_smg(base: Path, knot, clamd, rspamd, key, args, seed, workers=None) -> d
         sink,
         set(args.smg_without),
         workers or args.smg_workers,
+        args.tenants,
     )
     relay = SmgServe(workdir, config)
     name = f"smg w{workers}" if workers else "smg"
@@ -286,6 +300,9 @@ def main() -> int:
     parser.add_argument("--smg-without", action="append", default=[],
                         choices=["virus", "spam", "dkim"],
                         help="turn a feature off in smg (to see what it costs)")  # fmt: skip
+    parser.add_argument("--tenants", type=int, default=0,
+                        help="smg with this many [[tenants]] (4 networks each; the bench's "
+                             "clients are the first): the cost of issue 11")  # fmt: skip
     parser.add_argument("--nice", type=int, default=-10,
                         help="niceness of the bench and all it starts, both stacks and the "
                              "scanners alike (default -10: other load disturbs less)")  # fmt: skip

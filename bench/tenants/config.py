@@ -4,6 +4,7 @@ bench.pipeline's ``--tenants``."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 _PREFIXES = (24, 28, 29, 32)
@@ -35,3 +36,26 @@ def generated_config(count: int, networks_per_tenant: int = 4) -> dict[str, Any]
         "spam": {"enabled": False},
         "tenants": tenant_tables(count, networks_per_tenant),
     }
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def tenants_toml(count: int, first: dict[str, Any], networks_per_tenant: int = 4) -> str:
+    """``[[tenants]]`` tables for an smg.toml: ``count`` generated customers, the first one
+    updated with ``first`` (the bench's own clients, domain and DKIM key)."""
+    tables = tenant_tables(count, networks_per_tenant)
+    first_networks = first.pop("networks", [])
+    tables[0] = {**tables[0], **first}
+    tables[0]["networks"] = [*tables[0]["networks"], *first_networks]
+    tables[0]["domains"] = [*tenant_tables(1)[0]["domains"], *first.get("domains", [])]
+    lines = []
+    for table in tables:
+        lines.append("[[tenants]]")
+        lines += [f"{key} = {_toml(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
