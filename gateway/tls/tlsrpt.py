@@ -59,6 +59,7 @@ class TlsRptCounts:
                                        isolation_level=None, check_same_thread=False)  # fmt: skip
             if path:
                 self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # a count lost in a crash: fine
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             log.warning("cannot use %s: %s (TLS reports from this process's memory)", path, exc)
