@@ -45,26 +45,23 @@ def _host(name: str) -> tuple[str, dict]:
 good = [_host(n) for n, h in sorted(_STATE["hosts"].items()) if h["role"] == "good"]
 bad = [_host(n) for n, h in sorted(_STATE["hosts"].items()) if h["role"] == "bad"]
 
-lab = (
-    [name for name, _ in good + bad],
+
+def _customer(name: str, default: str) -> str:
+    """A customer host's address from the lab state (older states: the fixed address)."""
+    return _STATE.get("customers", {}).get(name, {}).get("address", default)
+
+
+# customer-c's AUTH password in the lab: LAB_CUSTOMER_C_PASSWORD in tests/acceptance.
+_CUSTOMER_C_HASH = (
+    "$scrypt$ln=14,r=8,p=1$lI7SZ4uUA2TdFOI6AXXtOw$1YwbjuDF/6R8w6ucqgqL0IviTFmK/EsyB6AKwSUtySk"
+)
+
+_TENANTS = [
     {
-        "apt_proxy": _STATE["apt_proxy"],
-        "resolvers": [_STATE["dns"]["address"]],
-        # Each gateway validates DNSSEC itself (DANE): unbound asks the lab DNS (authoritative,
-        # so as a stub) and trusts the keys of the lab's signed zones (lab/zones.py).
-        "local_resolver": True,
-        "resolver_stub": True,
-        "dnssec_trust_anchors": _STATE["dns"].get("trust_anchors", []),
-        # TEST-NET-2 is documentation space: in the lab it counts as public.
-        "extra_public_networks": [_STATE["network"]],
-        "customer_networks": [_STATE["customer"]["address"] + "/32"],
-        # SSH only from this machine (the lab bridge): pyinfra and testinfra.
-        "ssh_networks": [_STATE["bridge"]["address"] + "/32"],
-        # No freshclam in the lab: the kit's own signature set (EICAR and friends).
-        "clamav_mirror": None,
-        "internal_ca_file": _STATE["pki"]["ca_cert"],
-        # The far ends' certificates come from the lab CA too.
-        "public_ca_file": _STATE["pki"]["ca_cert"],
+        "name": "customer-a",
+        "networks": [_STATE["customer"]["address"] + "/32"],
+        "domains": ["customer-a.example", ".customer-a.example"],
+        "dkim": [{"domain": "customer-a.example", "selector": "lab", "algorithm": "rsa"}],
         "tls_rules": [
             {
                 "sender": "customer-a.example",
@@ -72,6 +69,14 @@ lab = (
                 "level": "verify",
                 "on_failure": "hold",
             },
+        ],
+    },
+    {
+        "name": "customer-b",
+        "networks": [_customer("customer-b", "198.51.100.31") + "/32"],
+        "domains": ["customer-b.example"],
+        "dkim": [{"domain": "customer-b.example", "selector": "lab", "algorithm": "ed25519"}],
+        "tls_rules": [
             {
                 "sender": "customer-b.example",
                 "recipient": "partner-plain.example",
@@ -92,13 +97,44 @@ lab = (
                 "on_failure": "reject",
             },
         ],
+    },
+    {
+        "name": "customer-c",
+        "domains": ["customer-c.example"],
+        "auth": [{"user": "relay@customer-c.example", "password_hash": _CUSTOMER_C_HASH}],
+    },
+]
+
+lab = (
+    [name for name, _ in good + bad],
+    {
+        "apt_proxy": _STATE["apt_proxy"],
+        "resolvers": [_STATE["dns"]["address"]],
+        # Each gateway validates DNSSEC itself (DANE): unbound asks the lab DNS (authoritative,
+        # so as a stub) and trusts the keys of the lab's signed zones (lab/zones.py).
+        "local_resolver": True,
+        "resolver_stub": True,
+        "dnssec_trust_anchors": _STATE["dns"].get("trust_anchors", []),
+        # TEST-NET-2 is documentation space: in the lab it counts as public.
+        "extra_public_networks": [_STATE["network"]],
+        # The customers (issue 11): customer-a on the lab's customer host, customer-b on its
+        # own, customer-c AUTH only from auth_networks (LAB_CUSTOMER_C_PASSWORD in
+        # tests/acceptance/test_tenants.py: a lab secret).  customer_networks: replaced.
+        "customer_networks": [],
+        "tenants": _TENANTS,
+        "auth_networks": ["198.51.100.40/29"],
+        # SSH only from this machine (the lab bridge): pyinfra and testinfra.
+        "ssh_networks": [_STATE["bridge"]["address"] + "/32"],
+        # No freshclam in the lab: the kit's own signature set (EICAR and friends).
+        "clamav_mirror": None,
+        "internal_ca_file": _STATE["pki"]["ca_cert"],
+        # The far ends' certificates come from the lab CA too.
+        "public_ca_file": _STATE["pki"]["ca_cert"],
+        "tls_rules": [],  # each customer's own: _TENANTS
         # Made on purpose, as in production: python -m deploykit dkim-keys inventories/lab.py
         # (make keys; scripts/lab.sh and scripts/test.sh run it before the deploy).
         "dkim_keys_dir": "keys/lab",
-        "dkim_domains": [
-            {"domain": "customer-a.example", "selector": "lab", "algorithm": "rsa"},
-            {"domain": "customer-b.example", "selector": "lab", "algorithm": "ed25519"},
-        ],
+        "dkim_domains": [],  # each customer's own keys: _TENANTS
         "operations_mailbox": "fmb-change@partner-plain.example",
         # Quick alerts for the acceptance tests (tests/acceptance/test_monitoring.py).
         "scrape_interval": "5s",

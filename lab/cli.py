@@ -178,6 +178,8 @@ def print_summary(current: dict[str, Any]) -> None:
             f"  {'customer':<14} {customer['address']:<15} {'customer':<9} "
             "python -m lab exec customer swaks ..."
         )
+    for name, h in current.get("customers", {}).items():
+        print(f"  {name:<14} {h['address']:<15} {'customer':<9} python -m lab exec {name} ...")
     dns = current.get("dns")
     if dns:
         print(f"  DNS {dns['address']}:{dns['port']}, zones: {', '.join(dns['zones'])}")

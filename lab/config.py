@@ -108,7 +108,14 @@ FAR_ENDS = (
     Host("mx-plain", "198.51.100.21", "far_end", "plain"),
 )
 CUSTOMER = Host("customer", "198.51.100.30", "customer", "customer")
-ALL_HOSTS = (*GATEWAYS, *FAR_ENDS, CUSTOMER)
+# More customer hosts (issue 11, tenants): customer-b's own host, customer-c's AUTH-only host
+# (in the inventory's auth_networks 198.51.100.40/29) and a host of no customer (554).
+OTHER_CUSTOMERS = (
+    Host("customer-b", "198.51.100.31", "customer", "customer"),
+    Host("customer-c", "198.51.100.41", "customer", "customer"),
+    Host("stranger", "198.51.100.35", "customer", "customer"),
+)
+ALL_HOSTS = (*GATEWAYS, *FAR_ENDS, CUSTOMER, *OTHER_CUSTOMERS)
 
 
 def host_by_name(name: str) -> Host:

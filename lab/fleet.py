@@ -35,6 +35,7 @@ from lab.config import (
     NETNS_PREFIX,
     NETWORK,
     NSPAWN_RUNTIME_DIR,
+    OTHER_CUSTOMERS,
     RUN_DIR,
     SSH_CONFIG,
     SSH_KEY,
@@ -147,6 +148,8 @@ def _up(*, rebuild_image: bool) -> dict[str, Any]:
     for host in FAR_ENDS:
         farend.start(host)
     net.add_host(CUSTOMER, resolv_conf=hosts.resolv_conf())
+    for host in OTHER_CUSTOMERS:
+        net.add_host(host, resolv_conf=hosts.resolv_conf())
     for host in FAR_ENDS:
         farend.wait_ready(host)
     for host in GATEWAYS:
@@ -187,6 +190,8 @@ def describe(timings: dict[str, float]) -> dict[str, Any]:
             "netns": CUSTOMER.netns,
             "domains": CUSTOMER_DOMAINS,
         },
+        # the other customer hosts (tenants): customer-b, customer-c (AUTH only), stranger
+        "customers": {h.name: {"address": h.address, "netns": h.netns} for h in OTHER_CUSTOMERS},
         "dns": {
             "address": DNS_ADDR,
             "port": DNS_PORT,

@@ -122,6 +122,8 @@ def default_zones() -> dict[str, str]:
             f'mail A {CUSTOMER.address}\n@ TXT "{spf_all_gateways()}"\n'
         ),
         "customer-b.example": f"@ A {CUSTOMER.address}\n",
+        # customer-c sends over AUTH; its NDRs go to the customer's server like b's
+        "customer-c.example": f'@ A {CUSTOMER.address}\n@ TXT "{spf_all_gateways()}"\n',
         NO_RECORDS_DOMAIN: "",
         NULL_MX_DOMAIN: "@ MX 0 .\n",
         # The DNSBL: empty but for the conventional test entry 127.0.0.2 (always listed).

@@ -155,6 +155,10 @@ class Fleet:
             name: Gateway(name, facts, lab_host(name)) for name, facts in state["hosts"].items()
         }
         self.netns = state["customer"]["netns"]
+        # The other customer hosts (tenants, issue 11): customer-b, customer-c, stranger.
+        self.customer_hosts = {
+            "customer": state["customer"], **state.get("customers", {})
+        }  # fmt: skip
         self.customer_address = state["customer"]["address"]
         self.dns_server = f"{state['dns']['address']}:{state['dns']['port']}"
         boxes = {n: Path(f["mail_dir"]) / "maildir" for n, f in state["far_ends"].items()}
@@ -200,12 +204,18 @@ class Fleet:
         *,
         extra: list[str] | None = None,
         timeout: float = 60,
+        source: str | None = None,
     ) -> Swaks:
-        """swaks run on the customer host (``ip netns exec``), as the customer's MTA would."""
+        """swaks run on a customer host (``ip netns exec``), as the customer's MTA would: by
+        default the host of the sender's customer (customer-b.example: customer-b's host, the
+        rest: the customer host of customer-a); ``source`` names another (test_tenants)."""
         to = rcpts if isinstance(rcpts, str) else ",".join(rcpts)
+        host = source or self.source_for(mail_from)
+        netns = self.customer_hosts[host]["netns"]
+        ehlo = "mail.customer-a.example" if host == "customer" else f"{host}.lab.example"
         argv = [
-            "ip", "netns", "exec", self.netns, "swaks", "--server", gateway.address,
-            "--ehlo", "mail.customer-a.example", "--from", mail_from, "--to", to,
+            "ip", "netns", "exec", netns, "swaks", "--server", gateway.address,
+            "--ehlo", ehlo, "--from", mail_from, "--to", to,
             "--timeout", str(int(timeout) - 5), *(extra or []),
         ]  # fmt: skip
         if data is not None:
@@ -213,8 +223,17 @@ class Fleet:
         proc = subprocess.run(argv, input=data, capture_output=True, timeout=timeout, check=False)
         return Swaks(proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace"))
 
-    def raw(self, gateway: Gateway, timeout: float = 15) -> RawSmtp:
-        return RawSmtp(self.netns, gateway.address, timeout=timeout)
+    def source_for(self, mail_from: str) -> str:
+        """The customer host a sender's mail comes from (its customer's network)."""
+        if (
+            mail_from.lower().endswith("@customer-b.example")
+            and "customer-b" in self.customer_hosts
+        ):
+            return "customer-b"
+        return "customer"
+
+    def raw(self, gateway: Gateway, timeout: float = 15, source: str = "customer") -> RawSmtp:
+        return RawSmtp(self.customer_hosts[source]["netns"], gateway.address, timeout=timeout)
 
     def send(self, gateway: Gateway, kind: str, tag: str, mail_from: str, rcpt: str) -> Swaks:
         return self.swaks(gateway, mail_from, rcpt, mail.build(kind, tag, mail_from, rcpt))

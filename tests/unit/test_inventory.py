@@ -594,7 +594,9 @@ def test_the_lab_inventory_is_the_same_fleet_with_lab_overrides(
     ]
     mta01 = fleet.get("otc-de-mta01")
     assert mta01["apt_proxy"] == "http://198.51.100.1:3142"
-    assert mta01["customer_networks"] == ["198.51.100.30/32"]
+    assert mta01["customer_networks"] == []  # replaced by tenants (issue 11)
+    assert [t["name"] for t in mta01["tenants"]] == ["customer-a", "customer-b", "customer-c"]
+    assert mta01["auth_networks"] == ["198.51.100.40/29"]
     assert mta01["ssh_networks"] == ["198.51.100.1/32"]  # the control machine only
     assert mta01["operations_mailbox"] == "fmb-change@partner-plain.example"
     config = parse_config(tomllib.loads(fleet.relay_toml("otc-de-mta01")))
