@@ -134,7 +134,9 @@ lab = (
         # Made on purpose, as in production: python -m deploykit dkim-keys inventories/lab.py
         # (make keys; scripts/lab.sh and scripts/test.sh run it before the deploy).
         "dkim_keys_dir": "keys/lab",
-        "dkim_domains": [],  # each customer's own keys: _TENANTS
+        "dkim_domains": [
+            # fleet-wide keys (each customer's own are in _TENANTS)
+        ],
         "operations_mailbox": "fmb-change@partner-plain.example",
         # Quick alerts for the acceptance tests (tests/acceptance/test_monitoring.py).
         "scrape_interval": "5s",

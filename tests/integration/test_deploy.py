@@ -30,7 +30,7 @@ from roles import relay
 
 KIT = Path(__file__).resolve().parents[2]
 LAB_INVENTORY = KIT / "inventories" / "lab.py"
-NEW_DOMAIN = "customer-c.example"
+NEW_DOMAIN = "customer-d.example"  # of no lab customer (customer-c is a tenant)
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 
