@@ -28,19 +28,21 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 
 KIT = Path(__file__).resolve().parents[2]
 DOMAIN, OLD, NEW = "customer-a.example", "lab", "lab2026"
-ANCHOR = '"dkim_domains": [\n'
-OLD_ENTRY = f'            {{"domain": "{DOMAIN}", "selector": "{OLD}", "algorithm": "rsa"}},\n'
-NEW_ENTRY = f'            {{"domain": "{DOMAIN}", "selector": "{NEW}", "algorithm": "rsa"}},\n'
+# customer-a's keys are its tenant entry's "dkim" (inventories/lab.py, issue 11): a customer's
+# mail is signed with its own keys only.
+_ENTRY = '{{"domain": "{domain}", "selector": "{selector}", "algorithm": "rsa"}}'
+OLD_ENTRY = _ENTRY.format(domain=DOMAIN, selector=OLD)
+NEW_ENTRY = _ENTRY.format(domain=DOMAIN, selector=NEW)
+OLD_LINE = f'        "dkim": [{OLD_ENTRY}],\n'
 
 
 def inventory_copy(root: Path, *, keep_old: bool) -> Path:
     copy = root / ("overlap" if keep_old else "retired") / "inventories"
     shutil.copytree(KIT / "inventories", copy)
     text = (copy / "lab.py").read_text()
-    assert ANCHOR in text and OLD_ENTRY in text, "inventories/lab.py changed shape: adapt"
-    text = text.replace(ANCHOR, ANCHOR + NEW_ENTRY, 1)
-    if not keep_old:
-        text = text.replace(OLD_ENTRY, "", 1)
+    assert OLD_LINE in text, "inventories/lab.py changed shape: adapt"
+    entries = [OLD_ENTRY, NEW_ENTRY] if keep_old else [NEW_ENTRY]
+    text = text.replace(OLD_LINE, f'        "dkim": [{", ".join(entries)}],\n', 1)
     (copy / "lab.py").write_text(text)
     return copy / "lab.py"
 

@@ -32,7 +32,7 @@ from deploykit.certificates import certificate_expiry_warning, certificate_names
 from deploykit.fleet import Fleet
 from deploykit.inventory import load_inventory
 from deploykit.paths import HostPaths
-from deploykit.schema import dkim_entry
+from deploykit.schema import dkim_entry, tenant_dkim
 from lab.config import GATEWAYS
 from roles import base, blacklist, clamav, firewall, rspamd
 
@@ -213,7 +213,7 @@ def test_keys_are_the_relays_alone(gw: Any) -> None:
     assert (dkim_dir.user, dkim_dir.mode) == ("smg", 0o700)
     wanted = {
         HostPaths.dkim_key(d, s) for d, s in (dkim_entry(i)[:2] for i in gateway["dkim_domains"])
-    }
+    } | {HostPaths.dkim_key(d, s) for d, s, _ in tenant_dkim(gateway["tenants"])}
     present = set(host.check_output(f"find {HostPaths.DKIM_DIR} -type f").split())
     assert present == wanted
     for path in wanted:
