@@ -61,6 +61,10 @@ _TENANTS = [
         "name": "customer-a",
         "networks": [_STATE["customer"]["address"] + "/32"],
         "domains": ["customer-a.example", ".customer-a.example"],
+        # The customer host also plays the flood and slow-client attacker (test_bad_input):
+        # the gateway's own max_connections (200) must bite there, not the tenant's 20/10.
+        # test_tenants tightens these on one gateway while it runs.
+        "limits": {"max_sessions": 300, "max_sessions_per_ip": 300},
         "dkim": [{"domain": "customer-a.example", "selector": "lab", "algorithm": "rsa"}],
         "tls_rules": [
             {
