@@ -33,6 +33,7 @@ from roles import (
     resolver,
     rspamd,
     tls,
+    tlsrpt,
 )
 
 
@@ -75,3 +76,4 @@ if good:
 relay.apply(fleet, gateway, reload_relay_on)
 monitoring.apply(fleet, gateway)  # before the blacklist unit: it writes into node exporter's dir
 blacklist.apply(gateway, fleet)
+tlsrpt.apply(gateway)  # the daily TLS reports (RFC 8460): good gateways only

@@ -82,3 +82,41 @@ def test_signed_domain_without_tlsa_is_unaffected(fleet: Fleet) -> None:
     assert sent.accepted, sent.transcript
     copy = only_copy(fleet, tag)
     assert copy.server == "mx-plain" and copy.tls_protocol is None  # as before: no STARTTLS
+
+
+def test_tls_report_reaches_the_reporting_domains_mailbox(fleet: Fleet) -> None:
+    """RFC 8460: partner-tls.example publishes ``_smtp._tls`` with rua=mailto:tlsrpt@...; a
+    good gateway's report of today (``smg tls report --send``) arrives at mx-tls and its
+    gzip'd JSON validates against the RFC's format."""
+    import datetime as dt
+    import email
+    import email.policy
+    import gzip
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    gateway = fleet.gateways["otc-de-mta02"]
+    tag = mail.new_tag("tlsrpt")
+    sent = fleet.send(gateway, "ham", tag, f"alice@{CUSTOMER_A}", f"{tag}@{TLS_DOMAIN}")
+    assert sent.accepted, sent.transcript
+    only_copy(fleet, tag)  # one TLS session to count
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    result = gateway.smg(f"tls report --send --since {today} --config /etc/smg/smg.toml")
+    assert result.rc == 0 and "sent to tlsrpt@partner-tls.example" in result.stdout, result
+
+    def report() -> list:
+        return fleet.arrivals(
+            lambda a: a.server == "mx-tls" and a.recipient == "tlsrpt@partner-tls.example"
+        )
+
+    arrival = wait_for("the TLS report at mx-tls", report, 60)[-1]
+    message = email.message_from_bytes(arrival.read(), policy=email.policy.default)
+    assert message.get_content_type() == "multipart/report"
+    (part,) = list(message.iter_attachments())
+    data = json.loads(gzip.decompress(part.get_content()))
+    schema_path = Path(__file__).parents[1] / "data" / "tlsrpt-schema.json"
+    jsonschema.validate(data, json.loads(schema_path.read_text()))
+    (policy,) = [p for p in data["policies"] if p["policy"]["policy-domain"] == TLS_DOMAIN]
+    assert policy["summary"]["total-successful-session-count"] >= 1

@@ -352,3 +352,12 @@ def test_local_resolver_validates_on_loopback_only(gw: Any) -> None:
         assert ask("partner-tls.example", "MX").startswith("NOERROR AD")
         assert ask("_25._tcp.mx.partner-tls.example", "TLSA").startswith("NOERROR AD")
         assert ask("customer-a.example", "MX").startswith("NOERROR -")
+
+
+def test_tls_report_timer_on_good_gateways(gw: Any) -> None:
+    host, gateway = gw
+    timer = host.service("smg-tlsrpt.timer")
+    if gateway.role == "good":
+        assert timer.is_enabled and timer.is_running
+    else:
+        assert not host.file("/etc/systemd/system/smg-tlsrpt.timer").exists

@@ -234,3 +234,17 @@ def test_resolver_config_lab_and_production(tmp_path) -> None:
     assert 'auto-trust-anchor-file: "/var/lib/unbound/root.key"' in production
     assert "forward-zone:" in production and "forward-addr: 198.51.100.1" in production
     assert resolver.packages({"local_resolver": False}) == []  # type: ignore[arg-type]
+
+
+def test_tlsrpt_timer_on_good_gateways_only() -> None:
+    from types import SimpleNamespace
+
+    from roles import tlsrpt
+
+    units = tlsrpt.units()
+    assert "tls report --send --config /etc/smg/smg.toml" in units["smg-tlsrpt.service"]
+    assert "OnCalendar=*-*-* 00:30:00 UTC" in units["smg-tlsrpt.timer"]
+    good = tlsrpt.unit_files(SimpleNamespace(role="good"))  # type: ignore[arg-type]
+    bad = tlsrpt.unit_files(SimpleNamespace(role="bad"))  # type: ignore[arg-type]
+    assert all(type(f).__name__ == "File" for f in good)
+    assert all(type(f).__name__ == "Absent" for f in bad)
