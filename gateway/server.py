@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -110,7 +111,11 @@ class Relay:
         )  # fmt: skip
         await self.delivery.start()
         self.intake = Intake(self.services, runtime, budget)
-        self._tenant_guard(config, spool)
+        try:
+            self._tenant_guard(config, spool)
+        except sqlite3.Error as exc:  # <spool>/tenants.sqlite not writable
+            await self.stop()
+            raise StartupError(f"cannot open the tenant state: {exc}") from None
         try:
             await self.intake.start()
             if config.gateway.metrics_listen is not None and worker_index() == 0:
