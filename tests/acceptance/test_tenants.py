@@ -60,11 +60,8 @@ def test_as_mail_is_signed_with_as_key_only(fleet: Fleet) -> None:
 
 def test_a_host_of_no_customer_gets_554(fleet: Fleet) -> None:
     for gateway in fleet.good:
-        session = fleet.raw(gateway, source="stranger")
-        try:
-            assert session.reply().code == 554
-        finally:
-            session.close()
+        with fleet.raw(gateway, source="stranger") as session:
+            assert session.banner.code == 554, session.banner
 
 
 def test_c_over_auth_is_relayed_and_without_auth_refused(fleet: Fleet) -> None:
@@ -150,13 +147,10 @@ def test_a_holding_all_its_sessions_does_not_stop_b(fleet: Fleet, limited: Gatew
     try:
         for _ in range(2):
             session = fleet.raw(limited)
-            assert session.reply().code == 220
             held.append(session)
-        third = fleet.raw(limited)
-        try:
-            assert third.reply().code == 421
-        finally:
-            third.close()
+            assert session.banner.code == 220, session.banner
+        with fleet.raw(limited) as third:
+            assert third.banner.code == 421, third.banner
         b_is_accepted(fleet, limited)
     finally:
         for session in held:
