@@ -187,7 +187,9 @@ def test_verify_rule_delivers_over_verified_tls_and_logs_it(relay, far) -> None:
     assert got.tls and got.tls_protocol in ("TLSv1.2", "TLSv1.3") and got.tls_cipher
     assert "TLS connection established from" in far["valid"].log_text()
     line = wait_for(
-        lambda: [x for x in relay.log_path.read_text().splitlines() if "<ann@valid" in x],
+        lambda: [
+            x for x in relay.log_path.read_text().splitlines() if "delivery to=<ann@valid" in x
+        ],
         10,
         what="the delivery log line",
     )[0]
