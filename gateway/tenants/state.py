@@ -66,6 +66,7 @@ class TenantState:
     def __init__(self, path: str | os.PathLike[str], clock: object = time.time) -> None:
         self.path = Path(path)
         self.clock = clock
+        self._pruned = -1  # the minute usage was last pruned in
         self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT,
                                     check_same_thread=False)  # fmt: skip
         self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
@@ -163,7 +164,9 @@ class TenantState:
                 " spam = spam + excluded.spam, rejected = rejected + excluded.rejected",
                 (tenant, _minute(self.now()), messages, recipients, seen, spam, rejected),
             )
-            conn.execute("DELETE FROM usage WHERE minute < ?", (_minute(self.now()) - 1441,))
+            if _minute(self.now()) != self._pruned:  # once a minute: old minutes go
+                self._pruned = _minute(self.now())
+                conn.execute("DELETE FROM usage WHERE minute < ?", (self._pruned - 1441,))
 
     def last_hour(self, tenant: str) -> tuple[int, int, int]:
         """(messages, recipients, seconds until the oldest minute leaves the hour)."""
