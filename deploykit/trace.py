@@ -53,8 +53,9 @@ def remote_command(criteria: Criteria, since: str | None, until: str | None) -> 
         command += ["--sender", criteria.sender]
     if criteria.recipient:
         command += ["--recipient", criteria.recipient]
-    command += ["--since", since] if since else []
-    command += ["--until", until] if until else []
+    # --since=-1d: one word, or argparse takes "-1d" for an option
+    command += [f"--since={since}"] if since else []
+    command += [f"--until={until}"] if until else []
     return command
 
 

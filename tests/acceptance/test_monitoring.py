@@ -148,7 +148,8 @@ def _alert_latency(fleet: Fleet, alertname: str, gateway: str, timeout: float = 
 def test_clamd_down_fires_and_mails_operations(fleet: Fleet) -> None:
     gateway = fleet.gateways["otc-de-mta02"]
     started = time.monotonic()
-    gateway.systemctl("stop", "clamav-daemon.service")
+    # The socket too: clamd is socket-activated, a ping would start it again.
+    gateway.systemctl("stop", "clamav-daemon.socket clamav-daemon.service")
     try:
         fired = _alert_latency(fleet, "SmgClamdUnavailable", gateway.name)
         ops = fleet.wait_arrival(
@@ -158,7 +159,7 @@ def test_clamd_down_fires_and_mails_operations(fleet: Fleet) -> None:
         )
         mailed = time.monotonic() - started
     finally:
-        gateway.systemctl("start", "clamav-daemon.service")
+        gateway.systemctl("start", "clamav-daemon.socket clamav-daemon.service")
     assert gateway.name in ops.read().decode(errors="replace")
     record("monitoring: clamd stopped -> alert firing (s)", round(fired, 1))
     record("monitoring: clamd stopped -> mail in the ops mailbox (s)", round(mailed, 1))
@@ -175,6 +176,8 @@ def test_bad_gateway_down_with_spam_queued_fires(fleet: Fleet) -> None:
         relay_down = _alert_latency(fleet, "SmgRelayDown", bad.name)
     finally:
         bad.systemctl("start", "smg.service")
+    wait_for("the bad gateway listening", bad.listening, 60, 1)
+    good.flush()  # the deferred spam is due now rather than at its next retry
     fleet.arrived(tag, timeout=180)  # the queued spam drains once the bad gateway is back
     record("monitoring: bad gateway stopped -> SmgBadGatewayUnreachable (s)", round(fired, 1))
     record("monitoring: then SmgRelayDown for the bad gateway (s)", round(relay_down, 1))
