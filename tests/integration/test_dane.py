@@ -123,7 +123,8 @@ def relay(resolver: Unbound, port, far, tmp_path_factory) -> Iterator[TlsRelay]:
     tmp = tmp_path_factory.mktemp("dane")
     config = base_config(tmp, resolver.nameserver)
     config["gateway"]["source_address"] = SOURCE
-    config["delivery"] = {"port": port, "retry_initial": "1h", "scan_interval": "200ms"}
+    config["delivery"] = {"port": port, "retry_initial": "1h", "scan_interval": "200ms",
+                          "throttle_pause": "1s"}  # fmt: skip
     config["mta_sts"] = {"enabled": False}
     relay = TlsRelay(tmp, config, RULES)
     relay.start()

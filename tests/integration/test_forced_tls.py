@@ -137,6 +137,7 @@ def relay(zone, port, far, proxy, test_ca, tmp_path_factory) -> Iterator[TlsRela
     config["delivery"] = {
         "port": port,
         "retry_initial": "1h",  # nothing is retried by itself during the test...
+        "throttle_pause": "1s",  # a failed host pauses its domain only briefly here
         "scan_interval": "200ms",
         "connect_timeout": "3s",
     }

@@ -44,6 +44,7 @@ def relay(knot_dns: KnotDNS, tmp_path_factory) -> Iterator[SmgRelay]:
     config["delivery"] = {
         "port": free_port("127.0.23.11"),
         "retry_initial": "1h",
+        "throttle_pause": "1s",  # a down MX pauses its domain; flush must find it soon
         "retry_max": "1h",
         "scan_interval": "200ms",
         "connect_timeout": "1s",
