@@ -31,6 +31,10 @@ CUSTOMER_DOMAINS = {
 NO_RECORDS_DOMAIN = "no-records.example"  # exists (SOA/NS) but has no MX, A or AAAA
 NULL_MX_DOMAIN = "null-mx.example"  # RFC 7505 "MX 0 ." : accepts no mail
 NXDOMAIN_EXAMPLE = "does-not-exist.example"  # in no zone: the root zone answers NXDOMAIN
+# The same two cases under a domain of customer-a's (its tenant owns .customer-a.example), so
+# the sender domain check is what answers, not the sender binding (a domain of no customer).
+CUSTOMER_NO_RECORDS = "quiet.customer-a.example"  # a TXT record only: no MX, A or AAAA
+CUSTOMER_NXDOMAIN = "gone.customer-a.example"  # no such name in customer-a.example
 
 # DNSSEC and DANE (issue 14): knot signs these zones; the gateways' unbound trusts their keys.
 # partner-tls publishes a TLSA record for mx-tls's key (once mx-tls has its certificate:
@@ -120,6 +124,7 @@ def default_zones() -> dict[str, str]:
         "customer-a.example": (
             f"@ MX 10 mail.customer-a.example.\n@ A {CUSTOMER.address}\n"
             f'mail A {CUSTOMER.address}\n@ TXT "{spf_all_gateways()}"\n'
+            f'{CUSTOMER_NO_RECORDS.split(".")[0]} TXT "no mail host here"\n'
         ),
         "customer-b.example": f"@ A {CUSTOMER.address}\n",
         # customer-c sends over AUTH; its NDRs go to the customer's server like b's

@@ -150,6 +150,7 @@ def parse_rua(txt_records: list[str]) -> list[str]:
 def report_mail(report: dict[str, Any], sender: str, recipient: str, submitter: str) -> bytes:
     """The report as RFC 8460 section 5.3 mail: a multipart/report with the gzip'd JSON."""
     from email.message import EmailMessage
+    from email.policy import SMTP
     from email.utils import formatdate, make_msgid
 
     domain = report["policies"][0]["policy"]["policy-domain"] if report["policies"] else ""
@@ -168,4 +169,6 @@ def report_mail(report: dict[str, Any], sender: str, recipient: str, submitter: 
     message.add_attachment(data, maintype="application", subtype="tlsrpt+gzip", filename=name)
     message.set_type("multipart/report")  # keeps the boundary
     message.set_param("report-type", "tlsrpt")
-    return message.as_bytes()
+    # CRLF line ends: smtplib sends bytes as they are, and a bare LF is refused by hardened
+    # receivers (our own intake and Postfix with smtpd_forbid_bare_newline both answer 550).
+    return message.as_bytes(policy=SMTP)

@@ -65,6 +65,7 @@ def test_report_mail_is_rfc8460_multipart_report() -> None:
     counts.count("partner.example", "tlsa", "mx.partner.example", "198.51.100.10")
     (report,) = build_reports(counts.rows(DAY, DAY), DAY, DAY, "gw", "pm").values()
     raw = report_mail(report, "tlsrpt@gw.example.net", "tls@partner.example", "gw.example.net")
+    assert b"\n" not in raw.replace(b"\r\n", b""), "every line ends with CRLF (no bare LF)"
     message = email.message_from_bytes(raw, policy=email.policy.default)
     assert message.get_content_type() == "multipart/report"
     assert message.get_param("report-type") == "tlsrpt"
