@@ -243,7 +243,9 @@ def dkim_gauges(config: Config) -> Series:
     if config.gateway.role != "good":
         return {}
     out: Series = {}
-    for entry in config.dkim.keys:
+    # The fleet-wide keys and each customer's own ([[tenants]] dkim): both sign.
+    keys = [*config.dkim.keys, *(key for tenant in config.tenants for key in tenant.dkim)]
+    for entry in keys:
         try:
             load_private_key(entry.key)
             usable = 1.0

@@ -93,6 +93,16 @@ class Metrics:
         key = _labels_key(labels)
         series[key] = series.get(key, 0) + value
 
+    def declare(self, name: str, *label_sets: dict[str, Any]) -> None:
+        """Show counter ``name`` at 0 for each label set that has not counted yet.
+
+        A series that appears only at its first event has no ``increase()`` over that event
+        (Prometheus needs two samples), and a dashboard panel for a quiet customer would be
+        empty instead of 0; so the series a dashboard or alert names exist from the start.
+        """
+        for labels in label_sets:
+            self.inc(name, 0, **labels)
+
     def delivery_outcome(self, status: DeliveryStatus) -> None:
         """One recipient's attempt ended: ``sent``, ``deferred``, ``bounced`` or ``held``."""
         self.inc(_OUTCOMES.get(status, status))

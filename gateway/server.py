@@ -42,7 +42,7 @@ from gateway.config import (
 from gateway.delivery.scheduler import Delivery
 from gateway.health import Health
 from gateway.intake import Intake, Runtime, make_tls_context
-from gateway.intake.tenant_limits import TenantGuard
+from gateway.intake.tenant_limits import TenantGuard, declare_tenant_counters
 from gateway.log import event, setup_logging
 from gateway.metrics import Metrics
 from gateway.policy.build import build_chain
@@ -172,6 +172,7 @@ class Relay:
         suspension = Suspension(spool, config.gateway.hostname, mailbox)
         self.intake.set_guard(TenantGuard(state, self.metrics, suspension))
         names = [t.name for t in config.tenants]
+        declare_tenant_counters(self.metrics, names)
 
         async def suspended() -> dict[tuple[tuple[str, str], ...], float]:
             status = state.all_status()

@@ -41,6 +41,7 @@ from gateway.config import ConfigError, load_config
 from gateway.log import printable
 from gateway.queue.model import HoldReason, MessageKind, MessageState, QueuedMessage
 from gateway.queue.spool import SpoolAdmin, SpoolUnavailable, UnknownMessage
+from gateway.queue.unpause import request_unpause
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -266,14 +267,24 @@ def _message_lines(data: bytes, headers_only: bool = False) -> list[str]:
 
 
 def _flush(args: argparse.Namespace) -> int:
+    if args.destination and any(c.isspace() for c in args.destination):
+        return _fail(f"--destination: not a domain: {printable(args.destination)}")
+
     def body(admin: SpoolAdmin) -> int:
         if args.destination:
             changed = admin.flush_destination(args.destination)
-            print(f"{changed} deferred message(s) to {printable(args.destination.lower())} due"
-                  " now; the relay picks them up within its scan")  # fmt: skip
-            return 0
-        changed = admin.flush()
-        print(f"{changed} deferred message(s) due now; the relay picks them up within its scan")
+            what = f"{changed} deferred message(s) to {printable(args.destination.lower())}"
+        else:
+            changed = admin.flush()
+            what = f"{changed} deferred message(s)"
+        try:
+            request_unpause(admin.path.parent, args.destination)
+        except OSError as exc:
+            print(f"{what} due now, but the relay's pauses could not be ended ({exc}): they"
+                  " end by themselves (docs/queue.md)", file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"{what} due now and {'its' if args.destination else 'every'} pause ended; the"
+              " relay picks them up within its scan")  # fmt: skip
         return 0
 
     return _run(args, body, audit="queue.flush")

@@ -45,6 +45,7 @@ from gateway.queue.model import (
     Route,
 )
 from gateway.queue.spool import Spool, SpoolUnavailable
+from gateway.queue.unpause import UnpauseRequests
 from gateway.tls.policy import TlsPolicy
 
 log = logging.getLogger("smg.delivery")
@@ -102,6 +103,7 @@ class Delivery:
         self._known: dict[str, str] = {}  # ids waiting (queue, parked) or in an attempt
         self._known_per: Counter[str] = Counter()  # ... per destination
         self.shaper = Shaper(section)
+        self._unpause = UnpauseRequests(spool.path.parent)  # smg queue flush ends pauses
         self._parked: dict[str, deque[str]] = {}  # ids of full destinations, in order
         self._capped: set[str] = set()  # destinations with more due than the last poll took
         self._cooldown: dict[str, float] = {}  # ids whose result could not be recorded
@@ -184,6 +186,8 @@ class Delivery:
         interval = max(0.05, self.config.delivery.scan_interval)
         while True:
             backlog = False
+            for destination in self._unpause.new():
+                self.shaper.unpause(destination)
             with contextlib.suppress(Exception):
                 backlog = await self._poll_once()
             if backlog:

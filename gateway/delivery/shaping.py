@@ -189,6 +189,21 @@ class Shaper:
               seconds=f"{state.pause:g}", concurrency=int(state.limit),
               reply=state.reason)  # fmt: skip
 
+    def unpause(self, destination: str | None) -> list[str]:
+        """End the pause of ``destination`` (None: of every destination) now, as an operator's
+        flush asks; the next attempt is the probe, and its failure pauses again, for twice as
+        long (the dead-host cache is not forgotten).  The destinations whose pause ended."""
+        now = self.clock()
+        names = list(self._states) if destination is None else [destination]
+        ended = []
+        for name in names:
+            state = self._states.get(name)
+            if state is not None and state.paused_until > now:
+                state.paused_until = now
+                ended.append(name)
+                event(log, "destination_unpaused", destination=name, by="flush")
+        return ended
+
     def reason(self, destination: str) -> str:
         state = self._states.get(destination)
         return state.reason if state else ""

@@ -29,6 +29,25 @@ from gateway.tenants.state import TenantState
 log = logging.getLogger("smg.intake")
 
 
+# The counters of each customer, declared at 0 when the relay starts (Metrics.declare).
+TENANT_COUNTERS = (
+    "smg_tenant_messages_accepted_total", "smg_tenant_bytes_total", "smg_tenant_spam_total",
+    "smg_tenant_virus_total",
+    *(f"smg_tenant_recipients_{s}_total" for s in ("sent", "deferred", "bounced", "held")),
+)  # fmt: skip
+RATE_LIMITS = ("max_sessions", "max_sessions_per_ip", "messages_per_hour", "recipients_per_hour")
+
+
+def declare_tenant_counters(metrics: Metrics, names: list[str]) -> None:
+    """Every customer's counters at 0, so quiet customers show 0 rather than nothing."""
+    for counter in TENANT_COUNTERS:
+        metrics.declare(counter, *({"tenant": name} for name in names))
+    for limit in RATE_LIMITS:
+        metrics.declare(
+            "smg_tenant_rate_limited_total", *({"tenant": n, "limit": limit} for n in names)
+        )
+
+
 class TenantGuard:
     def __init__(self, state: TenantState, metrics: Metrics, on_suspend: Any = None) -> None:
         self.state = state

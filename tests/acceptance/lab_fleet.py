@@ -115,6 +115,11 @@ class Gateway:
             return [u for u in units if not self.is_active(u)]
         return [u for u, state in zip(units, states, strict=True) if state != "active"]
 
+    def forget_dns(self, zone: str) -> None:
+        """Drop ``zone``'s answers from the host's own resolver (unbound caches them for their
+        TTL): a test that edits a zone, such as a DNSBL delisting, sees the change at once."""
+        self.check(f"! systemctl is-active -q unbound || unbound-control flush_zone {zone}")
+
     def systemctl(self, action: str, unit: str, timeout: int = 120) -> None:
         self.check(f"systemctl {action} {unit}", timeout)
 

@@ -135,3 +135,30 @@ def test_the_pause_expires_probes_and_the_backlog_drains(relay, far_ends) -> Non
     slow.data_reply = "250 2.0.0 OK queued"
     wait_for(lambda: not relay.queued(), 2 * PAUSE + 20, what="the backlog drained")
     assert f"destination_resumed destination=slow.{ZONE}" in relay.log_path.read_text()
+
+
+def test_a_flush_ends_the_pause_in_the_running_relay(knot_dns, port, far_ends, tmp_path) -> None:
+    """A long pause (2 minutes) and the far end back: ``smg queue flush --destination`` ends
+    the pause of the running relay (as postqueue -f unthrottles Postfix), the mail goes now."""
+    slow, _live = far_ends
+    knot_dns.set_zone(ZONE, ZONE_TEXT)
+    config = base_config(tmp_path, knot_dns.nameserver, source_address="127.0.25.5")
+    config["delivery"] = {"port": port, "retry_initial": "1s", "retry_max": "1s",
+                          "scan_interval": "200ms", "connection_reuse": "0s",
+                          "throttle_pause": "120s", "throttle_pause_max": "240s"}  # fmt: skip
+    relay = SmgRelay(tmp_path, config)
+    relay.start()
+    try:
+        send(relay, f"x@slow.{ZONE}", 3)
+        wait_for(lambda: pauses(relay, f"slow.{ZONE}"), 10, what="the pause")
+        slow.data_reply = "250 2.0.0 OK queued"
+        command = [sys.executable, "-m", "gateway.cli", "queue", "flush", "--config",
+                   str(relay.config_path), "--destination", f"slow.{ZONE}"]  # fmt: skip
+        flushed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert flushed.returncode == 0, flushed.stderr
+        assert "pause ended" in flushed.stdout, flushed.stdout
+        wait_for(lambda: not relay.queued(), 20, what="the backlog drained after the flush")
+        log = relay.log_path.read_text()
+        assert f"destination_unpaused destination=slow.{ZONE} by=flush" in log
+    finally:
+        relay.stop()

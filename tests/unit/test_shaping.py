@@ -94,3 +94,15 @@ def test_idle_destinations_are_forgotten() -> None:
     s.throttled("q.example", "421")
     s.forget_idle()
     assert "d.example" not in s._states and "q.example" in s._states
+
+
+def test_an_operators_flush_ends_a_pause_but_not_the_dead_host_memory() -> None:
+    s, _clock = shaper()
+    s.throttled("d.example", "421")
+    s.throttled("e.example", "421")
+    assert s.unpause("d.example") == ["d.example"]
+    assert s.paused("d.example") == 0 and s.paused("e.example") == 60.0
+    s.throttled("d.example", "421 the probe failed too")
+    assert s.paused("d.example") == 120.0  # doubled: the dead host is still remembered
+    assert sorted(s.unpause(None)) == ["d.example", "e.example"]
+    assert s.unpause("never-seen.example") == []
