@@ -199,7 +199,9 @@ def test_trace_gtube_good_bad_far_end(fleet: Fleet) -> None:
     assert result["errors"] == []
     (message,) = result["messages"]
     hosts = [h["host"] for h in message["hops"]]
-    assert hosts == [MONITOR, fleet.bad.name], message
+    # the good gateway spreads spam over the bad gateways: either may carry it out
+    assert hosts[0] == MONITOR and len(hosts) == 2, message
+    assert hosts[1] in {bad.name for bad in fleet.bads}, message
     (far,) = message["far_end"]
     ids = [h["queue_id"] for h in message["hops"]] + [far["queue_id"]]
     assert len(set(ids)) == 3 and all(ids), ids
