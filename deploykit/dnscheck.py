@@ -6,7 +6,11 @@ missing written as zone-file lines for the customer or the DNS team.
 - the fleet's SPF record (``spf_domain``): every gateway's public address is in an ``ip4:`` or
   ``ip6:`` mechanism;
 - each gateway's PTR (its public address names its ``fqdn``) and the forward confirmation
-  (``fqdn`` has the public address).
+  (``fqdn`` has the public address);
+- for each forced-TLS rule at level ``dane`` (fleet-wide or a customer's) that names one
+  recipient domain: every MX host of that domain has TLSA records (``_25._tcp.<mx>``), else
+  the rule defers all of its mail (the partner's DNS team publishes them: no zone line can be
+  proposed for a key we do not hold).
 
 The deploy uses :func:`unpublished_dkim_keys`: a key whose record is not visible is not put in
 the relay config (the relay would sign, and every receiver would fail the signature), unless the
@@ -199,12 +203,56 @@ def ptr_findings(fleet: Fleet, lookup: Lookup) -> list[Finding]:
     return out
 
 
+# -- TLSA for DANE rules --------------------------------------------------------------------------
+
+
+def dane_domains(fleet: Fleet) -> list[str]:
+    """Recipient domains of the ``dane`` rules of the good gateways and their customers; only
+    plain domains (a ``.suffix`` or ``*`` pattern names no MX to look up)."""
+    found: list[str] = []
+    for gateway in fleet.good:
+        tenants = gateway["tenants"] if isinstance(gateway["tenants"], list) else []
+        rules = list(gateway["tls_rules"] or []) + [
+            rule for tenant in tenants if isinstance(tenant, dict)
+            for rule in tenant.get("tls_rules", [])
+        ]  # fmt: skip
+        for rule in rules:
+            recipient = str(rule.get("recipient", "")).lower().rstrip(".")
+            plain = recipient and not recipient.startswith((".", "*"))
+            if rule.get("level") == "dane" and plain and recipient not in found:
+                found.append(recipient)
+    return sorted(found)
+
+
+def tlsa_findings(fleet: Fleet, lookup: Lookup) -> list[Finding]:
+    out = []
+    for domain in dane_domains(fleet):
+        what = f"TLSA {domain} (dane rule)"
+        try:
+            exchanges = [r.split()[-1].rstrip(".") for r in lookup.answers(domain, "MX")]
+            exchanges = [mx for mx in exchanges if mx] or [domain]  # no MX: the domain itself
+            missing = [mx for mx in exchanges if not lookup.answers(f"_25._tcp.{mx}", "TLSA")]
+        except LookupFailed as exc:
+            out.append(Finding(what, False, f"lookup failed: {exc}"))
+            continue
+        if missing:
+            fix = tuple(
+                f"; {domain}'s DNS team: _25._tcp.{mx}. IN TLSA 3 1 1 <SHA-256 of {mx}'s key>"
+                for mx in missing
+            )
+            detail = f"no TLSA record for {', '.join(missing)}: its mail waits (deferred)"
+            out.append(Finding(what, False, detail, fix))
+        else:
+            out.append(Finding(what, True, f"TLSA records for {', '.join(exchanges)}"))
+    return out
+
+
 def check(fleet: Fleet, lookup: Lookup) -> list[Finding]:
     findings = dkim_findings(fleet, lookup)
     spf = spf_finding(fleet, lookup)
     if spf is not None:
         findings.append(spf)
-    return findings + ptr_findings(fleet, lookup)
+    return findings + ptr_findings(fleet, lookup) + tlsa_findings(fleet, lookup)
 
 
 def report(findings: list[Finding]) -> str:

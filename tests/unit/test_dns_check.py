@@ -114,3 +114,28 @@ def test_the_deploy_signs_only_with_published_keys(site: Site, knot_dns) -> None
     site.all["dkim_unpublished_ok"] = True
     knot_dns.set_zone(CUSTOMER, "")
     assert held(site.load(), knot_dns) == {}  # the override: signs anyway
+
+
+TLSA = "3 1 1 " + "ab" * 32
+
+
+def test_a_dane_rule_needs_tlsa_records_at_every_mx(site: Site, knot_dns) -> None:
+    site.good["tls_rules"] = [
+        {"sender": CUSTOMER, "recipient": f"dane.{ZONE}", "level": "dane", "on_failure": "hold"},
+        {"sender": CUSTOMER, "recipient": f".any.{ZONE}", "level": "dane", "on_failure": "hold"},
+        {"sender": CUSTOMER, "recipient": f"pkix.{ZONE}", "level": "verify"},
+    ]
+    knot_dns.set_zone(ZONE, f"dane MX 10 mx1.dane\ndane MX 20 mx2.dane\n"
+                            f"_25._tcp.mx1.dane TLSA {TLSA}\n")  # fmt: skip
+    fleet = site.load()
+    assert dnscheck.dane_domains(fleet) == [f"dane.{ZONE}"]  # no pattern, no verify rule
+    (finding,) = dnscheck.tlsa_findings(fleet, dnscheck.Lookup([knot_dns.nameserver]))
+    assert not finding.ok and f"no TLSA record for mx2.dane.{ZONE}" in finding.detail
+    assert finding.fix == (
+        f"; dane.{ZONE}'s DNS team: _25._tcp.mx2.dane.{ZONE}. IN TLSA 3 1 1 "
+        f"<SHA-256 of mx2.dane.{ZONE}'s key>",
+    )
+    both = f"_25._tcp.mx1.dane TLSA {TLSA}\n_25._tcp.mx2.dane TLSA {TLSA}\n"
+    knot_dns.set_zone(ZONE, f"dane MX 10 mx1.dane\ndane MX 20 mx2.dane\n{both}")
+    (finding,) = dnscheck.tlsa_findings(fleet, dnscheck.Lookup([knot_dns.nameserver]))
+    assert finding.ok, finding
