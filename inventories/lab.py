@@ -143,6 +143,8 @@ lab = (
         "dkim_domains": [
             # fleet-wide keys (each customer's own are in _TENANTS)
         ],
+        # The fleet's SPF record, served by the lab DNS (lab/zones.py): dns-check checks it.
+        "spf_domain": "spf.lab.example",
         "operations_mailbox": "fmb-change@partner-plain.example",
         # Quick alerts for the acceptance tests (tests/acceptance/test_monitoring.py).
         "scrape_interval": "5s",

@@ -30,6 +30,7 @@ CUSTOMER_DOMAINS = {
 }
 NO_RECORDS_DOMAIN = "no-records.example"  # exists (SOA/NS) but has no MX, A or AAAA
 NULL_MX_DOMAIN = "null-mx.example"  # RFC 7505 "MX 0 ." : accepts no mail
+SPF_NAME = "spf.lab.example"  # the fleet's SPF record, in the lab zone
 NXDOMAIN_EXAMPLE = "does-not-exist.example"  # in no zone: the root zone answers NXDOMAIN
 # The same two cases under a domain of customer-a's (its tenant owns .customer-a.example), so
 # the sender domain check is what answers, not the sender binding (a domain of no customer).
@@ -73,6 +74,8 @@ def far_end_fqdn(domain: str) -> str:
 def lab_zone() -> str:
     lines = [f"ns1 A {BRIDGE_ADDR}", f"apt A {BRIDGE_ADDR}"]
     lines += [f"{h.name} A {h.address}" for h in (*GATEWAYS, *FAR_ENDS, CUSTOMER)]
+    # the fleet's SPF record (the lab inventory's spf_domain; customers would include: it)
+    lines += [f'{SPF_NAME.split(".")[0]} TXT "{spf_all_gateways()}"']
     return "\n".join(lines) + "\n"
 
 
