@@ -45,6 +45,7 @@ class AuthCommands:
     handler: Any
     client_ip: str
     intake: Any
+    counted: Tenant | None = None
 
     async def smtp_AUTH(self, arg: str) -> None:
         if not self.handler.offers_auth:
@@ -53,6 +54,19 @@ class AuthCommands:
             )
             return
         await SMTP.smtp_AUTH(self, arg)  # type: ignore[arg-type]
+
+    def _count_session(self, tenant: Tenant) -> str | None:
+        """A client from ``auth_networks`` has no customer at connect, so its session is
+        counted against the customer's session limits when it logs in: the refusal (421) when
+        the customer has no session left, else None.  A session already counted (a customer's
+        network) stays counted once."""
+        guard = getattr(self.intake, "guard", None)
+        if guard is None or getattr(self, "counted", None) is not None:
+            return None
+        over = guard.at_connect(tenant, self.client_ip, self.config.gateway.hostname)  # type: ignore[attr-defined]
+        if over is None:
+            self.counted = tenant  # released when the session ends (Intake.session_ended)
+        return over
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -93,6 +107,10 @@ class AuthCommands:
         stored = found[1] if found is not None else _dummy_hash()
         good = await asyncio.to_thread(verify, password, stored)
         if good and found is not None:
+            over = self._count_session(found[0])
+            if over is not None:
+                self.close_with(over)  # type: ignore[attr-defined]
+                return AuthResult(success=False, handled=True)
             self.tenant, self.auth_user = found[0], user
             event(log, "auth", client=self.client_ip, user=user, tenant=found[0].name)
             return AuthResult(success=True, auth_data=user)

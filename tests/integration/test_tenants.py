@@ -50,6 +50,7 @@ def tenants_config(tmp: Path, nameserver: str, leaf: Any) -> dict[str, Any]:
             "name": "customer-c",
             "domains": [C],
             "auth": [{"user": f"relay@{C}", "password_hash": hash_password(PASSWORD, log2_n=10)}],
+            "limits": {"max_sessions": 2},
         },
     ]
     return config
@@ -160,3 +161,53 @@ def test_sender_binding_envelope_and_from_header(relay: SmgRelay) -> None:
     assert queued_tenant(relay, "a-as-b-envelope") is None
     assert queued_tenant(relay, "a-as-b-header") is None
     assert "reason=from_binding" in relay.log() and "reason=sender_binding" in relay.log()
+
+
+def _tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
+
+
+def test_auth_sessions_count_against_the_customers_limit(relay: SmgRelay) -> None:
+    """customer-c (AUTH only, max_sessions 2): a third logged-in session is refused with 421
+    at AUTH; once one ends, a new login works."""
+    import time
+
+    def logged_in() -> smtplib.SMTP:
+        smtp = client(relay, "127.0.0.6")
+        smtp.starttls(context=_tls())
+        smtp.login(f"relay@{C}", PASSWORD)
+        return smtp
+
+    deadline = time.monotonic() + 5  # an earlier test's session may still be closing
+    while True:
+        try:
+            first = logged_in()
+            break
+        except smtplib.SMTPException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    second = logged_in()
+    try:
+        third = client(relay, "127.0.0.6")
+        third.starttls(context=_tls())
+        with pytest.raises((smtplib.SMTPAuthenticationError, smtplib.SMTPServerDisconnected)):
+            third.login(f"relay@{C}", PASSWORD)
+        third.close()
+        assert "Too many sessions of customer customer-c" in relay.log()
+        first.quit()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                again = logged_in()
+                break
+            except smtplib.SMTPException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert send(again, f"relay@{C}", "auth-after-a-session-ended") == "250"
+        again.quit()
+    finally:
+        second.close()
