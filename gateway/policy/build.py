@@ -32,9 +32,9 @@ def build_chain(config: Config, services: Services, *, relay_control: bool = Tru
     ``smg explain`` keeps the rule to show the verdict."""
     rules: list[Rule] = []
     # MAIL stage: relay control first (a stranger learns nothing about DNS), then the sender.
-    if relay_control:
-        rules.append(RelayControlRule(config.gateway.client_networks))
     tenants = TenantTable.from_config(config) if config.tenants else None
+    if relay_control:
+        rules.append(RelayControlRule(config.gateway.client_networks, tenants))
     if tenants:  # the customer's own domains only (issue 11), before any DNS lookup
         rules.append(SenderBindingRule(tenants))
     rules.append(SenderDomainRule(services.resolver))

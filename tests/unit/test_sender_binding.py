@@ -81,3 +81,29 @@ def test_smg_explain_shows_the_tenant_and_the_binding(tmp_path, capsys) -> None:
     smg([*args[:-1], "--json", str(message)])
     shown = json.loads(capsys.readouterr().out)
     assert shown["tenant"] == "customer-a" and not shown["accepted"]
+
+
+async def test_relay_control_with_tenants_asks_the_customers_networks() -> None:
+    """smg explain's first rule answers as the intake does with [[tenants]]: a customer's
+    network passes (naming the customer), auth_networks must log in (530), anyone else 554,
+    whatever gateway.client_networks says."""
+    from gateway.policy.rules.relay_control import RelayControlRule
+
+    table = TenantTable(
+        [Tenant("customer-a", ("a.example",), TenantDefaults(),
+                (ipaddress.ip_network("198.51.100.30/32"),))],
+        auth_networks=(ipaddress.ip_network("198.51.100.40/29"),),
+    )  # fmt: skip
+    rule = RelayControlRule([ipaddress.ip_network("198.51.100.0/24")], table)
+
+    async def verdict(ip: str) -> tuple[Action | None, str, str]:
+        result = await rule.evaluate(MessageContext(client_ip=ip))
+        return result.action, str(result.reply) if result.reply else "", result.summary
+
+    action, reply, reason = await verdict("198.51.100.30")
+    assert action is None and "customer customer-a's" in reason
+    action, reply, _ = await verdict("198.51.100.41")
+    assert action == Action.REJECT and reply.startswith("530 5.7.0")
+    action, reply, reason = await verdict("198.51.100.35")
+    assert action == Action.REJECT and reply.startswith("554 5.7.1"), reply
+    assert "no customer's networks" in reason

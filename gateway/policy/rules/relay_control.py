@@ -1,4 +1,5 @@
-"""Relay control: only clients inside ``gateway.client_networks`` may send through this gateway.
+"""Relay control: only clients inside ``gateway.client_networks`` (with ``[[tenants]]``: a
+customer's networks, or ``auth_networks`` after AUTH) may send through this gateway.
 
 The intake checks it once, when a client connects (``gateway.intake.handler``: ``554 5.7.1``
 instead of the greeting, then the connection is closed): a stranger never gets as far as MAIL
@@ -35,15 +36,40 @@ class RelayControlRule:
     name = "relay_control"
     stage = Stage.MAIL
 
-    def __init__(self, client_networks: Iterable[Any]) -> None:
+    def __init__(self, client_networks: Iterable[Any], tenants: Any = None) -> None:
         self.networks = list(client_networks)
+        self.tenants = tenants  # a TenantTable: with customers, their networks decide
 
     async def evaluate(self, ctx: MessageContext) -> RuleResult:
+        if self.tenants:
+            return self._by_tenant(ctx)
         if client_allowed(ctx.client_ip, self.networks):
             return RuleResult(self.name, f"client {ctx.client_ip} is in gateway.client_networks")
         return RuleResult(
             self.name,
             f"client {ctx.client_ip} is not in gateway.client_networks",
+            Action.REJECT,
+            relay_denied(ctx.client_ip),
+            details={"client_ip": ctx.client_ip},
+        )
+
+    def _by_tenant(self, ctx: MessageContext) -> RuleResult:
+        """With ``[[tenants]]`` the intake asks the customers' networks (longest prefix), then
+        ``auth_networks`` (AUTH before MAIL), as ``gateway.intake.handler.identify`` does."""
+        tenant = self.tenants.by_address(ctx.client_ip)
+        if tenant is not None:
+            return RuleResult(self.name, f"client {ctx.client_ip} is customer {tenant.name}'s")
+        if self.tenants.may_authenticate(ctx.client_ip):
+            return RuleResult(
+                self.name,
+                f"client {ctx.client_ip} is in gateway.auth_networks: it must log in (AUTH) "
+                "as a customer's user first",
+                Action.REJECT,
+                Reply(530, "5.7.0", "Authentication required: log in as your customer's user"),
+            )
+        return RuleResult(
+            self.name,
+            f"client {ctx.client_ip} is in no customer's networks",
             Action.REJECT,
             relay_denied(ctx.client_ip),
             details={"client_ip": ctx.client_ip},
