@@ -5,6 +5,10 @@ python -m deploykit render INVENTORY HOST    # the relay config HOST gets
 python -m deploykit dkim-keys INVENTORY      # make missing DKIM keys, write dns-records.txt
 python -m deploykit dns-records INVENTORY    # print the DKIM TXT records to publish
 python -m deploykit dns-check INVENTORY      # look the fleet's records up; print what is missing
+python -m deploykit trace INVENTORY ...      # follow a message across the fleet (SSH)
+python -m deploykit tenant INVENTORY suspend NAME --reason R
+                                             # a customer on every good gateway (SSH): list,
+                                             # show, suspend, resume
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import sys
 
 from deploykit import dnscheck
+from deploykit import tenant as fleet_tenant
 from deploykit.dkim_keys import dns_records, make_dkim_keys
 from deploykit.fleet import Fleet
 from deploykit.host import Gateway
@@ -46,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
         "--nameserver", action="append", metavar="IP[:PORT]",
         help="ask this server (default: the inventory's resolvers, else the system's)",
     )  # fmt: skip
+    tenant = sub.add_parser(
+        "tenant", help="a customer on every good gateway: list, show, suspend, resume (SSH)"
+    )
+    tenant.add_argument("inventory")
+    tenant.add_argument("action", choices=fleet_tenant.ACTIONS)
+    tenant.add_argument("name", nargs="?", metavar="NAME", help="the customer (not for list)")
+    tenant.add_argument("--reason", help="why (suspend, resume: each host's audit log)")
+    tenant.add_argument("--json", action="store_true", help="each host's answer as JSON")
     trace = sub.add_parser("trace", help="follow a message across the fleet (over SSH)")
     trace.add_argument("inventory")
     add_criteria(trace)
@@ -73,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(f.ok for f in findings) else 3
     elif args.command == "trace":
         return _trace(fleet, args)
+    elif args.command == "tenant":
+        return _tenant(fleet, args)
     elif args.command == "dns-records":
         for text in dns_records(fleet).values():
             print(text, end="")
@@ -81,6 +96,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{gateway.name:16} {gateway.role:4} {_addresses(gateway):40} {gateway.fqdn}")
         print(f"{fleet.inventory_file}: valid ({len(fleet.gateways)} hosts)")
     return 0
+
+
+def _tenant(fleet: Fleet, args: argparse.Namespace) -> int:
+    try:
+        answers = fleet_tenant.on_fleet(fleet, args.action, args.name, args.reason, args.json)
+    except ValueError as exc:
+        print(f"tenant: {exc}", file=sys.stderr)
+        return 2
+    print(fleet_tenant.render(answers, args.json), end="")
+    return 0 if all(a.ok for a in answers) else 1
 
 
 def _trace(fleet: Fleet, args: argparse.Namespace) -> int:

@@ -10,6 +10,9 @@ the deployed file put back after), so the other modules keep the lab inventory's
 from __future__ import annotations
 
 import base64
+import json
+import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ import tomli_w
 
 from bench.fleet import mail
 from bench.fleet.smtp import RawSmtp
+from lab.config import REPO_DIR
 from tests.acceptance.lab_fleet import CONFIG, RELAY_UNIT, Fleet, Gateway, wait_for
 
 pytestmark = pytest.mark.lab
@@ -202,3 +206,36 @@ def test_a_gtube_burst_suspends_a_once_and_resume_lets_a_through(
     fleet.arrived(tag)
     for message in spam:
         gateway.smg(f"queue delete {message['id']} --reason acceptance --config {CONFIG}")
+
+
+def test_the_runbook_suspends_b_on_every_good_gateway_in_one_command(fleet: Fleet) -> None:
+    """The compromised-customer runbook (docs/tenants.md): ``python -m deploykit tenant ...
+    suspend`` reaches every good gateway; B gets 451 on each, the audit logs name the reason;
+    ``resume`` lets B through again everywhere."""
+
+    def fleet_tenant(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "deploykit", "tenant", "inventories/lab.py",
+                               *args], cwd=REPO_DIR, capture_output=True, text=True,
+                              timeout=180)  # fmt: skip
+
+    done = fleet_tenant("suspend", "customer-b", "--reason", "acceptance: runbook")
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        for gateway in fleet.good:
+            assert f"{gateway.name}: customer-b: suspended" in done.stdout, done.stdout
+            tag = mail.new_tag("b-suspended")
+            sent = fleet.send(gateway, "ham", tag, f"{tag}@{B}", f"{tag}@partner-tls.example")
+            assert sent.said("451 4.7.1") and "suspended" in sent.transcript, sent.transcript
+            audit = gateway.check("tail -n 3 /var/spool/smg/audit.log")
+            assert "acceptance: runbook (deploykit, by" in audit, audit
+        shown = fleet_tenant("show", "customer-b", "--json")
+        assert shown.returncode == 0, shown.stderr
+        hosts = json.loads(shown.stdout)["hosts"]
+        assert {name for name, state in hosts.items() if state["suspended"]} == {
+            g.name for g in fleet.good
+        }
+    finally:
+        resumed = fleet_tenant("resume", "customer-b", "--reason", "acceptance: runbook done")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for gateway in fleet.good:
+        b_is_accepted(fleet, gateway)
