@@ -81,6 +81,7 @@ class Metrics:
         self._help: dict[str, str] = {}
         self._gauges: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         self._gauge_sources: dict[str, GaugeSource] = {}
+        self._peers: Callable[[], list[dict[str, Any]]] | None = None
         self._server: asyncio.AbstractServer | None = None
 
     def inc(self, name: str, value: float = 1, **labels: Any) -> None:
@@ -121,10 +122,40 @@ class Metrics:
         metric = COUNTERS.get(name, (name, ""))[0]
         return self._counters.get(metric, {}).get(_labels_key(labels), 0)
 
+    def counter_snapshot(self) -> dict[str, Any]:
+        """The counters as JSON-able data (gateway.metrics_share: the other workers')."""
+        return {
+            metric: {"help": self._help.get(metric, ""),
+                     "series": [[list(map(list, key)), value] for key, value in series.items()]}
+            for metric, series in self._counters.items()
+        }  # fmt: skip
+
+    def add_peers(self, source: Callable[[], list[dict[str, Any]]]) -> None:
+        """``source()`` gives other workers' :meth:`counter_snapshot`: added at each render."""
+        self._peers = source
+
+    def _all_counters(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+        if self._peers is None:
+            return self._counters
+        merged = {metric: dict(series) for metric, series in self._counters.items()}
+        for snapshot in self._peers():
+            for metric, family in snapshot.items():
+                try:
+                    pairs = [(tuple((str(k), str(v)) for k, v in key), float(value))
+                             for key, value in family["series"]]  # fmt: skip
+                except (KeyError, TypeError, ValueError):
+                    continue  # a damaged file: its share is missing from this scrape only
+                self._help.setdefault(metric, str(family.get("help", "")))
+                series = merged.setdefault(metric, {})
+                for key, value in pairs:
+                    series[key] = series.get(key, 0) + value
+        return merged
+
     async def render(self) -> str:
         lines: list[str] = []
-        for metric in sorted(self._counters):
-            lines += self._family(metric, "counter", self._counters[metric])
+        counters = self._all_counters()
+        for metric in sorted(counters):
+            lines += self._family(metric, "counter", counters[metric])
         gauges = dict(self._gauges)
         for name, source in self._gauge_sources.items():
             try:

@@ -45,6 +45,7 @@ from gateway.intake import Intake, Runtime, make_tls_context
 from gateway.intake.tenant_limits import TenantGuard, declare_tenant_counters
 from gateway.log import event, setup_logging
 from gateway.metrics import Metrics
+from gateway.metrics_share import CounterShare
 from gateway.policy.build import build_chain
 from gateway.policy.cleanup import Cleanup
 from gateway.queue.spool import Spool, SpoolDamaged, SpoolUnavailable
@@ -70,6 +71,7 @@ class Relay:
         self.config_path = str(config_path)
         self.config = config
         self.metrics = Metrics()
+        self._counter_share: CounterShare | None = None
         self.services: Services | None = None
         self.intake: Intake | None = None
         self.delivery: Delivery | None = None
@@ -118,6 +120,7 @@ class Relay:
             raise StartupError(f"cannot open the tenant state: {exc}") from None
         try:
             await self.intake.start()
+            self._share_counters(config)
             if config.gateway.metrics_listen is not None and worker_index() == 0:
                 host, port = config.gateway.metrics_listen
                 await self.metrics.serve(host, port)
@@ -160,6 +163,19 @@ class Relay:
         self.metrics.gauge_source("smg_connections_active", "SMTP sessions open now.", connections)
         # Queue ages, scanners, the bad gateway, certificate and DKIM keys (gateway/health.py).
         Health(lambda: (self.config, self.services)).register(self.metrics)
+
+    def _share_counters(self, config: Config) -> None:
+        """With several workers, worker 0's /metrics carries every worker's counters
+        (gateway.metrics_share)."""
+        workers = config.gateway.workers
+        if workers < 2 or config.gateway.metrics_listen is None:
+            return
+        self._counter_share = CounterShare(config.gateway.spool, worker_index(), workers)
+        if worker_index() == 0:
+            self._counter_share.forget_others()
+            self.metrics.add_peers(self._counter_share.peers)
+        else:
+            self._counter_share.start(self.metrics)
 
     def _tenant_guard(self, config: Config, spool: Spool) -> None:
         """Limits and suspension of the customers, shared by the workers in
@@ -244,6 +260,8 @@ class Relay:
         if self.delivery is not None:
             await self.delivery.stop()
         await self.metrics.close()
+        if self._counter_share is not None and worker_index() != 0:
+            await self._counter_share.stop(self.metrics)
         if self.services is not None:
             rspamd = self.services.rspamd
             if rspamd is not None:

@@ -12,7 +12,8 @@ relay does), SIGHUP makes each reload its config.  A worker that dies is started
 ``MAX_RESTARTS`` in ``RESTART_WINDOW`` seconds; beyond that, or if a worker cannot start at all,
 the supervisor stops the others and exits non-zero so that systemd restarts the service).
 Worker 0 alone serves the metrics endpoint (``gateway.metrics_listen``); the queue gauge is
-read from the shared spool, the counters are worker 0's.
+read from the shared spool, the counters are every worker's (``gateway.metrics_share``: the
+others write theirs to the spool every few seconds).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import require_binaries
-from tests.harness import KnotDNS
+from tests.harness import KnotDNS, free_port, wait_for
 from tests.integration.smg_relay import SMG, SmgRelay, base_config
 from tests.integration.test_tenants import RCPT, ZONE, ZONE_TEXT, A, B, C, client, send
 
@@ -26,7 +26,8 @@ def relay(knot_dns: KnotDNS, tmp_path_factory) -> Iterator[SmgRelay]:
     require_binaries("knotd")
     knot_dns.set_zone(ZONE, ZONE_TEXT)
     tmp = tmp_path_factory.mktemp("tenant-limits")
-    config = base_config(tmp, knot_dns.nameserver, workers=2, operations_mailbox=OPS)
+    config = base_config(tmp, knot_dns.nameserver, workers=2, operations_mailbox=OPS,
+                         metrics_listen=f"127.0.0.1:{free_port('127.0.0.1')}")  # fmt: skip
     config["tenants"] = [
         {"name": "customer-a", "networks": ["127.0.0.1/32"], "domains": [A],
          "limits": {"messages_per_hour": 3, "max_sessions": 2, "max_sessions_per_ip": 2}},
@@ -43,6 +44,14 @@ def relay(knot_dns: KnotDNS, tmp_path_factory) -> Iterator[SmgRelay]:
 def smg(relay: SmgRelay, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*SMG, "tenant", *args, "--config", str(relay.config_path)],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def scrape(relay: SmgRelay) -> str:
+    import urllib.request
+
+    host, port = relay.config["gateway"]["metrics_listen"].rsplit(":", 1)
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
 
 
 def test_hourly_messages_across_workers_and_sessions(relay: SmgRelay) -> None:
@@ -67,6 +76,9 @@ def test_hourly_messages_across_workers_and_sessions(relay: SmgRelay) -> None:
             smtp.close()
     shown = json.loads(smg(relay, "show", "customer-a", "--json").stdout)
     assert shown["last_hour"]["messages"] == 3
+    # worker 0's /metrics counts what both workers accepted (gateway.metrics_share)
+    accepted = 'smg_tenant_messages_accepted_total{tenant="customer-a"} 3'
+    wait_for(lambda: accepted in scrape(relay), 15, what=f"{accepted} in /metrics")
 
 
 def test_suspension_notice_restart_and_resume(relay: SmgRelay) -> None:
