@@ -180,15 +180,18 @@ def test_auth_sessions_count_against_the_customers_limit(relay: SmgRelay) -> Non
         smtp.login(f"relay@{C}", PASSWORD)
         return smtp
 
-    deadline = time.monotonic() + 5  # an earlier test's session may still be closing
-    while True:
-        try:
-            first = logged_in()
-            break
-        except smtplib.SMTPException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    def logged_in_soon() -> smtplib.SMTP:
+        """A session that just ended may take a moment to be released."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                return logged_in()
+            except smtplib.SMTPException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    first = logged_in_soon()  # an earlier test's session may still be closing
     second = logged_in()
     try:
         third = client(relay, "127.0.0.6")
@@ -198,15 +201,7 @@ def test_auth_sessions_count_against_the_customers_limit(relay: SmgRelay) -> Non
         third.close()
         assert "Too many sessions of customer customer-c" in relay.log()
         first.quit()
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                again = logged_in()
-                break
-            except smtplib.SMTPException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        again = logged_in_soon()
         assert send(again, f"relay@{C}", "auth-after-a-session-ended") == "250"
         again.quit()
     finally:

@@ -45,13 +45,11 @@ class RelayControlRule:
             return self._by_tenant(ctx)
         if client_allowed(ctx.client_ip, self.networks):
             return RuleResult(self.name, f"client {ctx.client_ip} is in gateway.client_networks")
-        return RuleResult(
-            self.name,
-            f"client {ctx.client_ip} is not in gateway.client_networks",
-            Action.REJECT,
-            relay_denied(ctx.client_ip),
-            details={"client_ip": ctx.client_ip},
-        )
+        return self._denied(ctx, f"client {ctx.client_ip} is not in gateway.client_networks")
+
+    def _denied(self, ctx: MessageContext, summary: str) -> RuleResult:
+        return RuleResult(self.name, summary, Action.REJECT, relay_denied(ctx.client_ip),
+                          details={"client_ip": ctx.client_ip})  # fmt: skip
 
     def _by_tenant(self, ctx: MessageContext) -> RuleResult:
         """With ``[[tenants]]`` the intake asks the customers' networks (longest prefix), then
@@ -67,10 +65,4 @@ class RelayControlRule:
                 Action.REJECT,
                 Reply(530, "5.7.0", "Authentication required: log in as your customer's user"),
             )
-        return RuleResult(
-            self.name,
-            f"client {ctx.client_ip} is in no customer's networks",
-            Action.REJECT,
-            relay_denied(ctx.client_ip),
-            details={"client_ip": ctx.client_ip},
-        )
+        return self._denied(ctx, f"client {ctx.client_ip} is in no customer's networks")
