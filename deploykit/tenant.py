@@ -12,7 +12,6 @@ command adds who ran it on the control machine.
 from __future__ import annotations
 
 import json
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 from deploykit.fleet import Fleet
 from deploykit.host import Gateway
 from deploykit.paths import HostPaths
-from deploykit.trace import ssh_argv
+from deploykit.trace import run_over_ssh
 from gateway.audit import operator
 
 ACTIONS = ("list", "show", "suspend", "resume")
@@ -47,15 +46,10 @@ def remote_command(action: str, name: str | None, reason: str | None, as_json: b
 
 
 def _ask(gateway: Gateway, remote: list[str]) -> HostAnswer:
-    try:
-        done = subprocess.run(ssh_argv(gateway, remote), capture_output=True, text=True,
-                              timeout=SSH_TIMEOUT, check=False)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return HostAnswer(gateway.name, False, str(exc))
-    if done.returncode != 0:
-        why = (done.stderr.strip() or done.stdout.strip())[-300:]
-        return HostAnswer(gateway.name, False, f"exit {done.returncode}: {why}")
-    return HostAnswer(gateway.name, True, done.stdout)
+    stdout, error = run_over_ssh(gateway, remote, SSH_TIMEOUT)
+    if stdout is None:
+        return HostAnswer(gateway.name, False, error or "")
+    return HostAnswer(gateway.name, True, stdout)
 
 
 def on_fleet(

@@ -59,16 +59,28 @@ def remote_command(criteria: Criteria, since: str | None, until: str | None) -> 
     return command
 
 
-def _ask(gateway: Gateway, remote: list[str]) -> tuple[list[dict[str, Any]], str | None]:
+def run_over_ssh(
+    gateway: Gateway, remote: list[str], timeout: float = SSH_TIMEOUT
+) -> tuple[str | None, str | None]:
+    """``(stdout, None)`` of ``remote`` on the host, or ``(None, why)`` when SSH failed, timed
+    out or the command exited non-zero (the end of its stderr, else of its stdout)."""
     try:
         done = subprocess.run(ssh_argv(gateway, remote), capture_output=True, text=True,
-                              timeout=SSH_TIMEOUT, check=False)  # fmt: skip
+                              timeout=timeout, check=False)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return [], f"{gateway.name}: {exc}"
+        return None, str(exc)
     if done.returncode != 0:
-        return [], f"{gateway.name}: exit {done.returncode}: {done.stderr.strip()[-300:]}"
+        why = (done.stderr.strip() or done.stdout.strip())[-300:]
+        return None, f"exit {done.returncode}: {why}"
+    return done.stdout, None
+
+
+def _ask(gateway: Gateway, remote: list[str]) -> tuple[list[dict[str, Any]], str | None]:
+    stdout, error = run_over_ssh(gateway, remote)
+    if stdout is None:
+        return [], f"{gateway.name}: {error}"
     records = []
-    for line in done.stdout.splitlines():
+    for line in stdout.splitlines():
         try:
             record = json.loads(line)
         except ValueError:

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gateway.files import keep_directory_owner
 from gateway.log import printable
 
 AUDIT_FILE = "audit.log"
@@ -62,11 +63,13 @@ def audit_path(spool: str | os.PathLike[str]) -> Path:
 
 def _open(path: Path) -> int:
     try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     except OSError as exc:
         raise AuditUnavailable(
             f"cannot write the audit log {path}: {exc.strerror}; run as the relay's user or root"
         ) from None
+    keep_directory_owner(path)  # made by "sudo smg ...": the relay's user must append too
+    return fd
 
 
 def entry(action: str, target: str, reason: str | None, result: str, **details: Any) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.metrics import Metrics
+from gateway.queue.spool import resolve_path
 
 log = logging.getLogger("smg.metrics")
 
@@ -29,9 +30,8 @@ INTERVAL = 5.0
 
 
 def share_dir(spool: str | os.PathLike[str]) -> Path:
-    path = Path(spool)
-    base = path.parent if path.suffix in (".sqlite", ".db") else path  # tests name the file
-    return base / DIR_NAME
+    """Beside the spool database (``gateway.spool`` names its directory, or in tests the file)."""
+    return resolve_path(spool).parent / DIR_NAME
 
 
 class CounterShare:

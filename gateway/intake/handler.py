@@ -30,7 +30,7 @@ from gateway.log import event
 from gateway.metrics import Metrics
 from gateway.policy.chain import Action, Chain, Decision, MessageContext, Reply, Stage
 from gateway.policy.cleanup import Cleanup
-from gateway.policy.rules.relay_control import client_allowed, relay_denied
+from gateway.policy.rules.relay_control import auth_required, client_allowed, relay_denied
 from gateway.queue.errors import SpoolFull, SpoolUnavailable
 from gateway.tenants import Tenant, TenantTable
 
@@ -132,7 +132,7 @@ class PolicyHandler:
             event(log, "reject", "NOQUEUE", stage="mail", client=_client_ip(session),
                   sender=f"<{address}>", reason="auth_required")  # fmt: skip
             self.metrics.inc("rejected", stage="mail", reason="auth_required")
-            return "530 5.7.0 Authentication required: log in as your customer's user"
+            return str(auth_required())
         ctx = MessageContext(
             client_ip=_client_ip(session),
             helo=session.host_name or "",

@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from gateway.files import keep_directory_owner
+
 FILE_NAME = "unpause.requests"
 EVERY = "*"
 MAX_LINES = 200
@@ -36,7 +38,7 @@ def request_unpause(spool_dir: str | os.PathLike[str], destination: str | None) 
     if len(lines) >= MAX_LINES:  # rewrite the newest half and this one, atomically
         temporary = path.with_name(f".{FILE_NAME}.{os.getpid()}")
         temporary.write_text("".join(lines[-MAX_LINES // 2 :]) + line)
-        _same_owner_as_directory(temporary)
+        keep_directory_owner(temporary)
         os.replace(temporary, path)
         return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -44,17 +46,7 @@ def request_unpause(spool_dir: str | os.PathLike[str], destination: str | None) 
         os.write(fd, line.encode())  # one short write: appends do not interleave
     finally:
         os.close(fd)
-    _same_owner_as_directory(path)
-
-
-def _same_owner_as_directory(path: Path) -> None:
-    """``sudo smg queue flush`` must leave a file the relay's user can append to next time."""
-    if os.geteuid() != 0:
-        return
-    owner = path.parent.stat()
-    with contextlib.suppress(OSError):
-        if path.stat().st_uid != owner.st_uid:
-            os.chown(path, owner.st_uid, owner.st_gid)
+    keep_directory_owner(path)
 
 
 class UnpauseRequests:

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.files import keep_directory_owner
+
 DB_NAME = "tenants.sqlite"
 BUSY_TIMEOUT = 5.0
 
@@ -75,18 +77,8 @@ class TenantState:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 self.conn.execute(statement)
-        self._same_owner_as_directory()
-
-    def _same_owner_as_directory(self) -> None:
-        """``sudo smg tenant`` may create the files: they must stay the relay's (the spool
-        directory's owner), or the relay could not write them."""
-        if os.geteuid() != 0:
-            return
-        owner = self.path.parent.stat()
-        for name in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
-            with contextlib.suppress(OSError):
-                if name.stat().st_uid != owner.st_uid:
-                    os.chown(name, owner.st_uid, owner.st_gid)
+        # ``sudo smg tenant`` may create the files: they stay the relay's
+        keep_directory_owner(self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"))
 
     @classmethod
     def in_spool(cls, spool: str | os.PathLike[str]) -> TenantState:

@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.dns import unmapped
 from gateway.policy.chain import Action, MessageContext, Reply, RuleResult, Stage
+from gateway.tenants import TenantTable
 
 
 def client_allowed(client_ip: str, networks: Iterable[Any]) -> bool:
@@ -32,11 +33,16 @@ def relay_denied(client_ip: str) -> Reply:
     )
 
 
+def auth_required() -> Reply:
+    """A client of ``auth_networks`` (no customer by address) at MAIL before it logged in."""
+    return Reply(530, "5.7.0", "Authentication required: log in as your customer's user")
+
+
 class RelayControlRule:
     name = "relay_control"
     stage = Stage.MAIL
 
-    def __init__(self, client_networks: Iterable[Any], tenants: Any = None) -> None:
+    def __init__(self, client_networks: Iterable[Any], tenants: TenantTable | None = None) -> None:
         self.networks = list(client_networks)
         self.tenants = tenants  # a TenantTable: with customers, their networks decide
 
@@ -63,6 +69,6 @@ class RelayControlRule:
                 f"client {ctx.client_ip} is in gateway.auth_networks: it must log in (AUTH) "
                 "as a customer's user first",
                 Action.REJECT,
-                Reply(530, "5.7.0", "Authentication required: log in as your customer's user"),
+                auth_required(),
             )
         return self._denied(ctx, f"client {ctx.client_ip} is in no customer's networks")
