@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import smtplib
 import sqlite3
 import subprocess
@@ -35,12 +34,6 @@ THROTTLED = "421 4.7.0 far.bench: too many connections, try again later"
 
 def _tools(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
-
-
-def children_cpu() -> float:
-    """CPU seconds of this process's exited children (the load clients, the CLI runs)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 class Sink:

@@ -38,12 +38,12 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench import common
 from bench.backlog.pieces import (
     DEAD,
     DEAD_IP,
     DNS_IP,
     HEALTHY,
-    ROOT,
     SINK_IP,
     SMG_IP,
     ZONES,
@@ -51,7 +51,6 @@ from bench.backlog.pieces import (
     PostfixBacklog,
     Sink,
     Smg,
-    children_cpu,
     fill_spool,
     restart_times,
 )
@@ -61,18 +60,13 @@ from tests.harness.util import free_port, wait_for
 
 
 def run_load(endpoint: str, count: int, rcpt: str, seed: int, args) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.common", "load", endpoint, str(count),
-         str(min(args.connections, count)), str(args.size), str(seed), "-", rcpt],
-        capture_output=True, text=True, timeout=3600, check=True, cwd=ROOT,
-    )  # fmt: skip
-    return json.loads(out.stdout)
+    return common.run_load(endpoint, count, args.connections, args.size, seed, rcpt, 3600)
 
 
 def loaded_phase(mta: Any, endpoint: str, sink: Sink, args, seed: int) -> dict[str, float]:
     """MESSAGES to HEALTHY: rates, and the CPU seconds of each party meanwhile."""
     base = sink.read()[0]
-    cpu = (mta.cpu, sink.cpu, children_cpu())
+    cpu = (mta.cpu, sink.cpu)
     load = run_load(endpoint, args.messages, HEALTHY, seed, args)
     wait_for(lambda: sink.read()[0] >= base + load["sent"], 900, interval=0.05,
              what="the healthy mail at the sink")  # fmt: skip
@@ -83,7 +77,7 @@ def loaded_phase(mta: Any, endpoint: str, sink: Sink, args, seed: int) -> dict[s
         "failed": load["failed"],
         "cpu_mta_s": mta.cpu - cpu[0],
         "cpu_sink_s": sink.cpu - cpu[1],
-        "cpu_load_s": children_cpu() - cpu[2],
+        "cpu_load_s": load["cpu_s"],
     }
 
 

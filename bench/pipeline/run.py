@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.common import tree  # noqa: E402
+from bench.common import run_load, tree  # noqa: E402
 from bench.pipeline.stack import ClamavMilter, OpenDkimMilter, PostfixRelay  # noqa: E402
 from bench.tenants.config import tenants_toml  # noqa: E402
 from gateway.dkim import write_new_key  # noqa: E402
@@ -55,12 +54,6 @@ DKIM_HEADERS = ["from", "to", "subject", "date", "message-id", "mime-version", "
 
 def cpu_of(pids: list[int]) -> float:
     return sum(tree(pid)[0] for pid in pids)
-
-
-def children_cpu() -> float:
-    """CPU seconds of this process's exited children (the load client runs)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 # --- the pieces -----------------------------------------------------------------------------
@@ -184,25 +177,16 @@ key = "{key}"
     return text
 
 
-def run_load(endpoint: str, count: int, connections: int, size: int, seed: int) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, str(TOOLS), "load", endpoint, str(count), str(connections), str(size),
-         str(seed)],
-        capture_output=True, text=True, timeout=1800, check=True,
-    )  # fmt: skip
-    return json.loads(out.stdout)
-
-
 def measure(name: str, endpoint: str, sink: Sink, mta_pids: list[int], scanner_pids: list[int],
             args: argparse.Namespace, seed: int) -> dict[str, Any]:  # fmt: skip
     warm = run_load(endpoint, args.warmup, min(args.connections, args.warmup), args.size, seed)
     wait_for(lambda: sink.read()[0] >= warm["sent"], 120, interval=0.2, what="warm-up at sink")
     base_count = sink.read()[0]
     mta_before, scan_before = cpu_of(mta_pids), [cpu_of([pid]) for pid in scanner_pids]
-    sink_before, load_before = cpu_of([sink.proc.pid]), children_cpu()
+    sink_before = cpu_of([sink.proc.pid])
     started = time.time()
     result = run_load(endpoint, args.messages, args.connections, args.size, seed + 1)
-    load_cpu = children_cpu() - load_before
+    load_cpu = result["cpu_s"]
     expected = base_count + result["sent"]
     wait_for(lambda: sink.read()[0] >= expected, 600, interval=0.1, what=f"{name} at the sink")
     count, signed, _, last = sink.read()

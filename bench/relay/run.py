@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: bench/relay/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench import common
 from bench.common import tree
 from bench.postfix import PostfixRelay
 from tests.harness.knot import KnotDNS
@@ -189,30 +189,18 @@ class Result:
     cpu_sink_s: float = 0.0
 
 
-def children_cpu() -> float:
-    """CPU seconds of this process's exited children (the load client runs)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_load(endpoint: str, count: int, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    out = subprocess.run(
-        _tools("load", endpoint, str(count), str(min(args.connections, count)), str(args.size),
-               str(seed)),
-        capture_output=True, text=True, timeout=1800, check=True, cwd=ROOT,
-    )  # fmt: skip
-    return json.loads(out.stdout)
+    return common.run_load(endpoint, count, args.connections, args.size, seed)
 
 
 def measure(name: str, endpoint: str, sink: Sink, root_pid: int, args, seed: int) -> Result:
     warm = run_load(endpoint, args.warmup, args, seed)
     wait_for(lambda: sink.read()[0] >= warm["sent"], 120, interval=0.1, what="warm-up")
     base = sink.read()[0]
-    cpu_before, sink_before, load_before = tree(root_pid)[0], sink.cpu, children_cpu()
+    cpu_before, sink_before = tree(root_pid)[0], sink.cpu
     sampler = RssSampler(root_pid)
     sampler.start()
     load = run_load(endpoint, args.messages, args, seed + 1)
-    load_cpu = children_cpu() - load_before
     expected = base + load["sent"]
     wait_for(lambda: sink.read()[0] >= expected, 600, interval=0.05, what=f"{name} at the sink")
     last = sink.read()[2]
@@ -233,7 +221,7 @@ def measure(name: str, endpoint: str, sink: Sink, root_pid: int, args, seed: int
         failures=load["failures"],
         seconds=last - load["started"],
         cpu_mta_s=cpu,
-        cpu_load_s=load_cpu,
+        cpu_load_s=load["cpu_s"],
         cpu_sink_s=sink.cpu - sink_before,
     )
 

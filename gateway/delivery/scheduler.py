@@ -44,6 +44,7 @@ from gateway.queue.model import (
     QueuedMessage,
     Route,
 )
+from gateway.queue.owners import process_owner
 from gateway.queue.spool import Spool, SpoolUnavailable
 from gateway.queue.unpause import UnpauseRequests
 from gateway.tls.policy import TlsPolicy
@@ -58,7 +59,7 @@ HANDOFF_MEMORY = 16 << 20
 BUDGET_WAIT = 3600.0  # an attempt waits this long at most for the memory budget, then later
 RECORD_TRIES = 15  # writes of an attempt's result while the spool is unavailable (~6 min)
 STALE_HANDOFF = 1.0  # a hand-off older than this is re-checked against the spool (held?)
-PARKED_MAX = 1000  # ids waiting in memory per full destination; beyond, the poll finds them
+PARKED_MAX = 10000  # hand-offs waiting per full destination (data within HANDOFF_MEMORY)
 
 
 @dataclass
@@ -68,6 +69,8 @@ class _Work:
     destination: str = ""  # the spool's destination column (what shaping goes by)
     queued_at: float = field(default_factory=time.monotonic)
     size: int = 0  # bytes of data this hand-off keeps in memory
+    stored: int = 0  # found by the poll: the size of its data in the spool
+    ours: bool = False  # by id and already active for this process: loaded without a claim
 
 
 class Delivery:
@@ -104,7 +107,7 @@ class Delivery:
         self._known_per: Counter[str] = Counter()  # ... per destination
         self.shaper = Shaper(section)
         self._unpause = UnpauseRequests(spool.path.parent)  # smg queue flush ends pauses
-        self._parked: dict[str, deque[str]] = {}  # ids of full destinations, in order
+        self._parked: dict[str, deque[_Work]] = {}  # work of full destinations, in order
         self._capped: set[str] = set()  # destinations with more due than the last poll took
         self._cooldown: dict[str, float] = {}  # ids whose result could not be recorded
         self._tasks: list[asyncio.Task[None]] = []
@@ -112,7 +115,7 @@ class Delivery:
         self._room = asyncio.Event()  # the workers' queue is short again (see _poll_loop)
         self.attempts = 0
         self.budget = budget or DataBudget(config.gateway.data_memory)
-        self._handoff_bytes = 0  # data kept by hand-offs waiting in _queue
+        self._handoff_bytes = 0  # data kept by hand-offs waiting (in _queue or parked)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -177,7 +180,8 @@ class Delivery:
         self._remember(message.id, destination)
         size = len(message.data)
         if self._handoff_bytes + size > HANDOFF_MEMORY:
-            self._queue.put_nowait(_Work(message.id, None, destination))  # loaded at its turn
+            # By id: loaded from the spool at its turn.
+            self._queue.put_nowait(_Work(message.id, None, destination, stored=size, ours=True))
             return
         self._handoff_bytes += size
         self._queue.put_nowait(_Work(message.id, message, destination, size=size))
@@ -209,8 +213,14 @@ class Delivery:
         limit = len(self._known) + 2 * self.concurrency
         known, shaper = dict(self._known_per), self.shaper
         asked: dict[str, int] = {}
+        waiting: set[str] = set()
 
         def room(destination: str) -> int:
+            if self._parked.get(destination):
+                # Its next attempts already wait in memory: searching would only read its
+                # known messages again (a thousand rows per attempt on a full destination).
+                waiting.add(destination)
+                return 0
             asked[destination] = known.get(destination, 0) + shaper.room(destination)
             return asked[destination]
 
@@ -225,29 +235,35 @@ class Delivery:
                 del self._cooldown[queue_id]
         added = 0
         taken: Counter[str] = Counter()
-        for queue_id, destination in due:
+        me = process_owner()
+        for found in due:
+            queue_id, destination = found.queue_id, found.destination
             taken[destination] += 1
             if queue_id not in self._known and queue_id not in self._cooldown:
                 self._remember(queue_id, destination)
-                self._queue.put_nowait(_Work(queue_id, None, destination))
+                work = _Work(queue_id, None, destination, stored=found.size)
+                work.ours = found.owner == me
+                self._queue.put_nowait(work)
                 added += 1
         # A destination that filled its room may have more due: search again as soon as one
-        # of its attempts ends (a drain after a pause ramps up with its concurrency).
-        self._capped = {d for d, n in taken.items() if n >= asked.get(d, 0) > 0}
+        # of its attempts ends and nothing of it waits in memory (a drain after a pause ramps
+        # up with its concurrency).
+        self._capped = {d for d, n in taken.items() if n >= asked.get(d, 0) > 0} | waiting
         if len(due) >= limit and added:
             self._room.clear()
             return True
         return False
 
     def _park(self, work: _Work) -> None:
-        """A destination paused or full: its message waits out of the workers' way (by id
-        only: no data kept), or is left to the poll."""
+        """A destination paused or full: its message waits out of the workers' way (with its
+        data, if the hand-off had it: counted in ``_handoff_bytes``, so a full destination
+        does not make every message a second read of the spool), or is left to the poll."""
         destination = work.destination
         parked = self._parked.setdefault(destination, deque())
         if self.shaper.paused(destination) or len(parked) >= PARKED_MAX:
-            self._forget(work.queue_id)  # the poll finds it again after the pause
+            self._drop(work)  # the poll finds it again after the pause
             return
-        parked.append(work.queue_id)
+        parked.append(work)
         wait = self.shaper.wait(destination)
         if wait > 0:  # the rate, not the concurrency: nothing ends to wake it
             asyncio.get_running_loop().call_later(wait, self._unpark, destination)
@@ -259,14 +275,19 @@ class Delivery:
             return
         if self.shaper.paused(destination):
             while parked:
-                self._forget(parked.popleft())
+                self._drop(parked.popleft())
             return
         for _ in range(min(len(parked), self.shaper.room(destination))):
-            self._queue.put_nowait(_Work(parked.popleft(), None, destination))
+            self._queue.put_nowait(parked.popleft())
         if parked and self.shaper.wait(destination) > 0:
             asyncio.get_running_loop().call_later(
                 self.shaper.wait(destination), self._unpark, destination
             )
+
+    def _drop(self, work: _Work) -> None:
+        """Let go of a hand-off (and its data): its message stays active in the spool."""
+        self._handoff_bytes -= work.size
+        self._forget(work.queue_id)
 
     async def _reap_loop(self) -> None:
         while True:
@@ -279,10 +300,10 @@ class Delivery:
             if self._queue.qsize() < self.concurrency:
                 self._room.set()  # the poll may search again
             work = await self._queue.get()
-            self._handoff_bytes -= work.size
             if not self.shaper.start(work.destination):
                 self._park(work)  # paused or full: never holds a worker
                 continue
+            self._handoff_bytes -= work.size  # the attempt's budget reservation takes over
             try:
                 await self._within_budget(work)
             except asyncio.CancelledError:
@@ -294,7 +315,7 @@ class Delivery:
                 self._forget(work.queue_id)
                 self.shaper.finish(work.destination)
                 self._unpark(work.destination)
-                if work.destination in self._capped:
+                if work.destination in self._capped and not self._parked.get(work.destination):
                     self._wake.set()
 
     async def _record(self, result: AttemptResult) -> AttemptOutcome:
@@ -330,6 +351,8 @@ class Delivery:
     async def _claim(self, work: _Work) -> QueuedMessage | None:
         """The message to attempt, or None if an operator held or deleted it meanwhile."""
         if work.message is None:
+            if work.ours:  # stored by us (and not handed off whole) or left active for us
+                return await self.spool.load_own(work.queue_id)
             if not await self.spool.begin_attempt(work.queue_id):
                 return None
             return await self.spool.load(work.queue_id)
@@ -342,9 +365,7 @@ class Delivery:
     async def _within_budget(self, work: _Work) -> None:
         """Attempt ``work`` once its message's bytes fit in the memory budget (the usual
         case: at once); if they never do, the poll finds the message again later."""
-        size = work.size
-        if work.message is None:
-            size = await self.spool.stored_size(work.queue_id)
+        size = work.size if work.message is not None else work.stored
         reservation = self.budget.reservation()
         if not await reservation.take(size, BUDGET_WAIT):
             return

@@ -50,12 +50,12 @@ def destinations(conn: sqlite3.Connection, after: str | None, limit: int) -> lis
 # table for the rare active rows; the index is always right here.
 _BY_DESTINATION = "messages INDEXED BY messages_destination"
 DUE_SQL = (
-    f"SELECT id FROM {_BY_DESTINATION} WHERE destination = ? AND state = '{ACTIVE}'"
+    f"SELECT id, size, owner FROM {_BY_DESTINATION} WHERE destination = ? AND state = '{ACTIVE}'"
     " AND (owner IS NULL OR owner IN ({marks}))"
-    f" UNION ALL SELECT id FROM {_BY_DESTINATION} WHERE destination = ?"
+    f" UNION ALL SELECT id, size, NULL FROM {_BY_DESTINATION} WHERE destination = ?"
     f" AND state = '{DEFERRED}' AND next_attempt <= ?"
-    f" UNION ALL SELECT id FROM {_BY_DESTINATION} WHERE destination = ? AND state = '{HELD}'"
-    " AND next_attempt <= ? AND hold_reason = ?"
+    f" UNION ALL SELECT id, size, NULL FROM {_BY_DESTINATION} WHERE destination = ?"
+    f" AND state = '{HELD}' AND next_attempt <= ? AND hold_reason = ?"
     " LIMIT ?"
 )
 
@@ -66,16 +66,18 @@ def due_for(
     now: float,
     limit: int,
     claimable: Sequence[str] = (),
-) -> list[str]:
-    """Up to ``limit`` ids of ``destination`` due for an attempt by this process: active ones
-    without a live owner first (a crash's leftovers), then deferred ones by due time, then TLS
-    holds whose retry came.  Each branch is one range of ``messages_destination``."""
+) -> list[tuple[str, int, str | None]]:
+    """(id, size, owner) of up to ``limit`` messages of ``destination`` due for an attempt by
+    this process: active ones without a live owner first (a crash's leftovers), then deferred
+    ones by due time, then TLS holds whose retry came.  Each branch is one range of
+    ``messages_destination``.  The size lets the scheduler reserve memory before loading; the
+    owner (active ones only) spares it the claim of what is already its own."""
     marks = ",".join("?" * len(claimable)) or "NULL"
     rows = conn.execute(
         DUE_SQL.format(marks=marks),
         (destination, *claimable, destination, now, destination, now, HoldReason.TLS, limit),
     ).fetchall()
-    return [row[0] for row in rows]
+    return [(row[0], int(row[1] or 0), row[2]) for row in rows]
 
 
 def page(

@@ -112,6 +112,16 @@ class QueuedMessage:
 
 
 @dataclass(frozen=True)
+class DueMessage:
+    """A message the poll found due: what the scheduler needs before it loads it."""
+
+    queue_id: str
+    destination: str
+    size: int  # of its data, to reserve memory for before loading
+    owner: str | None = None  # the process it is active for, if it is active
+
+
+@dataclass(frozen=True)
 class NewMessage:
     """A message to insert (an NDR queued together with the result that caused it)."""
 

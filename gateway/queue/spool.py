@@ -34,6 +34,7 @@ from gateway.queue.errors import (
 from gateway.queue.model import (
     AttemptOutcome,
     AttemptResult,
+    DueMessage,
     HoldReason,
     MessageKind,
     MessageState,
@@ -324,14 +325,12 @@ class Spool:
     async def load(self, queue_id: str, with_data: bool = True) -> QueuedMessage | None:
         return await self._read(lambda conn: store.load_message(conn, queue_id, with_data))
 
-    async def stored_size(self, queue_id: str) -> int:
-        """The size of a message's data (0 if it is gone), without loading it."""
-
-        def query(conn: sqlite3.Connection) -> int:
-            row = conn.execute("SELECT size FROM messages WHERE id = ?", (queue_id,)).fetchone()
-            return int(row[0]) if row else 0
-
-        return await self._read(query)
+    async def load_own(self, queue_id: str) -> QueuedMessage | None:
+        """A message this process already has (stored by it, or found active for it), if it
+        still has it: None if an operator held, released or deleted it meanwhile.  A read
+        only, where :meth:`begin_attempt` would be a write."""
+        owner = process_owner()
+        return await self._read(lambda conn: store.load_message(conn, queue_id, owned_by=owner))
 
     async def due(
         self,
@@ -346,19 +345,19 @@ class Spool:
         given = rooms or {}
         default = limit if room is None else room
         found = await self.due_by_destination(limit, lambda d: given.get(d, default), now)
-        return [queue_id for queue_id, _ in found]
+        return [due.queue_id for due in found]
 
     async def due_by_destination(
         self, limit: int, room: Callable[[str], int], now: float | None = None
-    ) -> list[tuple[str, str]]:
-        """(id, destination) of up to ``limit`` messages due for an attempt by this process,
+    ) -> list[DueMessage]:
+        """Up to ``limit`` messages due for an attempt by this process (id, destination, size),
         taken destination by destination, round robin from where the last scan stopped: at
         most ``room(d)`` of destination ``d`` (0: skip it, it is paused or full).  Each
         destination costs index seeks, so a paused destination with a million due messages
         costs the others nothing (see :mod:`gateway.queue.backlog`)."""
         when = time.time() if now is None else now
 
-        def query(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+        def query(conn: sqlite3.Connection) -> list[DueMessage]:
             me = process_owner()
             gone = {o for o in store.active_owners(conn) if o != me and not owner_alive(o)}
             self._claimable = {me, *gone}
@@ -368,8 +367,8 @@ class Spool:
 
     def _scan(
         self, conn: sqlite3.Connection, now: float, limit: int, room: Callable[[str], int]
-    ) -> list[tuple[str, str]]:
-        found: list[tuple[str, str]] = []
+    ) -> list[DueMessage]:
+        found: list[DueMessage] = []
         start, after, wrapped = self._cursor, self._cursor, self._cursor is None
         last = start
         while len(found) < limit:
@@ -385,8 +384,8 @@ class Spool:
                 last = name
                 take = min(room(name), limit - len(found))
                 if take > 0:
-                    ids = backlog.due_for(conn, name, now, take, tuple(self._claimable))
-                    found += [(queue_id, name) for queue_id in ids]
+                    rows = backlog.due_for(conn, name, now, take, tuple(self._claimable))
+                    found += [DueMessage(qid, name, size, owner) for qid, size, owner in rows]
                 if len(found) >= limit:
                     break
             after = names[-1]

@@ -295,10 +295,15 @@ def load_recipients(conn: sqlite3.Connection, queue_id: str) -> list[Recipient]:
 
 
 def load_message(
-    conn: sqlite3.Connection, queue_id: str, with_data: bool = True
+    conn: sqlite3.Connection, queue_id: str, with_data: bool = True, owned_by: str | None = None
 ) -> QueuedMessage | None:
+    """The message, or None if it is gone (or, with ``owned_by``, not active for that owner)."""
     columns = _MESSAGE_COLUMNS + (", data" if with_data else "")
-    row = conn.execute(f"SELECT {columns} FROM messages WHERE id = ?", (queue_id,)).fetchone()
+    where, args = "id = ?", [queue_id]
+    if owned_by is not None:
+        where += f" AND state = '{ACTIVE}' AND owner = ?"
+        args.append(owned_by)
+    row = conn.execute(f"SELECT {columns} FROM messages WHERE {where}", args).fetchone()
     if row is None:
         return None
     data = bytes(row[-1]) if with_data else b""

@@ -116,7 +116,7 @@ async def test_due_scan_cost_does_not_grow_with_a_paused_backlog(tmp_path: Path)
 
         conn.set_progress_handler(tick, 100)
         found = spool._scan(conn, time.time(), 50, lambda d: 0 if d == "dead.example" else 50)
-        assert len(found) == 20 and all(i.startswith("LIV") for i, _ in found)
+        assert len(found) == 20 and all(d.queue_id.startswith("LIV") for d in found)
         steps[backlog_size] = counter[0]
         conn.close()
         await spool.close()
