@@ -260,8 +260,12 @@ class Delivery:
         does not make every message a second read of the spool), or is left to the poll."""
         destination = work.destination
         parked = self._parked.setdefault(destination, deque())
-        if self.shaper.paused(destination) or len(parked) >= PARKED_MAX:
+        if self.shaper.paused(destination):
             self._drop(work)  # the poll finds it again after the pause
+            return
+        if len(parked) >= PARKED_MAX:
+            self._drop(work)
+            self._capped.add(destination)  # the poll searches once the parked ones are gone
             return
         parked.append(work)
         wait = self.shaper.wait(destination)

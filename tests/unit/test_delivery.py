@@ -630,3 +630,66 @@ async def test_a_backlog_drains_without_waiting_for_the_next_scan(tmp_path: Path
         await wait_until(lambda: len(mx.received) >= 120, timeout=15)
     finally:
         await relay.stop()
+
+
+class _SpoolReads:
+    """Counts what the scheduler asks the spool: rows of due searches and claims."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.rows = self.claims = 0
+        due, claim = spool.due_by_destination, spool.begin_attempt
+
+        async def counted_due(*args: Any, **kw: Any) -> Any:
+            found = await due(*args, **kw)
+            self.rows += len(found)
+            return found
+
+        async def counted_claim(queue_id: str) -> bool:
+            self.claims += 1
+            return await claim(queue_id)
+
+        spool.due_by_destination = counted_due  # type: ignore[method-assign]
+        spool.begin_attempt = counted_claim  # type: ignore[method-assign]
+
+
+async def test_a_full_destination_is_fed_from_memory(tmp_path: Path, far) -> None:
+    """A burst for one destination at its concurrency limit: the waiting messages are parked
+    with their data, the poll does not read the destination's known messages again after
+    every attempt, and nothing is claimed (they are this process's own)."""
+    port, (mx, _) = far
+    relay = Relay(tmp_path, port, delivery={"concurrency": 8, "destination_concurrency": 2,
+                                            "scan_interval": "30s"})  # fmt: skip
+    relay.resolver.route("far.test", ("mx1.far.test", "127.0.21.2"))
+    await relay.start()
+    reads = _SpoolReads(relay.spool)
+    try:
+        for _ in range(200):
+            await relay.send("a@customer.test", ["b@far.test"], message())
+        await wait_until(lambda: len(mx.received) >= 200, timeout=20)
+    finally:
+        await relay.stop()
+    assert reads.claims == 0
+    assert reads.rows <= 200, reads.rows  # before: the known ones again at every attempt's end
+
+
+async def test_beyond_the_parked_limit_the_poll_takes_over_at_once(
+    tmp_path: Path, far, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More waiting than may be parked: the rest stays in the spool and the poll finds it as
+    soon as the parked ones are gone (not a scan_interval later), loading without a claim."""
+    monkeypatch.setattr("gateway.delivery.scheduler.PARKED_MAX", 5)
+    port, (mx, _) = far
+    relay = Relay(tmp_path, port, delivery={"concurrency": 8, "destination_concurrency": 2,
+                                            "scan_interval": "30s"})  # fmt: skip
+    relay.resolver.route("far.test", ("mx1.far.test", "127.0.21.2"))
+    await relay.start()
+    reads = _SpoolReads(relay.spool)
+    mx.behaviour.data_delay = 0.01  # slower than the burst arrives
+    try:
+        burst = [relay.send("a@customer.test", ["b@far.test"], message()) for _ in range(100)]
+        await asyncio.gather(*burst)
+        await wait_until(lambda: len(mx.received) >= 100, timeout=20)
+    finally:
+        await relay.stop()
+    assert reads.claims == 0 and reads.rows > 0
+    assert len({r.data for r in mx.received}) == 1 and len(mx.received) == 100
