@@ -39,8 +39,9 @@ from gateway.audit import AuditUnavailable, audited
 from gateway.cli.serve import DEFAULT_CONFIG
 from gateway.config import ConfigError, load_config
 from gateway.log import printable
+from gateway.queue.admin import SpoolAdmin
 from gateway.queue.model import HoldReason, MessageKind, MessageState, QueuedMessage
-from gateway.queue.spool import SpoolAdmin, SpoolUnavailable, UnknownMessage
+from gateway.queue.spool import SpoolUnavailable, UnknownMessage
 from gateway.queue.unpause import request_unpause
 
 

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway.budget import DataBudget
 from gateway.config import Config
@@ -37,6 +37,7 @@ from gateway.delivery.shaping import Shaper
 from gateway.dns import Resolver
 from gateway.log import event
 from gateway.metrics import Metrics
+from gateway.queue.changes import ChangeSignal, Signature
 from gateway.queue.model import (
     AttemptOutcome,
     AttemptResult,
@@ -58,7 +59,6 @@ HANDOFF_BACKLOG = 10000  # messages waiting in memory at most; beyond, the poll 
 HANDOFF_MEMORY = 16 << 20
 BUDGET_WAIT = 3600.0  # an attempt waits this long at most for the memory budget, then later
 RECORD_TRIES = 15  # writes of an attempt's result while the spool is unavailable (~6 min)
-STALE_HANDOFF = 1.0  # a hand-off older than this is re-checked against the spool (held?)
 PARKED_MAX = 10000  # hand-offs waiting per full destination (data within HANDOFF_MEMORY)
 
 
@@ -67,7 +67,7 @@ class _Work:
     queue_id: str
     message: QueuedMessage | None  # None: found by the poll, loaded from the spool
     destination: str = ""  # the spool's destination column (what shaping goes by)
-    queued_at: float = field(default_factory=time.monotonic)
+    changes: Signature = None  # of spool.changes at the hand-off (see gateway.queue.changes)
     size: int = 0  # bytes of data this hand-off keeps in memory
     stored: int = 0  # found by the poll: the size of its data in the spool
     ours: bool = False  # by id and already active for this process: loaded without a claim
@@ -107,6 +107,7 @@ class Delivery:
         self._known_per: Counter[str] = Counter()  # ... per destination
         self.shaper = Shaper(section)
         self._unpause = UnpauseRequests(spool.path.parent)  # smg queue flush ends pauses
+        self._changes = ChangeSignal(spool.path.parent)  # holds and deletes from outside
         self._parked: dict[str, deque[_Work]] = {}  # work of full destinations, in order
         self._capped: set[str] = set()  # destinations with more due than the last poll took
         self._cooldown: dict[str, float] = {}  # ids whose result could not be recorded
@@ -184,7 +185,8 @@ class Delivery:
             self._queue.put_nowait(_Work(message.id, None, destination, stored=size, ours=True))
             return
         self._handoff_bytes += size
-        self._queue.put_nowait(_Work(message.id, message, destination, size=size))
+        changes = self._changes.signature()
+        self._queue.put_nowait(_Work(message.id, message, destination, size=size, changes=changes))
 
     async def _poll_loop(self) -> None:
         interval = max(0.05, self.config.delivery.scan_interval)
@@ -199,8 +201,11 @@ class Delivery:
                 # search again as soon as the workers have room, not a whole interval later.
                 await self._room.wait()
                 continue
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for swallows a cancellation
+            # that comes together with the wake-up, and the stop would then hang on this loop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
             self._wake.clear()
             self.shaper.forget_idle()
 
@@ -360,9 +365,9 @@ class Delivery:
             if not await self.spool.begin_attempt(work.queue_id):
                 return None
             return await self.spool.load(work.queue_id)
-        # A hand-off that waited in memory is checked again: an operator may have acted.
-        stale = time.monotonic() - work.queued_at > STALE_HANDOFF
-        if stale and await self.spool.state_of(work.queue_id) != MessageState.ACTIVE:
+        # A hand-off is read again only if someone held or deleted messages meanwhile.
+        changed = work.changes != self._changes.signature()
+        if changed and await self.spool.state_of(work.queue_id) != MessageState.ACTIVE:
             return None
         return work.message
 

@@ -1,8 +1,9 @@
 """The relay's and the operator's handles on the spool database.
 
 :class:`Spool` is the relay's: asynchronous, every write goes through the group-commit writer
-thread (:mod:`gateway.queue.writer`), reads run on one reader thread.  :class:`SpoolAdmin` is
-``smg queue``'s: plain synchronous SQLite on the same database, safe while the relay runs.
+thread (:mod:`gateway.queue.writer`), reads run on one reader thread.  ``smg queue``'s is
+:class:`gateway.queue.admin.SpoolAdmin`: plain synchronous SQLite on the same database, safe
+while the relay runs.
 
 Message states (:class:`MessageState`): ``active`` (new, or being delivered), ``deferred``
 (waiting for ``next_attempt``), ``held`` (an operator's hold, or ``hold_reason = "tls"``:
@@ -19,11 +20,12 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from gateway.queue import backlog, store
+from gateway.queue.changes import announce_change
 from gateway.queue.errors import (
     SpoolDamaged,
     SpoolFull,
@@ -49,12 +51,10 @@ from gateway.queue.writer import STOP, Job, Operation, Writer, file_lock
 
 __all__ = [
     "Spool",
-    "SpoolAdmin",
     "SpoolDamaged",
     "SpoolFull",
     "SpoolUnavailable",
     "UnknownMessage",
-    "ids_of",
     "resolve_path",
 ]
 
@@ -296,14 +296,18 @@ class Spool:
         return await self.submit(op, notify)
 
     async def hold(self, queue_id: str) -> bool:
-        return bool(await self.submit(lambda conn: store.hold(conn, queue_id)))
+        held = bool(await self.submit(lambda conn: store.hold(conn, queue_id)))
+        announce_change(self.path.parent)
+        return held
 
     async def release(self, queue_id: str) -> bool:
         now = time.time()
         return bool(await self.submit(lambda conn: store.release(conn, queue_id, now)))
 
     async def delete(self, queue_id: str) -> bool:
-        return bool(await self.submit(lambda conn: store.delete(conn, queue_id)))
+        deleted = bool(await self.submit(lambda conn: store.delete(conn, queue_id)))
+        announce_change(self.path.parent)
+        return deleted
 
     async def flush(self) -> int:
         now = time.time()
@@ -411,89 +415,3 @@ class Spool:
     def stats(self) -> dict[str, int]:
         """Commits and operations so far (how well group commit groups)."""
         return {"commits": self._writer.commits, "operations": self._writer.operations}
-
-
-# --- synchronous access for smg queue --------------------------------------------------------
-
-
-class SpoolAdmin:
-    """The operator's handle (``smg queue``): plain synchronous SQLite on the same database,
-    safe while the relay runs (WAL readers never block it; writes wait at most busy_timeout)."""
-
-    def __init__(self, path: str | os.PathLike[str], busy_timeout: float = BUSY_TIMEOUT) -> None:
-        self.path = resolve_path(path)
-        if not self.path.exists():
-            raise SpoolUnavailable(f"no spool database at {self.path}")
-        try:
-            self.conn = store.connect(self.path, busy_timeout)
-        except sqlite3.Error as exc:
-            raise unavailable(f"cannot open spool {self.path}", exc) from exc
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def __enter__(self) -> SpoolAdmin:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _write(self, fn: Callable[[sqlite3.Connection], int]) -> int:
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                changed = fn(self.conn)
-                self.conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    self.conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise unavailable(f"spool {self.path}", exc) from exc
-        return changed
-
-    def _require(self, queue_id: str) -> None:
-        if not store.exists(self.conn, queue_id):
-            raise UnknownMessage(queue_id)
-
-    def list(self) -> list[QueuedMessage]:
-        return store.list_messages(self.conn)
-
-    def pages(
-        self, after: str = "", limit: int | None = None, destination: str | None = None
-    ) -> Iterable[QueuedMessage]:
-        """The queue a page at a time (bounded memory, see :func:`backlog.pages`)."""
-        return backlog.pages(self.conn, after, destination=destination, limit=limit)
-
-    def flush_destination(self, destination: str) -> int:
-        return self._write(
-            lambda conn: backlog.flush_destination(conn, destination.lower(), time.time())
-        )
-
-    def show(self, queue_id: str) -> QueuedMessage:
-        message = store.load_message(self.conn, queue_id)
-        if message is None:
-            raise UnknownMessage(queue_id)
-        return message
-
-    def hold(self, queue_id: str) -> int:
-        self._require(queue_id)
-        return self._write(lambda conn: store.hold(conn, queue_id))
-
-    def release(self, queue_id: str) -> int:
-        self._require(queue_id)
-        return self._write(lambda conn: store.release(conn, queue_id, time.time()))
-
-    def delete(self, queue_id: str) -> int:
-        self._require(queue_id)
-        return self._write(lambda conn: store.delete(conn, queue_id))
-
-    def flush(self) -> int:
-        return self._write(lambda conn: store.flush(conn, time.time()))
-
-    def counts(self) -> dict[str, int]:
-        return store.counts(self.conn)
-
-
-def ids_of(messages: Iterable[QueuedMessage]) -> list[str]:
-    return [m.id for m in messages]

@@ -15,6 +15,7 @@ import sqlite3
 from typing import Any
 
 from gateway.log import event
+from gateway.queue.changes import announce_change
 from gateway.queue.model import HoldReason, MessageState, Route
 from gateway.queue.spool import Spool
 
@@ -65,6 +66,7 @@ class Suspension:
         if self.spool is None:
             return
         held = await self.spool.submit(lambda conn: hold_spam(conn, tenant.name))
+        announce_change(self.spool.path.parent)
         event(log, "tenant_spam_held", tenant=tenant.name, held=held)
         if self.mailbox is None:
             return

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.queue.admin import SpoolAdmin
 from gateway.queue.model import QueuedMessage
-from gateway.queue.spool import SpoolAdmin
 from tests.harness.util import free_port, log_tail, tcp_connectable, terminate_pid, wait_for
 
 SMG = [sys.executable, "-m", "gateway.cli"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.queue.spool import SpoolAdmin
+from gateway.queue.admin import SpoolAdmin
 from tests.conftest import require_binaries
 from tests.harness import KnotDNS, free_port, wait_for
 from tests.harness.postfix import PostfixFarEnd

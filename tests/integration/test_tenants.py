@@ -96,7 +96,7 @@ def send(smtp: smtplib.SMTP, sender: str, subject: str, from_header: str | None 
 
 
 def queued_tenant(relay: SmgRelay, subject: str) -> str | None:
-    from gateway.queue.spool import SpoolAdmin
+    from gateway.queue.admin import SpoolAdmin
 
     with SpoolAdmin(relay.config["gateway"]["spool"]) as admin:
         for listed in admin.list():

@@ -11,7 +11,8 @@ import pytest
 
 from gateway import audit
 from gateway.cli import main
-from gateway.queue.spool import Spool, SpoolAdmin
+from gateway.queue.admin import SpoolAdmin
+from gateway.queue.spool import Spool
 
 
 async def _spool_with_message(tmp_path: Path) -> tuple[Path, str]:

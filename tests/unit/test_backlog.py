@@ -15,8 +15,9 @@ import pytest
 from gateway.cli import main as smg
 from gateway.queue import backlog, store
 from gateway.queue import spool as spool_module
+from gateway.queue.admin import SpoolAdmin
 from gateway.queue.owners import process_owner
-from gateway.queue.spool import Spool, SpoolAdmin, SpoolDamaged
+from gateway.queue.spool import Spool, SpoolDamaged
 
 # The spool schema as version 2 wrote it (before the destination column), frozen here so the
 # upgrade test keeps testing the same old file when the schema grows.

@@ -28,7 +28,8 @@ from gateway.delivery.client import data_block, strip_header
 from gateway.delivery.scheduler import Delivery
 from gateway.dns import DnsResult, MailHost, MailHosts, Resolver
 from gateway.log import TextFormatter
-from gateway.queue.spool import Spool, SpoolAdmin
+from gateway.queue.admin import SpoolAdmin
+from gateway.queue.spool import Spool
 from gateway.tls.policy import TlsPolicy
 from tests.harness import TestCA, common_port
 
@@ -693,3 +694,38 @@ async def test_beyond_the_parked_limit_the_poll_takes_over_at_once(
         await relay.stop()
     assert reads.claims == 0 and reads.rows > 0
     assert len({r.data for r in mx.received}) == 1 and len(mx.received) == 100
+
+
+async def test_stop_ends_the_poll_even_when_woken_at_that_moment(tmp_path: Path, far) -> None:
+    """A wake-up (an attempt's end) in the same moment as the stop must not make the poll
+    swallow its cancellation and sleep on (asyncio.wait_for in Python 3.11 did: the service
+    then hung at shutdown until systemd killed it)."""
+    port, _ = far
+    relay = Relay(tmp_path, port, delivery={"scan_interval": "30s"})
+    await relay.start()
+    try:
+        await asyncio.sleep(0.1)  # the poll sleeps, waiting for a wake-up
+        relay.delivery.wake()
+        await asyncio.wait_for(relay.delivery.stop(), 5)
+    finally:
+        await relay.spool.close()
+
+
+async def test_a_hand_off_held_before_its_turn_is_not_attempted(tmp_path: Path, far) -> None:
+    """An operator's hold of a message still waiting in memory (however young) wins: the
+    hold announces itself (gateway.queue.changes) and the hand-off is read again."""
+    port, (mx, _) = far
+    mx.behaviour.data_delay = 0.3
+    relay = Relay(tmp_path, port, delivery={"destination_concurrency": 1})
+    relay.resolver.route("far.test", ("mx1.far.test", "127.0.21.2"))
+    await relay.start()
+    try:
+        ids = [await relay.send("a@customer.test", ["b@far.test"], message()) for _ in range(3)]
+        with SpoolAdmin(relay.spool.path) as admin:
+            admin.hold(ids[2])
+        await wait_until(lambda: len(mx.received) >= 2, timeout=5)
+        await asyncio.sleep(0.5)
+        stored = await relay.spool.load(ids[2])
+        assert len(mx.received) == 2 and stored.state == "held"
+    finally:
+        await relay.stop()

@@ -13,12 +13,12 @@ import pytest
 
 from gateway.queue import owners, store
 from gateway.queue import writer as spool_writer
+from gateway.queue.admin import SpoolAdmin
 from gateway.queue.errors import is_full
 from gateway.queue.model import AttemptResult, NewMessage, RecipientUpdate
 from gateway.queue.owners import new_queue_id
 from gateway.queue.spool import (
     Spool,
-    SpoolAdmin,
     SpoolFull,
     SpoolUnavailable,
     UnknownMessage,
