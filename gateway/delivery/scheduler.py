@@ -68,9 +68,13 @@ class _Work:
     message: QueuedMessage | None  # None: found by the poll, loaded from the spool
     destination: str = ""  # the spool's destination column (what shaping goes by)
     changes: Signature = None  # of spool.changes at the hand-off (see gateway.queue.changes)
-    size: int = 0  # bytes of data this hand-off keeps in memory
-    stored: int = 0  # found by the poll: the size of its data in the spool
+    size: int = 0  # of the message's data (what the attempt reserves of the memory budget)
     ours: bool = False  # by id and already active for this process: loaded without a claim
+
+    @property
+    def kept(self) -> int:
+        """Bytes of data this hand-off keeps in memory (counted in ``_handoff_bytes``)."""
+        return self.size if self.message is not None else 0
 
 
 class Delivery:
@@ -182,7 +186,7 @@ class Delivery:
         size = len(message.data)
         if self._handoff_bytes + size > HANDOFF_MEMORY:
             # By id: loaded from the spool at its turn.
-            self._queue.put_nowait(_Work(message.id, None, destination, stored=size, ours=True))
+            self._queue.put_nowait(_Work(message.id, None, destination, size=size, ours=True))
             return
         self._handoff_bytes += size
         changes = self._changes.signature()
@@ -246,9 +250,10 @@ class Delivery:
             taken[destination] += 1
             if queue_id not in self._known and queue_id not in self._cooldown:
                 self._remember(queue_id, destination)
-                work = _Work(queue_id, None, destination, stored=found.size)
-                work.ours = found.owner == me
-                self._queue.put_nowait(work)
+                ours = found.owner == me
+                self._queue.put_nowait(
+                    _Work(queue_id, None, destination, size=found.size, ours=ours)
+                )
                 added += 1
         # A destination that filled its room may have more due: search again as soon as one
         # of its attempts ends and nothing of it waits in memory (a drain after a pause ramps
@@ -295,7 +300,7 @@ class Delivery:
 
     def _drop(self, work: _Work) -> None:
         """Let go of a hand-off (and its data): its message stays active in the spool."""
-        self._handoff_bytes -= work.size
+        self._handoff_bytes -= work.kept
         self._forget(work.queue_id)
 
     async def _reap_loop(self) -> None:
@@ -312,7 +317,7 @@ class Delivery:
             if not self.shaper.start(work.destination):
                 self._park(work)  # paused or full: never holds a worker
                 continue
-            self._handoff_bytes -= work.size  # the attempt's budget reservation takes over
+            self._handoff_bytes -= work.kept  # the attempt's budget reservation takes over
             try:
                 await self._within_budget(work)
             except asyncio.CancelledError:
@@ -374,9 +379,8 @@ class Delivery:
     async def _within_budget(self, work: _Work) -> None:
         """Attempt ``work`` once its message's bytes fit in the memory budget (the usual
         case: at once); if they never do, the poll finds the message again later."""
-        size = work.size if work.message is not None else work.stored
         reservation = self.budget.reservation()
-        if not await reservation.take(size, BUDGET_WAIT):
+        if not await reservation.take(work.size, BUDGET_WAIT):
             return
         try:
             await self._process(work)

@@ -653,16 +653,22 @@ class _SpoolReads:
         spool.begin_attempt = counted_claim  # type: ignore[method-assign]
 
 
+async def _full_destination_relay(tmp_path: Path, port: int) -> tuple[Relay, _SpoolReads]:
+    """A relay whose destination far.test takes 2 attempts at a time (8 workers), polling
+    only every 30 s, with its spool reads counted."""
+    relay = Relay(tmp_path, port, delivery={"concurrency": 8, "destination_concurrency": 2,
+                                            "scan_interval": "30s"})  # fmt: skip
+    relay.resolver.route("far.test", ("mx1.far.test", "127.0.21.2"))
+    await relay.start()
+    return relay, _SpoolReads(relay.spool)
+
+
 async def test_a_full_destination_is_fed_from_memory(tmp_path: Path, far) -> None:
     """A burst for one destination at its concurrency limit: the waiting messages are parked
     with their data, the poll does not read the destination's known messages again after
     every attempt, and nothing is claimed (they are this process's own)."""
     port, (mx, _) = far
-    relay = Relay(tmp_path, port, delivery={"concurrency": 8, "destination_concurrency": 2,
-                                            "scan_interval": "30s"})  # fmt: skip
-    relay.resolver.route("far.test", ("mx1.far.test", "127.0.21.2"))
-    await relay.start()
-    reads = _SpoolReads(relay.spool)
+    relay, reads = await _full_destination_relay(tmp_path, port)
     try:
         for _ in range(200):
             await relay.send("a@customer.test", ["b@far.test"], message())
@@ -680,11 +686,7 @@ async def test_beyond_the_parked_limit_the_poll_takes_over_at_once(
     soon as the parked ones are gone (not a scan_interval later), loading without a claim."""
     monkeypatch.setattr("gateway.delivery.scheduler.PARKED_MAX", 5)
     port, (mx, _) = far
-    relay = Relay(tmp_path, port, delivery={"concurrency": 8, "destination_concurrency": 2,
-                                            "scan_interval": "30s"})  # fmt: skip
-    relay.resolver.route("far.test", ("mx1.far.test", "127.0.21.2"))
-    await relay.start()
-    reads = _SpoolReads(relay.spool)
+    relay, reads = await _full_destination_relay(tmp_path, port)
     mx.behaviour.data_delay = 0.01  # slower than the burst arrives
     try:
         burst = [relay.send("a@customer.test", ["b@far.test"], message()) for _ in range(100)]
